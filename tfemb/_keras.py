@@ -1,0 +1,30 @@
+"""One import point for Keras so tfemb runs under Keras 3 (default) and Keras 2.
+
+TensorFlow 2.21 resolves ``tf.keras`` to Keras 3, or to ``tf-keras`` (Keras 2) when
+``TF_USE_LEGACY_KERAS=1`` is set before TensorFlow is first imported. tfemb only uses the Layer/Model API
+common to both, and asks this module when the two differ.
+"""
+
+import tensorflow as tf
+
+keras = tf.keras
+
+#: True under Keras 3, False under Keras 2 (tf-keras).
+IS_KERAS_3 = not keras.__name__.startswith("tf_keras")
+
+
+def register(cls):
+    """Registers a public class for (de)serialisation under the ``tfemb`` package."""
+    return keras.utils.register_keras_serializable(package="tfemb")(cls)
+
+
+def serialize(obj):
+    return keras.utils.serialize_keras_object(obj)
+
+
+def deserialize(config):
+    return keras.utils.deserialize_keras_object(config)
+
+
+def backend_name():
+    return "keras3" if IS_KERAS_3 else "keras2"

@@ -1,0 +1,9 @@
+"""Embedding schemes: every method is a Keras layer following the EmbeddingScheme contract."""
+
+from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
+from tfemb.layers.embedding_scheme import COMBINERS, PADDING_ID, EmbeddingScheme
+from tfemb.layers.factory import SCHEMES, get_scheme_class, scheme_factory
+from tfemb.layers.fixed_embedding import FixedEmbedding
+from tfemb.layers.hashing import universal_hash_np, universal_hash_params, universal_hash_tf
+from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.qr_embedding import QREmbedding

@@ -1,0 +1,173 @@
+"""The contract every tfemb embedding method follows (see docs/ARCHITECTURE.md)."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfemb._keras import keras
+
+#: Value that pads multi-hot id lists; it is masked out by the combiner and never looked up.
+PADDING_ID = -1
+
+COMBINERS = ("sum", "mean", "sqrtn")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "int16": 2, "int32": 4, "int64": 8}
+
+
+def check_positive_int(name, value, minimum=1):
+    """Raises ``ValueError`` naming the argument unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def dtype_bytes(dtype):
+    """Bytes per element of a dtype name or ``tf.DType``."""
+    name = tf.as_dtype(dtype).name
+    return _DTYPE_BYTES[name]
+
+
+def check_frequencies(frequencies, vocabulary_size, name="frequencies"):
+    """Validates per-id counts: a 1-D array of ``vocabulary_size`` non-negative finite numbers."""
+    if frequencies is None:
+        return None
+    freq = np.asarray(frequencies, dtype=np.float64)
+    if freq.ndim != 1 or freq.shape[0] != vocabulary_size:
+        raise ValueError(
+            f"{name} must have one count per id, shape ({vocabulary_size},). Received: shape {freq.shape}"
+        )
+    if not np.all(np.isfinite(freq)) or np.any(freq < 0):
+        bad = freq[~np.isfinite(freq) | (freq < 0)][0]
+        raise ValueError(f"{name} must be finite and non-negative. Received: a count of {bad}")
+    return freq
+
+
+class EmbeddingScheme(keras.layers.Layer):
+    """Base class of every tfemb embedding method.
+
+    An embedding scheme maps integer ids (id 0 is the out-of-vocabulary id of a ``tfemb.data.Schema``) to
+    vectors of ``output_dim`` floats. Subclasses implement ``lookup`` (valid, non-padding ids to vectors) and
+    the size accounting; this base class validates ids, pools multi-hot lists, casts to the compute dtype and
+    keeps the common configuration.
+
+    Args:
+        vocabulary_size: int, number of ids, OOV id 0 included.
+        output_dim: int, size of the vector handed to the model.
+        combiner: one of ``"sum"``, ``"mean"``, ``"sqrtn"`` or ``None``. With a combiner, ids of shape
+            ``[batch, k]`` (padded with -1) are pooled into ``[batch, output_dim]``; without one every id
+            gets its own vector, ``[..., output_dim]``.
+        frequencies: optional array of per-id training counts (length ``vocabulary_size``), for methods that
+            use popularity.
+        validate_ids: bool, whether ``call`` checks that ids lie in ``[0, vocabulary_size)`` (padding -1
+            allowed with a combiner) and fails with a message naming the layer otherwise. Default True.
+
+    Input shape:
+        int tensor ``[batch]`` or ``[batch, k]``.
+
+    Output shape:
+        ``[batch, output_dim]`` / ``[batch, k, output_dim]``, or ``[batch, output_dim]`` with a combiner.
+    """
+
+    def __init__(self, vocabulary_size, output_dim, combiner=None, frequencies=None, validate_ids=True, **kwargs):
+        kwargs.setdefault("autocast", False)  # integer ids are never cast to a float policy.
+        super().__init__(**kwargs)
+        self.vocabulary_size = check_positive_int("vocabulary_size", vocabulary_size)
+        self.output_dim = check_positive_int("output_dim", output_dim)
+        if combiner is not None and combiner not in COMBINERS:
+            raise ValueError(f"combiner must be one of {COMBINERS} or None. Received: combiner={combiner!r}")
+        self.combiner = combiner
+        freq = check_frequencies(frequencies, self.vocabulary_size)
+        self.frequencies = None if freq is None else freq.tolist()
+        self.validate_ids = bool(validate_ids)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def lookup(self, ids):
+        """Vectors of valid ids: int64 ``ids`` of any shape -> float ``[*ids.shape, output_dim]``."""
+        raise NotImplementedError
+
+    def call(self, ids):
+        ids = tf.convert_to_tensor(ids)
+        if not ids.dtype.is_integer:
+            raise TypeError(
+                f"{self.name}: ids must be an integer tensor. Received: dtype={ids.dtype.name}"
+            )
+        ids = tf.cast(ids, tf.int64)
+        pooled = self.combiner is not None and ids.shape.rank is not None and ids.shape.rank >= 2
+        if self.validate_ids:
+            ids = self._checked(ids, allow_padding=pooled)
+        if not pooled:
+            return tf.cast(self.lookup(ids), self.compute_dtype)
+        mask = tf.not_equal(ids, PADDING_ID)  # [batch, k]
+        vectors = self.lookup(tf.where(mask, ids, tf.zeros_like(ids)))  # [batch, k, dim]
+        weights = tf.cast(mask, vectors.dtype)[..., tf.newaxis]
+        total = tf.reduce_sum(vectors * weights, axis=-2)  # [batch, dim]
+        if self.combiner == "sum":
+            out = total
+        else:
+            count = tf.reduce_sum(weights, axis=-2)
+            if self.combiner == "sqrtn":
+                count = tf.sqrt(count)
+            out = tf.math.divide_no_nan(total, count)
+        return tf.cast(out, self.compute_dtype)
+
+    def _checked(self, ids, allow_padding):
+        low = PADDING_ID if allow_padding else 0
+        checks = [
+            tf.debugging.assert_greater_equal(
+                ids, tf.constant(low, tf.int64),
+                message=f"{self.name}: ids must be >= {low} ({'-1 pads multi-hot lists, ' if allow_padding else ''}"
+                f"0 is the out-of-vocabulary id); received a smaller id",
+                summarize=8,
+            ),
+            tf.debugging.assert_less(
+                ids, tf.constant(self.vocabulary_size, tf.int64),
+                message=f"{self.name}: ids must be < vocabulary_size={self.vocabulary_size}; received a larger id",
+                summarize=8,
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(ids)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if self.combiner is not None and len(input_shape) >= 2:
+            return input_shape[:-1] + (self.output_dim,)
+        return input_shape + (self.output_dim,)
+
+    # ---------------------------------------------------------------------------------------- size accounting
+    def parameter_count(self):
+        """Parameters inference needs (after pruning / hard selection), not a training-time superset."""
+        raise NotImplementedError
+
+    def storage_bytes(self):
+        """Bytes of the parameters (and index arrays) inference needs, at their export dtype."""
+        raise NotImplementedError
+
+    def dims_per_id(self):
+        """NumPy int array of length ``vocabulary_size``: the effective dimension of each id."""
+        raise NotImplementedError
+
+    def compact(self):
+        """An inference-only layer with frozen, physically smallest weights, stock TF ops, same outputs."""
+        raise NotImplementedError
+
+    def sparse_tables(self):
+        """Variables indexed by id-derived rows (row-sparse gradients); ``tfemb`` optimizers update them lazily."""
+        return []
+
+    def frequencies_array(self):
+        """Per-id counts as a float64 NumPy array, or None."""
+        return None if self.frequencies is None else np.asarray(self.frequencies, dtype=np.float64)
+
+    # ------------------------------------------------------------------------------------------ serialisation
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "output_dim": self.output_dim,
+                "combiner": self.combiner,
+                "frequencies": self.frequencies,
+                "validate_ids": self.validate_ids,
+            }
+        )
+        return config

@@ -1,0 +1,165 @@
+"""Scheme factories: one callable builds the embedding layer of any feature, for models built from a Schema.
+
+>>> make = scheme_factory("hashing", output_dim=8, compression=4.0)
+>>> layer = make("item", 1000, None)
+>>> layer.name, layer.num_buckets, layer.parameter_count()
+('item_embedding', 250, 2000)
+"""
+
+import math
+
+from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
+from tfemb.layers.fixed_embedding import FixedEmbedding
+from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.qr_embedding import QREmbedding
+
+#: Scheme name -> layer class.
+SCHEMES = {
+    "fixed": FixedEmbedding,
+    "hashing": HashingEmbedding,
+    "qr": QREmbedding,
+    "double_hashing": DoubleHashingEmbedding,
+}
+
+#: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
+COMPRESSIBLE = ("hashing", "qr", "double_hashing")
+
+#: Schemes that use per-id counts; the others are not handed ``frequencies`` (they would only bloat the config).
+USES_FREQUENCIES = ("double_hashing",)
+
+#: Share of the parameter budget that double hashing gives to the hot table under ``compression``.
+HOT_SHARE = 0.5
+
+
+def get_scheme_class(name):
+    """The layer class of a scheme name (one of ``SCHEMES``)."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"name must be one of {sorted(SCHEMES)}. Received: name={name!r}") from None
+
+
+def _check_compression(compression):
+    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not compression > 0 \
+            or not math.isfinite(compression):
+        raise ValueError(f"compression must be a finite number > 0. Received: compression={compression!r}")
+    return float(compression)
+
+
+def hashing_buckets(vocabulary_size, compression):
+    """Rows of a hashing-trick table with ~1/compression of the fixed table's parameters, in [1, vocabulary]."""
+    return max(1, min(vocabulary_size, int(vocabulary_size / compression)))
+
+
+def qr_buckets(vocabulary_size, output_dim, compression, operation="mult"):
+    """Remainder rows ``m`` of a QR layer with at most ~1/compression of the fixed table's parameters.
+
+    Parameters are ``ceil(V/m) * dq + m * dr`` (``dq``, ``dr``: the two tables' widths). Of the ``m`` that fit
+    the budget ``V * output_dim / compression`` the largest is taken, so most of the budget is the remainder
+    table (the hashing-trick table of ``id % m``) and the quotient table is the small complementary one. When
+    the budget is below QR's minimum (about ``2 sqrt(V)`` rows, e.g. a tiny vocabulary), ``m`` minimises the
+    parameters instead; ``m`` never exceeds ``V``.
+    """
+    dq, dr = (output_dim // 2, output_dim - output_dim // 2) if operation == "concat" else (output_dim, output_dim)
+    v = vocabulary_size
+    if dq < 1:
+        return 1  # invalid for "concat"; the layer reports it.
+
+    def params(m):
+        return -(-v // m) * dq + m * dr
+
+    budget = v * output_dim / compression
+    disc = budget * budget - 4.0 * v * dq * dr
+    if disc >= 0:
+        # Larger root of m*dr + V*dq/m = budget, then step down to the integer that fits.
+        m = min(v, max(1, int((budget + math.sqrt(disc)) / (2 * dr))))
+        while m > 1 and params(m) > budget:
+            m -= 1
+        if params(m) <= budget:
+            return m
+    best = max(1, min(v, round(math.sqrt(v * dq / dr))))
+    candidates = {max(1, min(v, best + k)) for k in range(-2, 3)}
+    return min(sorted(candidates), key=params)
+
+
+def double_hashing_sizes(vocabulary_size, output_dim, compression, combine="sum"):
+    """``(num_hot, num_buckets)`` of a double-hashing layer with ~1/compression of the fixed parameters.
+
+    Half the budget (``HOT_SHARE``) goes to the hot table and the rest to the shared table; the two together
+    never hold more rows than the vocabulary, and the shared table has at least one row.
+    """
+    shared_dim = output_dim // 2 if combine == "concat" else output_dim
+    budget = vocabulary_size * output_dim / compression
+    num_hot = max(0, min(vocabulary_size, int(budget * HOT_SHARE / output_dim)))
+    num_buckets = int((budget - num_hot * output_dim) / shared_dim)
+    num_buckets = max(1, min(num_buckets, vocabulary_size - num_hot))
+    return num_hot, num_buckets
+
+
+def scheme_factory(name, **kwargs):
+    """A callable ``(feature_name, vocabulary_size, frequencies) -> EmbeddingScheme`` for one scheme name.
+
+    Args:
+        name: ``"fixed"``, ``"hashing"``, ``"qr"`` or ``"double_hashing"``.
+        **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
+            ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
+            replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer
+            has about ``1/compression`` of the parameters of a fixed table of the same vocabulary and
+            dimension, never more rows than the vocabulary (see ``hashing_buckets``, ``qr_buckets``,
+            ``double_hashing_sizes``: double hashing gives half the budget to the hot table).
+
+    The layer is named ``f"{feature_name}_embedding"``; ``frequencies`` are passed only to schemes that use
+    popularity (``double_hashing``).
+
+    Example:
+
+    >>> make = scheme_factory("double_hashing", output_dim=8, compression=4.0)
+    >>> layer = make("user", 1000, None)
+    >>> layer.num_hot, layer.num_buckets, layer.parameter_count()
+    (125, 125, 2000)
+    """
+    cls = get_scheme_class(name)
+    kwargs = dict(kwargs)
+    compression = kwargs.pop("compression", None)
+    if compression is not None:
+        if name not in COMPRESSIBLE:
+            raise ValueError(
+                f"compression is only accepted by {COMPRESSIBLE}. Received: compression={compression!r} for "
+                f"name={name!r}"
+            )
+        compression = _check_compression(compression)
+        taken = [key for key in ("num_buckets", "num_hot") if key in kwargs]
+        if taken:
+            raise ValueError(
+                f"compression replaces {', '.join(taken)}; give one or the other. Received: "
+                f"compression={compression}, " + ", ".join(f"{key}={kwargs[key]!r}" for key in taken)
+            )
+    elif name in COMPRESSIBLE and "num_buckets" not in kwargs:
+        raise ValueError(f"scheme {name!r} needs num_buckets or compression. Received neither")
+    if "output_dim" not in kwargs:
+        raise ValueError(f"scheme_factory needs output_dim. Received: {sorted(kwargs)}")
+    if "name" in kwargs:
+        raise ValueError(
+            f"scheme_factory names each layer f'{{feature_name}}_embedding'. Received: name={kwargs['name']!r}"
+        )
+
+    def build(feature_name, vocabulary_size, frequencies=None):
+        args = dict(kwargs)
+        if compression is not None:
+            dim = args["output_dim"]
+            if name == "hashing":
+                args["num_buckets"] = hashing_buckets(vocabulary_size, compression)
+            elif name == "qr":
+                args["num_buckets"] = qr_buckets(vocabulary_size, dim, compression, args.get("operation", "mult"))
+            else:
+                args["num_hot"], args["num_buckets"] = double_hashing_sizes(
+                    vocabulary_size, dim, compression, args.get("combine", "sum")
+                )
+        if name in USES_FREQUENCIES:
+            args["frequencies"] = frequencies
+        args["name"] = f"{feature_name}_embedding"
+        return cls(vocabulary_size=vocabulary_size, **args)
+
+    build.scheme_name = name
+    build.scheme_class = cls
+    return build

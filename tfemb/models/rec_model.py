@@ -1,0 +1,226 @@
+"""RecModel: the base of every tfemb network: one EmbeddingScheme per sparse feature of a Schema."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfemb import optimizers as sparse_optimizers
+from tfemb._keras import IS_KERAS_3, deserialize, keras, serialize
+from tfemb.data.schema import Schema
+from tfemb.layers.embedding_scheme import EmbeddingScheme
+from tfemb.layers.fixed_embedding import FixedEmbedding
+
+
+def _output_activation(task):
+    return {"binary": "sigmoid", "multiclass": "softmax", "regression": None}[task]
+
+
+class RecModel(keras.Model):
+    """Base class of tfemb's CF and CTR networks.
+
+    It owns one ``EmbeddingScheme`` per sparse feature of ``schema`` (categorical, multi-hot, discretised
+    numeric), the head for the schema's task, and an optional row-sparse optimizer for the embedding tables.
+    Subclasses implement ``interact(embedded, dense, training)`` -> logits.
+
+    Args:
+        schema: a fitted ``tfemb.data.Schema`` (vocabulary sizes, per-id counts, combiners, task).
+        embeddings: how each sparse feature is embedded: None (``FixedEmbedding(embedding_dim)``), a factory
+            ``f(feature_name, vocabulary_size, frequencies) -> EmbeddingScheme`` (e.g.
+            ``tfemb.layers.scheme_factory("hashing", output_dim=16, compression=4)``), or a dict
+            ``{feature: EmbeddingScheme or factory}`` (features left out get the default).
+        embedding_dim: dimension every scheme outputs (the base dimension the interaction block sees).
+        embedding_optimizer: None (every variable uses the optimizer given to ``compile``), or a
+            ``tfemb.optimizers.SparseOptimizer`` / name (``"adam"``, ``"adagrad"``, ``"rowwise_adagrad"``,
+            ``"sgd"``) that updates only the looked-up rows of the embedding tables (far faster on large
+            vocabularies; single-replica only).
+        embedding_learning_rate: learning rate of a named ``embedding_optimizer``.
+        num_classes: classes of a multiclass head (default: the schema label's ``num_classes``).
+    """
+
+    def __init__(self, schema, embeddings=None, embedding_dim=16, embedding_optimizer=None,
+                 embedding_learning_rate=None, num_classes=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(schema, dict):
+            schema = Schema.from_dict(schema)
+        if not isinstance(schema, Schema):
+            raise TypeError(f"schema must be a tfemb.data.Schema. Received: {type(schema).__name__}")
+        if not schema.is_fitted:
+            raise ValueError("schema must be fitted (schema.fit(train_df)) before building a model")
+        self.schema = schema
+        self.embedding_dim = int(embedding_dim)
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1. Received: embedding_dim={embedding_dim!r}")
+        self.task = schema.task or "binary"
+        label = schema.label
+        self.num_classes = num_classes or (label.num_classes if label is not None else None)
+        if self.task == "multiclass" and not self.num_classes:
+            raise ValueError("a multiclass model needs num_classes")
+        self.output_units = self.num_classes if self.task == "multiclass" else 1
+        self.sparse_names = [f.name for f in schema.sparse_features]
+        self.dense_names = [f.name for f in schema.dense_features]
+        self.embedding_layers = {}
+        for name in self.sparse_names:
+            layer = self._make_scheme(name, embeddings)
+            self.embedding_layers[name] = layer
+        # Keras tracks layers held in a dict attribute; keep a list too for a stable order.
+        self.embedding_list = [self.embedding_layers[n] for n in self.sparse_names]
+        self._embedding_lr = embedding_learning_rate
+        self.embedding_optimizer = sparse_optimizers.get(embedding_optimizer, embedding_learning_rate)
+
+    # -------------------------------------------------------------------------------------------- schemes
+    def _make_scheme(self, name, embeddings):
+        spec = embeddings.get(name) if isinstance(embeddings, dict) else embeddings
+        size = self.schema.vocabulary_size(name)
+        combiner = self.schema.combiner(name)
+        if spec is None:
+            layer = FixedEmbedding(size, self.embedding_dim, combiner=combiner, name=f"{name}_embedding")
+        elif isinstance(spec, EmbeddingScheme):
+            layer = spec
+        elif isinstance(spec, dict):  # a serialised layer (from_config)
+            layer = deserialize(spec)
+        elif callable(spec):
+            layer = spec(name, size, self.schema.frequencies(name))
+            if combiner is not None and getattr(layer, "combiner", None) is None:
+                layer.combiner = combiner
+        else:
+            raise TypeError(f"embeddings[{name!r}] must be an EmbeddingScheme, a factory or None. Received: {spec!r}")
+        if not isinstance(layer, EmbeddingScheme):
+            raise TypeError(f"the embedding of {name!r} must be a tfemb EmbeddingScheme. Received: {type(layer).__name__}")
+        if layer.vocabulary_size != size:
+            raise ValueError(
+                f"the embedding of {name!r} has vocabulary_size={layer.vocabulary_size} but the schema has {size} ids"
+            )
+        if layer.output_dim != self.embedding_dim:
+            raise ValueError(
+                f"the embedding of {name!r} has output_dim={layer.output_dim}; this model needs "
+                f"embedding_dim={self.embedding_dim}"
+            )
+        return layer
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _check_inputs(self, inputs):
+        if not isinstance(inputs, dict):
+            raise TypeError(f"inputs must be a dict of feature name -> tensor. Received: {type(inputs).__name__}")
+        missing = [n for n in self.sparse_names + self.dense_names if n not in inputs]
+        if missing:
+            raise KeyError(f"missing input feature {missing[0]!r}; the model needs {self.sparse_names + self.dense_names}")
+
+    def embed(self, inputs):
+        """``({feature: [batch, embedding_dim]}, dense [batch, n_dense] or None)``."""
+        self._check_inputs(inputs)
+        embedded = {name: self.embedding_layers[name](inputs[name]) for name in self.sparse_names}
+        dense = None
+        if self.dense_names:
+            dense = tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in self.dense_names], axis=-1)
+        return embedded, dense
+
+    def interact(self, embedded, dense, training=None):
+        """Subclasses: embedded features -> logits ``[batch, output_units]``."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None):
+        embedded, dense = self.embed(inputs)
+        logits = self.interact(embedded, dense, training=training)
+        logits = tf.cast(logits, tf.float32)  # heads stay float32 under mixed precision
+        if self.task == "multiclass":
+            return tf.nn.softmax(logits)  # [batch, num_classes]
+        logits = tf.squeeze(logits, axis=-1)  # [batch], the rank of the labels
+        return tf.sigmoid(logits) if self.task == "binary" else logits
+
+    def build(self, input_shape=None):
+        # Keras builds reloaded models from shapes with float placeholders; ids must be integers, so the
+        # model is built by running it once on a valid encoded batch instead.
+        if not self.built:
+            self.call(self.example_inputs())
+        self.built = True
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        # A named embedding optimizer without its own learning rate follows the compiled optimizer's.
+        if self.embedding_optimizer is not None and self._embedding_lr is None and self.optimizer is not None:
+            try:
+                self.embedding_optimizer.learning_rate = float(keras.backend.get_value(self.optimizer.learning_rate))
+            except (TypeError, ValueError):  # a schedule: keep the optimizer's default
+                pass
+
+    # ------------------------------------------------------------------------------------------ training
+    def sparse_variables(self):
+        """Embedding-table variables updated by ``embedding_optimizer`` (when set)."""
+        out = []
+        for layer in self._embedding_like_layers():
+            out.extend(layer.sparse_tables())
+        return out
+
+    def _embedding_like_layers(self):
+        return list(self.embedding_list)
+
+    def train_step(self, data):
+        if self.embedding_optimizer is None:
+            return super().train_step(data)
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            raise NotImplementedError(
+                "embedding_optimizer (row-sparse updates) runs on a single replica; under a multi-replica "
+                "tf.distribute strategy use embedding_optimizer=None (the compiled optimizer updates every variable)"
+            )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        sparse_ids = {id(v) for v in self.sparse_variables()}
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        dense_pairs = [(g, v) for g, v in zip(grads, variables) if id(v) not in sparse_ids and g is not None]
+        sparse_pairs = [(g, v) for g, v in zip(grads, variables) if id(v) in sparse_ids]
+        if dense_pairs:
+            self.optimizer.apply_gradients(dense_pairs)
+        self.embedding_optimizer.apply(sparse_pairs)
+        if IS_KERAS_3:
+            self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    # --------------------------------------------------------------------------------------- size reports
+    def embedding_report(self):
+        """One row per sparse feature: rows, parameters, bytes, mean dimension of each scheme."""
+        rows = []
+        for name in self.sparse_names:
+            layer = self.embedding_layers[name]
+            dims = np.asarray(layer.dims_per_id())
+            rows.append({
+                "feature": name,
+                "scheme": type(layer).__name__,
+                "vocabulary_size": int(layer.vocabulary_size),
+                "output_dim": int(layer.output_dim),
+                "mean_dim": float(dims.mean()),
+                "parameters": int(layer.parameter_count()),
+                "bytes": int(layer.storage_bytes()),
+            })
+        return rows
+
+    def embedding_parameter_count(self):
+        return sum(self.embedding_layers[n].parameter_count() for n in self.sparse_names)
+
+    def embedding_storage_bytes(self):
+        return sum(self.embedding_layers[n].storage_bytes() for n in self.sparse_names)
+
+    # -------------------------------------------------------------------------------------- serialisation
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "schema": self.schema.to_dict(),
+            "embeddings": {n: serialize(self.embedding_layers[n]) for n in self.sparse_names},
+            "embedding_dim": self.embedding_dim,
+            "embedding_optimizer": None if self.embedding_optimizer is None else self.embedding_optimizer.get_config(),
+            "embedding_learning_rate": self._embedding_lr,
+            "num_classes": self.num_classes,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def example_inputs(self, batch_size=2):
+        """A batch of valid encoded inputs (OOV ids / zeros): builds the model and serves as a smoke input."""
+        out = {}
+        for name, (shape, dtype) in self.schema.input_spec().items():
+            out[name] = tf.zeros((batch_size,) + tuple(shape), dtype=dtype)
+        return out

@@ -1,0 +1,214 @@
+"""Row-sparse optimizers for embedding tables: update only the rows a batch looked up.
+
+Keras' stock Adam (and, under Keras 3, Adagrad) updates its slot variables for every row of a table at every
+step, so on realistic vocabularies the optimizer, not the network, sets the training speed (docs/ARCHITECTURE.md,
+"Where training time goes"). These optimizers take the row-sparse gradients (``tf.IndexedSlices``) of the
+tables an ``EmbeddingScheme`` lists in ``sparse_tables()`` and touch only those rows, as TorchRec's fused
+optimizers and DLRM's row-wise Adagrad do. They are pure TensorFlow (``tf.Module``), so they behave the same
+under Keras 3 and Keras 2 and checkpoint with ``tf.train.Checkpoint``.
+
+Semantics differ from the dense optimizers in the known way: rows not looked up in a step keep their moments
+(lazy Adam, as ``tfa.optimizers.LazyAdam``), and ``SparseAdagrad(rowwise=True)`` keeps one accumulator per row
+(the mean of the row's squared gradient), as DLRM/TorchRec's row-wise Adagrad.
+"""
+
+import tensorflow as tf
+
+
+def _dedupe(grad):
+    """Sums the rows of an IndexedSlices that share an index: returns (unique_indices, summed_values)."""
+    unique, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(unique)[0])
+    return unique, values
+
+
+def _scatter(op, var, indices, updates):
+    """Row update of a tf.Variable or a Keras 3 variable (which wraps one and has no scatter methods)."""
+    return op(resource=var.handle, indices=indices, updates=tf.cast(updates, var.dtype))
+
+
+def scatter_sub(var, indices, updates):
+    return _scatter(tf.raw_ops.ResourceScatterSub, var, indices, updates)
+
+
+def scatter_add(var, indices, updates):
+    return _scatter(tf.raw_ops.ResourceScatterAdd, var, indices, updates)
+
+
+def scatter_update(var, indices, updates):
+    return _scatter(tf.raw_ops.ResourceScatterUpdate, var, indices, updates)
+
+
+class SparseOptimizer(tf.Module):
+    """Base class: ``apply(grads_and_vars)`` with row-sparse or dense gradients."""
+
+    def __init__(self, learning_rate, name=None):
+        super().__init__(name=name)
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
+        self.learning_rate = float(learning_rate)
+        self._slots = {}
+        self.iterations = None
+
+    def _slot(self, var, kind, shape=None, init=0.0):
+        key = (var.name, kind, id(var))
+        if key not in self._slots:
+            with tf.init_scope():
+                shape = var.shape if shape is None else shape
+                self._slots[key] = tf.Variable(
+                    tf.fill(shape, tf.constant(init, var.dtype)), trainable=False,
+                    name=f"{var.name.split(':')[0].replace('/', '_')}_{kind}",
+                )
+        return self._slots[key]
+
+    def build(self, variables):
+        """Creates the slot variables eagerly (also done lazily on first use)."""
+        with tf.init_scope():
+            if self.iterations is None:
+                self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+            for var in variables:
+                self._create_slots(var)
+
+    def _create_slots(self, var):
+        pass
+
+    def apply(self, grads_and_vars):
+        grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
+        self.build([v for _, v in grads_and_vars])
+        step = self.iterations.assign_add(1)
+        ops = []
+        for grad, var in grads_and_vars:
+            if isinstance(grad, tf.IndexedSlices):
+                indices, values = _dedupe(grad)
+                ops.append(self._sparse_update(var, indices, tf.cast(values, var.dtype), step))
+            else:
+                ops.append(self._dense_update(var, tf.cast(grad, var.dtype), step))
+        return tf.group(ops)
+
+    def _sparse_update(self, var, indices, values, step):
+        raise NotImplementedError
+
+    def _dense_update(self, var, grad, step):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {"class_name": type(self).__name__, "learning_rate": self.learning_rate}
+
+
+class SparseSGD(SparseOptimizer):
+    """Plain SGD on the looked-up rows: ``E[i] -= lr * g_i``."""
+
+    def __init__(self, learning_rate=0.01, name=None):
+        super().__init__(learning_rate, name=name)
+
+    def _sparse_update(self, var, indices, values, step):
+        return scatter_sub(var, indices, self.learning_rate * values)
+
+    def _dense_update(self, var, grad, step):
+        return var.assign_sub(self.learning_rate * grad)
+
+
+class SparseAdagrad(SparseOptimizer):
+    """Adagrad on the looked-up rows; ``rowwise=True`` keeps one accumulator per row (DLRM / TorchRec).
+
+    Element-wise: ``a += g²; E -= lr·g/(√a + ε)``. Row-wise: ``a_i += mean_j g_ij²`` (one float per row).
+    """
+
+    def __init__(self, learning_rate=0.05, initial_accumulator_value=0.1, epsilon=1e-7, rowwise=False, name=None):
+        super().__init__(learning_rate, name=name)
+        self.initial_accumulator_value = float(initial_accumulator_value)
+        self.epsilon = float(epsilon)
+        self.rowwise = bool(rowwise)
+
+    def _accumulator(self, var):
+        shape = var.shape[:1] if self.rowwise and var.shape.rank == 2 else var.shape
+        return self._slot(var, "accumulator", shape, self.initial_accumulator_value)
+
+    def _create_slots(self, var):
+        self._accumulator(var)
+
+    def _rowwise(self, var):
+        return self.rowwise and var.shape.rank == 2
+
+    def _sparse_update(self, var, indices, values, step):
+        acc = self._accumulator(var)
+        sq = tf.reduce_mean(tf.square(values), axis=1) if self._rowwise(var) else tf.square(values)
+        scatter_add(acc, indices, sq)
+        a = tf.gather(acc, indices)
+        if self._rowwise(var):
+            a = a[:, tf.newaxis]
+        return scatter_sub(var, indices, self.learning_rate * values / (tf.sqrt(a) + self.epsilon))
+
+    def _dense_update(self, var, grad, step):
+        acc = self._accumulator(var)
+        sq = tf.reduce_mean(tf.square(grad), axis=1) if self._rowwise(var) else tf.square(grad)
+        a = acc.assign_add(sq)
+        if self._rowwise(var):
+            a = a[:, tf.newaxis]
+        return var.assign_sub(self.learning_rate * grad / (tf.sqrt(a) + self.epsilon))
+
+    def get_config(self):
+        return {**super().get_config(), "initial_accumulator_value": self.initial_accumulator_value,
+                "epsilon": self.epsilon, "rowwise": self.rowwise}
+
+
+class SparseAdam(SparseOptimizer):
+    """Lazy Adam: moments and parameters of the looked-up rows only (as ``tfa.optimizers.LazyAdam``).
+
+    For each looked-up row: ``m = β1·m + (1-β1)·g``, ``v = β2·v + (1-β2)·g²``,
+    ``E -= lr·√(1-β2^t)/(1-β1^t) · m/(√v + ε)`` with ``t`` the global step.
+    """
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name=None):
+        super().__init__(learning_rate, name=name)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def _create_slots(self, var):
+        self._slot(var, "m")
+        self._slot(var, "v")
+
+    def _lr(self, var, step):
+        t = tf.cast(step, var.dtype)
+        return self.learning_rate * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
+
+    def _sparse_update(self, var, indices, values, step):
+        m, v = self._slot(var, "m"), self._slot(var, "v")
+        m_rows = self.beta_1 * tf.gather(m, indices) + (1.0 - self.beta_1) * values
+        v_rows = self.beta_2 * tf.gather(v, indices) + (1.0 - self.beta_2) * tf.square(values)
+        ops = [scatter_update(m, indices, m_rows), scatter_update(v, indices, v_rows)]
+        with tf.control_dependencies(ops):
+            delta = self._lr(var, step) * m_rows / (tf.sqrt(v_rows) + self.epsilon)
+            return scatter_sub(var, indices, delta)
+
+    def _dense_update(self, var, grad, step):
+        m, v = self._slot(var, "m"), self._slot(var, "v")
+        m_new = m.assign(self.beta_1 * m + (1.0 - self.beta_1) * grad)
+        v_new = v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(grad))
+        return var.assign_sub(self._lr(var, step) * m_new / (tf.sqrt(v_new) + self.epsilon))
+
+    def get_config(self):
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+
+SPARSE_OPTIMIZERS = {"sgd": SparseSGD, "adagrad": SparseAdagrad, "rowwise_adagrad": SparseAdagrad, "adam": SparseAdam,
+                     "lazy_adam": SparseAdam}
+
+
+def get(identifier, learning_rate=None):
+    """A SparseOptimizer from an instance, a name (``"sgd"``, ``"adagrad"``, ``"rowwise_adagrad"``,
+    ``"adam"``/``"lazy_adam"``) or a config dict; None stays None."""
+    if identifier is None or isinstance(identifier, SparseOptimizer):
+        return identifier
+    if isinstance(identifier, dict):
+        config = dict(identifier)
+        cls = {c.__name__: c for c in (SparseSGD, SparseAdagrad, SparseAdam)}[config.pop("class_name")]
+        return cls(**config)
+    if identifier not in SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"embedding_optimizer must be one of {sorted(SPARSE_OPTIMIZERS)} or a SparseOptimizer. "
+            f"Received: {identifier!r}"
+        )
+    kwargs = {} if learning_rate is None else {"learning_rate": learning_rate}
+    if identifier == "rowwise_adagrad":
+        kwargs["rowwise"] = True
+    return SPARSE_OPTIMIZERS[identifier](**kwargs)
