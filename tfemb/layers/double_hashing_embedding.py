@@ -7,6 +7,7 @@ from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
+from tfemb.layers.qr_embedding import fresh_initializer
 
 COMBINES = ("sum", "concat")
 
@@ -128,13 +129,13 @@ class DoubleHashingEmbedding(EmbeddingScheme):
             self.hot_embeddings = self.add_weight(
                 name="hot_embeddings",
                 shape=(self.num_hot, self.output_dim),
-                initializer=self.embeddings_initializer,
+                initializer=fresh_initializer(self.embeddings_initializer),
                 trainable=True,
             )
         self.shared_embeddings = self.add_weight(
             name="shared_embeddings",
             shape=(self.num_buckets, self.shared_dim),
-            initializer=self.embeddings_initializer,
+            initializer=fresh_initializer(self.embeddings_initializer),
             trainable=True,
         )
         self.hot_rows = None

@@ -79,7 +79,7 @@ def qr_buckets(vocabulary_size, output_dim, compression, operation="mult"):
             return m
     best = max(1, min(v, round(math.sqrt(v * dq / dr))))
     candidates = {max(1, min(v, best + k)) for k in range(-2, 3)}
-    return min(sorted(candidates), key=params)
+    return min(candidates, key=lambda m: (params(m), -m))  # ties: the larger remainder table
 
 
 def double_hashing_sizes(vocabulary_size, output_dim, compression, combine="sum"):
@@ -138,10 +138,6 @@ def scheme_factory(name, **kwargs):
         raise ValueError(f"scheme {name!r} needs num_buckets or compression. Received neither")
     if "output_dim" not in kwargs:
         raise ValueError(f"scheme_factory needs output_dim. Received: {sorted(kwargs)}")
-    if "name" in kwargs:
-        raise ValueError(
-            f"scheme_factory names each layer f'{{feature_name}}_embedding'. Received: name={kwargs['name']!r}"
-        )
 
     def build(feature_name, vocabulary_size, frequencies=None):
         args = dict(kwargs)

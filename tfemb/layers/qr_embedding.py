@@ -11,6 +11,14 @@ from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, d
 OPERATIONS = ("mult", "add", "concat")
 
 
+def fresh_initializer(initializer):
+    """A new instance of ``initializer``: under Keras 2 an unseeded instance called twice repeats its values, so
+    each table gets its own copy. Plain callables are returned as they are."""
+    if not (hasattr(initializer, "get_config") and hasattr(initializer.__class__, "from_config")):
+        return initializer
+    return initializer.__class__.from_config(initializer.get_config())
+
+
 @register
 class QREmbedding(EmbeddingScheme):
     """Quotient-remainder trick: two small tables whose rows, combined, are unique for every id.
@@ -101,7 +109,7 @@ class QREmbedding(EmbeddingScheme):
 
     def _initializers(self):
         if self.embeddings_initializer is not None:
-            return self.embeddings_initializer, self.embeddings_initializer
+            return fresh_initializer(self.embeddings_initializer), fresh_initializer(self.embeddings_initializer)
         s = math.sqrt(1.0 / self.vocabulary_size)
         uniform = keras.initializers.RandomUniform(minval=-s, maxval=s)
         if self.operation == "mult":

@@ -19,7 +19,12 @@ class RecModel(keras.Model):
 
     It owns one ``EmbeddingScheme`` per sparse feature of ``schema`` (categorical, multi-hot, discretised
     numeric), the head for the schema's task, and an optional row-sparse optimizer for the embedding tables.
-    Subclasses implement ``interact(embedded, dense, training)`` -> logits.
+    Subclasses implement ``interact(embedded, dense, training)`` -> logits, and may add first-order (wide) logits
+    computed from the raw encoded inputs with ``linear_logits(inputs, dense, training)``.
+
+    Class attribute ``uses_embeddings``: False for models that use no embedding scheme (logistic regression);
+    no scheme is built and ``embed`` returns ``{}``. Subclasses that read only some features of the schema
+    (CF models: user and item) override ``_input_features()``.
 
     Args:
         schema: a fitted ``tfemb.data.Schema`` (vocabulary sizes, per-id counts, combiners, task).
@@ -35,6 +40,9 @@ class RecModel(keras.Model):
         embedding_learning_rate: learning rate of a named ``embedding_optimizer``.
         num_classes: classes of a multiclass head (default: the schema label's ``num_classes``).
     """
+
+    #: False: the model uses no EmbeddingScheme (e.g. LR, first-order weights only); none is built.
+    uses_embeddings = True
 
     def __init__(self, schema, embeddings=None, embedding_dim=16, embedding_optimizer=None,
                  embedding_learning_rate=None, num_classes=None, **kwargs):
@@ -55,18 +63,28 @@ class RecModel(keras.Model):
         if self.task == "multiclass" and not self.num_classes:
             raise ValueError("a multiclass model needs num_classes")
         self.output_units = self.num_classes if self.task == "multiclass" else 1
-        self.sparse_names = [f.name for f in schema.sparse_features]
-        self.dense_names = [f.name for f in schema.dense_features]
+        # Features the model reads: sparse (ids) and dense (floats); all of the schema's by default.
+        self.sparse_names, self.dense_names = self._input_features()
         self.embedding_layers = {}
-        for name in self.sparse_names:
-            layer = self._make_scheme(name, embeddings)
-            self.embedding_layers[name] = layer
+        if self.uses_embeddings:
+            for name in self.sparse_names:
+                layer = self._make_scheme(name, embeddings)
+                self.embedding_layers[name] = layer
         # Keras tracks layers held in a dict attribute; keep a list too for a stable order.
-        self.embedding_list = [self.embedding_layers[n] for n in self.sparse_names]
+        self.embedding_names = [n for n in self.sparse_names if n in self.embedding_layers]
+        self.embedding_list = [self.embedding_layers[n] for n in self.embedding_names]
         self._embedding_lr = embedding_learning_rate
         self.embedding_optimizer = sparse_optimizers.get(embedding_optimizer, embedding_learning_rate)
 
     # -------------------------------------------------------------------------------------------- schemes
+    def _input_features(self):
+        """``(sparse_names, dense_names)`` the model reads; every feature of the schema by default.
+
+        Called by ``__init__`` before any scheme is built (``self.schema`` is set): a subclass that uses a
+        subset of the features (e.g. only user and item ids) overrides it, so no unused table is built.
+        """
+        return [f.name for f in self.schema.sparse_features], [f.name for f in self.schema.dense_features]
+
     def _make_scheme(self, name, embeddings):
         spec = embeddings.get(name) if isinstance(embeddings, dict) else embeddings
         size = self.schema.vocabulary_size(name)
@@ -105,21 +123,33 @@ class RecModel(keras.Model):
             raise KeyError(f"missing input feature {missing[0]!r}; the model needs {self.sparse_names + self.dense_names}")
 
     def embed(self, inputs):
-        """``({feature: [batch, embedding_dim]}, dense [batch, n_dense] or None)``."""
+        """``({feature: [batch, embedding_dim]}, dense [batch, n_dense] or None)``; ``{}`` when the model uses
+        no embedding scheme (``uses_embeddings = False``)."""
         self._check_inputs(inputs)
-        embedded = {name: self.embedding_layers[name](inputs[name]) for name in self.sparse_names}
+        embedded = {name: self.embedding_layers[name](inputs[name]) for name in self.embedding_names}
         dense = None
         if self.dense_names:
             dense = tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in self.dense_names], axis=-1)
         return embedded, dense
 
     def interact(self, embedded, dense, training=None):
-        """Subclasses: embedded features -> logits ``[batch, output_units]``."""
+        """Subclasses: embedded features -> logits ``[batch, output_units]`` (or None when the model has only
+        ``linear_logits``)."""
         raise NotImplementedError
+
+    def linear_logits(self, inputs, dense, training=None):
+        """First-order (wide) logits ``[batch, output_units]`` from the raw encoded ``inputs``, added to those of
+        ``interact``; None (the default) when the model has none."""
+        return None
 
     def call(self, inputs, training=None):
         embedded, dense = self.embed(inputs)
         logits = self.interact(embedded, dense, training=training)
+        linear = self.linear_logits(inputs, dense, training=training)
+        if linear is not None:
+            logits = linear if logits is None else tf.cast(logits, linear.dtype) + linear
+        if logits is None:
+            raise NotImplementedError(f"{type(self).__name__}: interact() and linear_logits() both returned None")
         logits = tf.cast(logits, tf.float32)  # heads stay float32 under mixed precision
         if self.task == "multiclass":
             return tf.nn.softmax(logits)  # [batch, num_classes]
@@ -181,7 +211,7 @@ class RecModel(keras.Model):
     def embedding_report(self):
         """One row per sparse feature: rows, parameters, bytes, mean dimension of each scheme."""
         rows = []
-        for name in self.sparse_names:
+        for name in self.embedding_names:
             layer = self.embedding_layers[name]
             dims = np.asarray(layer.dims_per_id())
             rows.append({
@@ -196,17 +226,17 @@ class RecModel(keras.Model):
         return rows
 
     def embedding_parameter_count(self):
-        return sum(self.embedding_layers[n].parameter_count() for n in self.sparse_names)
+        return sum(self.embedding_layers[n].parameter_count() for n in self.embedding_names)
 
     def embedding_storage_bytes(self):
-        return sum(self.embedding_layers[n].storage_bytes() for n in self.sparse_names)
+        return sum(self.embedding_layers[n].storage_bytes() for n in self.embedding_names)
 
     # -------------------------------------------------------------------------------------- serialisation
     def get_config(self):
         config = {
             "name": self.name,
             "schema": self.schema.to_dict(),
-            "embeddings": {n: serialize(self.embedding_layers[n]) for n in self.sparse_names},
+            "embeddings": {n: serialize(self.embedding_layers[n]) for n in self.embedding_names},
             "embedding_dim": self.embedding_dim,
             "embedding_optimizer": None if self.embedding_optimizer is None else self.embedding_optimizer.get_config(),
             "embedding_learning_rate": self._embedding_lr,

@@ -1,0 +1,829 @@
+"""Training throughput and peak memory of DeepFM: tfemb's embedding schemes side by side with DeepCTR.
+
+What it measures, on synthetic Criteo-shaped data (26 categorical fields, 13 numeric, a planted signal):
+
+- tfemb's ``DeepFM`` with ``fixed``, ``hashing``, ``qr`` and ``double_hashing`` embeddings (compression 4 for
+  the compressed ones), under Keras 3 and under Keras 2 (``TF_USE_LEGACY_KERAS=1``), with the stock Keras Adam
+  on every variable and with tfemb's row-sparse lazy Adam on the tables (``embedding_optimizer="adam"``);
+- DeepCTR's ``DeepFM`` (Keras 2 only: it imports ``tensorflow.keras``) with the same embedding dimension, DNN,
+  batch size, Adam, input pipeline and metrics;
+- per run: examples/second over ``--steps`` training steps after ``--warmup`` excluded steps (tracing,
+  compilation, first-touch allocation), median step time, peak RSS of the run's own process (every run is a
+  separate subprocess, so ``ru_maxrss`` is that run's honest peak), the embedding parameter count and the
+  actual size of the embedding layers' variables (they must match: no scheme may keep a hidden full-size
+  table), and AUC / logloss on a held-out slice after the same number of training steps for every run.
+
+Results go to ``<out>/throughput.json`` and ``<out>/throughput.md``; ``--levers`` adds one-change-at-a-time
+variants of the tfemb fixed-embedding run (XLA, input pipeline, metrics, id validation, a fused lookup over
+stacked field tables) so each speed lever's effect is measured in the same session.
+
+Vocabulary sizes: the 26 per-field cardinalities of the Criteo Kaggle Display Advertising Challenge as
+facebookresearch/dlrm's preprocessing reports them (``CRITEO_KAGGLE_CARDINALITIES``; 33.8M ids in total,
+from 3 to 10.1M per field), each capped at ``VOCAB_CAP`` = 200,000 ids (the hashed/frequency-capped tables
+production DeepFMs use) and multiplied by ``--vocab-scale``; every field also gets the OOV id 0. At the default
+scale the 26 tables hold 1,483,374 ids (x 16 dims = 23.7M embedding parameters): six fields at the cap, the
+others at their real sizes (4 .. 142,573).
+
+Data: ids are drawn per field from a Zipf law (exponent ``ZIPF_EXPONENT``) over that field's ids, id 1 the most
+popular, as a fitted ``tfemb.data.Schema`` numbers them. The label is Bernoulli(sigmoid(logit)) with
+``logit = bias + sum_f w_f[id_f] + sum_(f,g) <u_f[id_f], u_g[id_g]> + beta . numeric + 0.3 * numeric_0**2``:
+first-order id effects that are larger for frequent ids (so popular ids carry more signal, the premise of
+the frequency-aware schemes), eight pairwise field interactions (what FM learns), and numeric effects; the
+bias puts the click rate near Criteo's ~25%. A Bayes-optimal AUC is reported for reference.
+
+Schema: fitting a ``Schema`` on tens of millions of string values would dominate the run, so the ids are
+generated already encoded and each ``CategoricalFeature`` gets a ``Vocabulary`` built directly: values are
+the raw integer keys 1..V-1 (a ``range``: this benchmark never encodes raw values), counts are the training
+rows' per-id counts (``np.bincount``), OOV id 0 has count 0. Numeric features are generated standardised, so
+``NumericFeature(transform=None)`` with stats mean 0 / std 1.
+
+Run: ``python benchmarks/throughput.py`` (full, ~15 min on 2 cores), ``--quick`` (< 2 min),
+``--levers`` (the lever variants too). DeepCTR runs are skipped, with a note, when ``deepctr`` is not
+installed (``pip install -r requirements-bench.txt``).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: tfemb is imported from this checkout
+    sys.path.insert(0, str(REPO))
+
+#: Per-field cardinalities of Criteo Kaggle DAC (C1..C26), as facebookresearch/dlrm's preprocessing counts them.
+CRITEO_KAGGLE_CARDINALITIES = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)
+#: Cap on a field's ids before ``--vocab-scale`` (6 of the 26 Criteo fields exceed it).
+VOCAB_CAP = 200_000
+NUM_NUMERIC = 13
+ZIPF_EXPONENT = 1.05
+TARGET_CTR = 0.25
+SCHEMES = ("fixed", "hashing", "qr", "double_hashing")
+OPTIMIZERS = ("adam", "lazy_adam")
+COMPRESSION = 4.0
+EMBEDDING_DIM = 16
+LEARNING_RATE = 1e-3
+#: Field pairs whose ids interact in the planted signal.
+INTERACTING_PAIRS = ((0, 1), (2, 3), (3, 11), (5, 7), (9, 13), (15, 20), (18, 23), (8, 25))
+CHILD_TIMEOUT = 900
+
+
+# ================================================================================================ data
+def vocabulary_sizes(scale=1.0, cap=VOCAB_CAP):
+    """Ids per field, OOV id 0 included: ``round(min(cardinality, cap) * scale) + 1``, at least 3."""
+    return [max(2, int(round(min(c, cap) * scale))) + 1 for c in CRITEO_KAGGLE_CARDINALITIES]
+
+
+def _zipf_ids(rng, vocabulary_size, n, exponent=ZIPF_EXPONENT):
+    """``n`` ids in ``[1, vocabulary_size)``, P(id = k) proportional to k**-exponent (id 1 the most popular)."""
+    ranks = np.arange(1, vocabulary_size, dtype=np.float64)
+    cdf = np.cumsum(ranks ** -exponent)
+    cdf /= cdf[-1]
+    return (np.searchsorted(cdf, rng.random(n), side="right") + 1).astype(np.int64)
+
+
+def generate(rows, holdout, sizes, seed=0):
+    """Synthetic Criteo-shaped rows: ``(x, y, counts, info)``; the last ``holdout`` rows are held out.
+
+    ``x``: ``C1..C26`` int64 ids, ``I1..I13`` float32; ``y``: float32 0/1; ``counts``: per-field training
+    counts (length ``V``) of the first ``rows`` rows.
+    """
+    rng = np.random.default_rng(seed)
+    total = rows + holdout
+    x, logit = {}, np.zeros(total)
+    ids = []
+    for f, size in enumerate(sizes):
+        col = _zipf_ids(rng, size, total)
+        ids.append(col)
+        x[f"C{f + 1}"] = col
+        # First-order effects shrink with the id's popularity rank: frequent ids carry more signal.
+        strength = 0.25 / (1.0 + np.log10(np.arange(size, dtype=np.float64) + 1.0))
+        weights = rng.normal(0.0, 1.0, size) * strength
+        logit += weights[col]
+    for a, b in INTERACTING_PAIRS:
+        ua = rng.normal(0.0, 0.45, (sizes[a], 4))
+        ub = rng.normal(0.0, 0.45, (sizes[b], 4))
+        logit += np.einsum("nd,nd->n", ua[ids[a]], ub[ids[b]])
+    numeric = rng.normal(0.0, 1.0, (total, NUM_NUMERIC))
+    beta = rng.normal(0.0, 0.3, NUM_NUMERIC)
+    logit += numeric @ beta + 0.3 * (numeric[:, 0] ** 2 - 1.0)
+    for j in range(NUM_NUMERIC):
+        x[f"I{j + 1}"] = numeric[:, j].astype(np.float32)
+    # Bias that puts the mean click rate at TARGET_CTR (bisection on the sample).
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1.0 / (1.0 + np.exp(-(logit + mid)))) < TARGET_CTR:
+            lo = mid
+        else:
+            hi = mid
+    prob = 1.0 / (1.0 + np.exp(-(logit + (lo + hi) / 2)))
+    y = (rng.random(total) < prob).astype(np.float32)
+    counts = [np.bincount(col[:rows], minlength=size).astype(np.int64) for col, size in zip(ids, sizes)]
+    info = {
+        "click_rate": float(y.mean()),
+        "bayes_auc_holdout": float(auc(y[rows:], prob[rows:])),
+        "bayes_logloss_holdout": float(logloss(y[rows:], prob[rows:])),
+    }
+    return x, y, counts, info
+
+
+def save_data(directory, x, y, counts, rows, sizes):
+    """One ``.npy`` per array (children load them memory-mapped) plus ``meta.json``."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, values in x.items():
+        np.save(directory / f"x_{name}.npy", values)
+    np.save(directory / "y.npy", y)
+    for f, c in enumerate(counts):
+        np.save(directory / f"counts_C{f + 1}.npy", c)
+    meta = {"rows": rows, "sizes": sizes, "names": list(x)}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def load_data(directory):
+    """``(train_x, train_y, holdout_x, holdout_y, counts, meta)`` from ``save_data``'s folder."""
+    directory = pathlib.Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    rows = meta["rows"]
+    x = {n: np.load(directory / f"x_{n}.npy", mmap_mode="r") for n in meta["names"]}
+    y = np.load(directory / "y.npy", mmap_mode="r")
+    counts = [np.load(directory / f"counts_C{f + 1}.npy") for f in range(len(meta["sizes"]))]
+    train = {n: np.asarray(v[:rows]) for n, v in x.items()}
+    held = {n: np.asarray(v[rows:]) for n, v in x.items()}
+    return train, np.asarray(y[:rows]), held, np.asarray(y[rows:]), counts, meta
+
+
+def build_schema(sizes, counts):
+    """A fitted ``tfemb.data.Schema`` with the vocabularies built directly (see the module docstring)."""
+    from tfemb.data.schema import CategoricalFeature, Label, NumericFeature, Schema, Vocabulary
+
+    features = []
+    for f, (size, count) in enumerate(zip(sizes, counts)):
+        vocab = Vocabulary(values=range(1, size), counts=count)
+        features.append(CategoricalFeature(f"C{f + 1}", vocabulary=vocab))
+    for j in range(NUM_NUMERIC):
+        features.append(NumericFeature(f"I{j + 1}", stats={"mean": 0.0, "std": 1.0}))
+    return Schema(features, label=Label("label"))
+
+
+# ============================================================================================ metrics
+def auc(labels, scores):
+    """ROC AUC (Mann-Whitney, ties get average ranks)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # Average rank of each run of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    avg = (starts + ends - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    pos = labels.sum()
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def logloss(labels, probs, eps=1e-7):
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ============================================================================================== child
+def _prebatched_dataset(tf, x, y, batch_size):
+    """Batches sliced once in NumPy: every dataset element is a whole batch (no per-row tf.data work)."""
+    n = (len(y) // batch_size) * batch_size
+    xs = {k: np.asarray(v[:n]).reshape((-1, batch_size) + v.shape[1:]) for k, v in x.items()}
+    ys = np.asarray(y[:n]).reshape(-1, batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((xs, ys)).cache().repeat()
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _train_dataset(tf, config, x, y):
+    from tfemb.data.pipeline import make_dataset
+
+    if config.get("pipeline", "make_dataset") == "prebatched":
+        return _prebatched_dataset(tf, x, y, config["batch_size"])
+    return make_dataset(x, y, batch_size=config["batch_size"], shuffle=config.get("shuffle", False),
+                        repeat=True, drop_remainder=True)
+
+
+def _timer_callback(keras):
+    class StepTimer(keras.callbacks.Callback):
+        """Wall time at the end of every training batch."""
+
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_begin(self, logs=None):
+            self.begin = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def _variables_size(layers):
+    """(float elements, bytes of float variables, bytes of integer index variables) of some layers' weights."""
+    floats = float_bytes = int_bytes = 0
+    for layer in layers:
+        for v in layer.weights:
+            n = int(np.prod(v.shape))
+            dtype = np.dtype(v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype))
+            if np.issubdtype(dtype, np.floating):
+                floats += n
+                float_bytes += n * dtype.itemsize
+            else:
+                int_bytes += n * dtype.itemsize
+    return floats, float_bytes, int_bytes
+
+
+def _build_tfemb(config, schema):
+    import tensorflow as tf
+
+    from tfemb.layers import scheme_factory
+    from tfemb.models.deepfm import DeepFM
+    from tfemb.tasks import compile_model, task_metrics
+
+    scheme = config["scheme"]
+    kwargs = {"output_dim": EMBEDDING_DIM}
+    if scheme != "fixed":
+        kwargs["compression"] = COMPRESSION
+    if not config.get("validate_ids", True):
+        kwargs["validate_ids"] = False
+    embeddings = None if scheme == "fixed" and len(kwargs) == 1 else scheme_factory(scheme, **kwargs)
+    model_kwargs = dict(config.get("model_kwargs", {}))
+    model_cls = DeepFM
+    if config.get("fused"):
+        model_cls = _fused_deepfm_class(tf, DeepFM)
+    model = model_cls(schema, embeddings=embeddings, embedding_dim=EMBEDDING_DIM,
+                      embedding_optimizer="adam" if config["optimizer"] == "lazy_adam" else None, **model_kwargs)
+    compile_kwargs = {}
+    if not config.get("metrics", True):
+        compile_kwargs["metrics"] = []
+    if config.get("metrics") == "light":
+        compile_kwargs["metrics"] = [m for m in task_metrics("binary") if m.name == "logloss"]
+    if compile_kwargs:
+        from tfemb.tasks import task_loss
+
+        optimizer = tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE)
+        model.compile(optimizer=optimizer, loss=task_loss("binary"), jit_compile=config.get("jit", False),
+                      **compile_kwargs)
+    else:
+        compile_model(model, optimizer="adam", learning_rate=LEARNING_RATE, jit_compile=config.get("jit", False))
+    model.build()
+    layers = list(model.embedding_list)
+    floats, float_bytes, int_bytes = _variables_size(layers)
+    sizes = {
+        "embedding_parameters": int(model.embedding_parameter_count()),
+        "embedding_storage_bytes": int(model.embedding_storage_bytes()),
+        "embedding_variable_floats": floats,
+        "embedding_variable_bytes": float_bytes,
+        "embedding_index_bytes": int_bytes,
+        "model_parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights)),
+    }
+    return model, sizes
+
+
+def _fused_deepfm_class(tf, base):
+    """EXPERIMENT (lever measurement only): DeepFM whose fixed tables are one stacked table, one gather.
+
+    The 26 field tables become rows of one ``[sum V, dim]`` variable; ids are offset by each field's first
+    row, so one ``tf.gather`` serves every field and the optimizer gets one IndexedSlices. Only the fixed
+    scheme; the layers' own tables are left unused (they are built, so memory is doubled in this variant).
+    """
+
+    class FusedDeepFM(base):
+        def _fused_setup(self):
+            if getattr(self, "_fused_table", None) is not None:
+                return
+            sizes = [self.embedding_layers[n].vocabulary_size for n in self.sparse_names]
+            self._fused_offsets = tf.constant(np.concatenate([[0], np.cumsum(sizes)[:-1]]), tf.int64)
+            self._fused_table = self.add_weight(
+                name="fused_embeddings", shape=(int(sum(sizes)), self.embedding_dim),
+                initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05), trainable=True)
+
+        def embed(self, inputs):
+            self._fused_setup()
+            ids = tf.stack([tf.cast(inputs[n], tf.int64) for n in self.sparse_names], axis=1)  # [batch, fields]
+            vectors = tf.gather(self._fused_table, ids + self._fused_offsets)  # [batch, fields, dim]
+            columns = tf.unstack(vectors, axis=1)
+            embedded = dict(zip(self.sparse_names, columns))
+            dense = tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in self.dense_names], axis=-1)
+            return embedded, dense
+
+        def sparse_variables(self):
+            self._fused_setup()
+            return [self._fused_table]
+
+    return FusedDeepFM
+
+
+def _deepctr_import_shim():
+    """Imports deepctr without its import-time version check (a thread that queries PyPI over the network)."""
+    import types
+
+    saved = sys.modules.get("requests")
+    stub = types.ModuleType("requests")
+    stub.codes = types.SimpleNamespace(ok=200)
+    stub.get = lambda *args, **kwargs: types.SimpleNamespace(status_code=0, text="{}")
+    sys.modules["requests"] = stub
+    try:
+        import deepctr  # noqa: F401
+        import deepctr.models  # noqa: F401
+    finally:
+        if saved is not None:
+            sys.modules["requests"] = saved
+        else:
+            sys.modules.pop("requests", None)
+
+
+def _build_deepctr(config, sizes):
+    import tensorflow as tf
+
+    from tfemb.tasks import task_loss, task_metrics
+
+    _deepctr_import_shim()
+    from deepctr.feature_column import DenseFeat, SparseFeat
+    from deepctr.models import DeepFM
+
+    sparse = [SparseFeat(f"C{f + 1}", vocabulary_size=size, embedding_dim=EMBEDDING_DIM, dtype="int64")
+              for f, size in enumerate(sizes)]
+    dense = [DenseFeat(f"I{j + 1}", 1) for j in range(NUM_NUMERIC)]
+    columns = sparse + dense
+    reg = config.get("l2", 0.0)
+    model = DeepFM(columns, columns, dnn_hidden_units=tuple(config["dnn"]), l2_reg_linear=reg,
+                   l2_reg_embedding=reg, l2_reg_dnn=0.0, dnn_dropout=0.0, seed=config["seed"], task="binary")
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE), loss=task_loss("binary"),
+                  metrics=task_metrics("binary") if config.get("metrics", True) else [],
+                  jit_compile=config.get("jit", False))
+    emb_layers = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Embedding)]
+    floats, float_bytes, int_bytes = _variables_size(emb_layers)
+    fm_params = sum(size * EMBEDDING_DIM for size in sizes)
+    info = {
+        # DeepFM's factorised (FM + DNN) tables, the quantity tfemb's parameter_count() reports.
+        "embedding_parameters": int(fm_params),
+        "embedding_storage_bytes": int(fm_params * 4),
+        # All Embedding layers, DeepCTR's 1-dim linear tables included.
+        "embedding_variable_floats": floats,
+        "embedding_variable_bytes": float_bytes,
+        "embedding_index_bytes": int_bytes,
+        "model_parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights)),
+    }
+    return model, info
+
+
+def run_child(config, data_dir):
+    """One measured run in this (fresh) process; returns the result dict."""
+    started = time.perf_counter()
+    train_x, train_y, held_x, held_y, counts, meta = load_data(data_dir)
+    import tensorflow as tf
+
+    keras = tf.keras
+    keras.utils.set_random_seed(config["seed"])
+    sizes = meta["sizes"]
+    if config["kind"] == "deepctr":
+        model, size_info = _build_deepctr(config, sizes)
+    else:
+        schema = build_schema(sizes, counts)
+        model, size_info = _build_tfemb(config, schema)
+    dataset = _train_dataset(tf, config, train_x, train_y)
+    timer = _timer_callback(keras)
+    warmup, steps, batch = config["warmup"], config["steps"], config["batch_size"]
+    built = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer])
+    ends = np.asarray(timer.ends)
+    timed = ends[warmup - 1:] if warmup > 0 else np.concatenate([[timer.begin], ends])
+    seconds = float(timed[-1] - timed[0])
+    step_ms = np.diff(timed) * 1000.0
+    trained = time.perf_counter()
+    probs = np.asarray(model.predict(_predict_dataset(tf, held_x, config), verbose=0)).reshape(-1)
+    result = {
+        **config,
+        "keras_module": keras.__name__.split(".")[0],
+        "tensorflow": tf.__version__,
+        "examples_per_second": steps * batch / seconds,
+        "timed_seconds": seconds,
+        "step_ms_median": float(np.median(step_ms)),
+        "step_ms_p90": float(np.percentile(step_ms, 90)),
+        "warmup_seconds": float(ends[warmup - 1] - timer.begin) if warmup > 0 else 0.0,
+        "auc": auc(held_y, probs),
+        "logloss": logloss(held_y, probs),
+        "trained_examples": (warmup + steps) * batch,
+        "peak_rss_mb": peak_rss_mb(),
+        "setup_seconds": built - started,
+        "eval_seconds": time.perf_counter() - trained,
+        "total_seconds": time.perf_counter() - started,
+        **size_info,
+    }
+    if config["kind"] == "tfemb":
+        result["dnn"] = [int(u) for u in model.dnn_units]
+    return result
+
+
+def _predict_dataset(tf, x, config):
+    return tf.data.Dataset.from_tensor_slices(dict(x)).batch(8192).prefetch(2)
+
+
+def pipeline_only(data_dir, batch_size, steps, variant):
+    """Batches/second of an input pipeline alone (no model): is the pipeline ever the bottleneck?"""
+    train_x, train_y, _, _, _, _ = load_data(data_dir)
+    import tensorflow as tf
+
+    config = {"batch_size": batch_size, "pipeline": variant, "shuffle": variant == "make_dataset+shuffle"}
+    if variant == "make_dataset+shuffle":
+        config["pipeline"] = "make_dataset"
+    it = iter(_train_dataset(tf, config, train_x, train_y))
+    for _ in range(5):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    seconds = time.perf_counter() - start
+    return {"pipeline": variant, "examples_per_second": steps * batch_size / seconds,
+            "ms_per_batch": seconds / steps * 1000.0, "peak_rss_mb": peak_rss_mb()}
+
+
+# ============================================================================================= parent
+def _child_env(keras_version):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if keras_version == 2:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    else:
+        env.pop("TF_USE_LEGACY_KERAS", None)
+    return env
+
+
+def run_in_subprocess(config, data_dir, workdir, timeout=CHILD_TIMEOUT):
+    """Runs one configuration in a fresh Python process; returns its result dict or an error dict."""
+    result_path = pathlib.Path(workdir) / f"result_{config['id']}.json"
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", json.dumps(config),
+           "--data", str(data_dir), "--result", str(result_path)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=_child_env(config["keras"]), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not result_path.exists():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        return {**config, "error": f"exit code {proc.returncode}: {tail}"}
+    result = json.loads(result_path.read_text())
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def deepctr_available():
+    code = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('deepctr') else 1)"
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def label_of(config):
+    if config["kind"] == "deepctr":
+        return "DeepCTR DeepFM" + (" (l2 1e-5, library default)" if config.get("l2") else "")
+    text = f"tfemb DeepFM {config['scheme']}"
+    extras = [name for name in ("variant",) if config.get(name)]
+    return text + "".join(f" [{config[e]}]" for e in extras)
+
+
+def plan(args, tfemb_dnn):
+    """The list of configurations to run, in order."""
+    base = {"batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps, "seed": args.seed,
+            "pipeline": args.pipeline, "jit": args.jit}
+    configs = []
+    for keras_version in args.keras:
+        for optimizer in args.optimizers:
+            for scheme in args.schemes:
+                configs.append({**base, "kind": "tfemb", "scheme": scheme, "keras": keras_version,
+                                "optimizer": optimizer})
+    if args.deepctr:
+        configs.append({**base, "kind": "deepctr", "scheme": "fixed", "keras": 2, "optimizer": "adam",
+                        "dnn": tfemb_dnn, "l2": 0.0})
+        if args.deepctr_defaults:
+            configs.append({**base, "kind": "deepctr", "scheme": "fixed", "keras": 2, "optimizer": "adam",
+                            "dnn": tfemb_dnn, "l2": 1e-5})
+    if args.levers:
+        lever_base = {**base, "kind": "tfemb", "scheme": "fixed", "pipeline": "make_dataset", "jit": False}
+        for keras_version in args.keras:
+            for optimizer in ("lazy_adam",):
+                common = {**lever_base, "keras": keras_version, "optimizer": optimizer, "lever": True}
+                configs += [
+                    {**common, "variant": "baseline"},
+                    {**common, "variant": "jit_compile", "jit": True},
+                    {**common, "variant": "prebatched pipeline", "pipeline": "prebatched"},
+                    {**common, "variant": "shuffled pipeline", "shuffle": True},
+                    {**common, "variant": "no metrics", "metrics": False},
+                    {**common, "variant": "no id validation", "validate_ids": False},
+                    {**common, "variant": "fused lookup", "fused": True},
+                ]
+    for i, config in enumerate(configs):
+        config["id"] = i
+    return configs
+
+
+def _fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def summarise(results):
+    """Adds ratios to tfemb fixed (same keras, optimizer) and to DeepCTR; returns the headline summary."""
+    main = [r for r in results if not r.get("lever") and "error" not in r]
+    fixed = {(r["keras"], r["optimizer"]): r for r in main if r["kind"] == "tfemb" and r["scheme"] == "fixed"}
+    deepctr = next((r for r in main if r["kind"] == "deepctr" and not r.get("l2")), None)
+    for r in results:
+        if "error" in r:
+            continue
+        ref = fixed.get((r["keras"], r["optimizer"])) if r["kind"] == "tfemb" else None
+        r["ratio_to_fixed"] = r["examples_per_second"] / ref["examples_per_second"] if ref else None
+        r["ratio_to_deepctr"] = (r["examples_per_second"] / deepctr["examples_per_second"]) if deepctr else None
+    summary = {"deepctr_examples_per_second": deepctr["examples_per_second"] if deepctr else None,
+               "deepctr_auc": deepctr["auc"] if deepctr else None}
+    if deepctr:
+        candidates = [r for r in main if r["kind"] == "tfemb" and r["scheme"] == "fixed"]
+        if candidates:
+            best = max(candidates, key=lambda r: r["examples_per_second"])
+            summary.update({
+                "best_tfemb_fixed": {k: best[k] for k in ("keras", "optimizer", "examples_per_second", "auc")},
+                "speedup_vs_deepctr": best["examples_per_second"] / deepctr["examples_per_second"],
+                "auc_difference": best["auc"] - deepctr["auc"],
+            })
+            summary["target_met"] = bool(summary["speedup_vs_deepctr"] >= 1.5
+                                         and best["auc"] >= deepctr["auc"] - 0.001)
+            summary["per_setting"] = [
+                {"keras": r["keras"], "optimizer": r["optimizer"],
+                 "speedup_vs_deepctr": r["examples_per_second"] / deepctr["examples_per_second"],
+                 "auc_difference": r["auc"] - deepctr["auc"]}
+                for r in candidates
+            ]
+    return summary
+
+
+def markdown(results, summary, meta):
+    lines = ["# DeepFM training throughput", ""]
+    lines.append(
+        f"{meta['machine']}; TensorFlow {meta['tensorflow']}; batch {meta['batch_size']}, {meta['steps']} timed "
+        f"steps after {meta['warmup']} warm-up steps; {meta['train_rows']:,} training rows, "
+        f"{meta['holdout_rows']:,} held-out rows; 26 categorical fields ({meta['total_ids']:,} ids, "
+        f"vocab scale {meta['vocab_scale']}) + 13 numeric; embedding dim {EMBEDDING_DIM}; DNN "
+        f"{meta['dnn']}; compression {COMPRESSION:g} for hashing / QR / double hashing. Click rate "
+        f"{meta['data']['click_rate']:.3f}; Bayes-optimal held-out AUC {meta['data']['bayes_auc_holdout']:.4f}, "
+        f"logloss {meta['data']['bayes_logloss_holdout']:.4f}. AUC/logloss: held-out, after "
+        f"{meta['warmup'] + meta['steps']} training steps (equal for all runs)."
+    )
+    lines.append("")
+    lines.append("`adam`: stock Keras Adam on every variable. `lazy_adam`: tfemb's row-sparse "
+                 "`embedding_optimizer=\"adam\"` on the tables, stock Adam on the rest. Ratios to fixed: same "
+                 "Keras, same optimizer. Ratio to DeepCTR: DeepCTR DeepFM (Keras 2, stock Adam, same "
+                 "model, no L2) on the same data and pipeline. Peak RSS: the run's own process. Table MB: "
+                 "float variables of the embedding layers (must equal embedding params x 4 bytes); index MB: "
+                 "integer lookup arrays (double hashing's id -> hot-row remap).")
+    lines.append("")
+    header = ("| config | keras | optimizer | examples/s | ratio to fixed | ratio to DeepCTR | ms/step (median) "
+              "| peak RSS MB | embedding params | table MB | index MB | AUC | logloss |")
+    lines += [header, "|" + "---|" * 13]
+    for r in results:
+        if r.get("lever"):
+            continue
+        if "error" in r:
+            lines.append(f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | failed: "
+                         f"{r['error'].splitlines()[-1][:120]} |" + " |" * 9)
+            continue
+        lines.append(
+            f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | {r['examples_per_second']:,.0f} | "
+            f"{_fmt(r.get('ratio_to_fixed'), '.2f')} | {_fmt(r.get('ratio_to_deepctr'), '.2f')} | "
+            f"{r['step_ms_median']:.1f} | {r['peak_rss_mb']:,.0f} | {r['embedding_parameters']:,} | "
+            f"{r['embedding_variable_bytes'] / 2**20:,.1f} | {r['embedding_index_bytes'] / 2**20:,.1f} | "
+            f"{r['auc']:.4f} | {r['logloss']:.4f} |"
+        )
+    if "speedup_vs_deepctr" in summary:
+        best = summary["best_tfemb_fixed"]
+        lines += ["", f"**Target (tfemb fixed >= 1.5x DeepCTR examples/s at equal or better AUC): "
+                      f"{'met' if summary['target_met'] else 'NOT met'}** — best tfemb fixed run (Keras "
+                      f"{best['keras']}, {best['optimizer']}) {best['examples_per_second']:,.0f} ex/s = "
+                      f"{summary['speedup_vs_deepctr']:.2f}x DeepCTR's {summary['deepctr_examples_per_second']:,.0f}"
+                      f"; AUC {best['auc']:.4f} vs {summary['deepctr_auc']:.4f}."]
+    levers = [r for r in results if r.get("lever")]
+    if levers:
+        lines += ["", "## Speed levers (tfemb DeepFM, fixed embeddings, one change at a time)", "",
+                  "| variant | keras | optimizer | examples/s | vs baseline | ms/step (median) | peak RSS MB "
+                  "| AUC |", "|" + "---|" * 8]
+        base = {(r["keras"], r["optimizer"]): r for r in levers if r.get("variant") == "baseline" and "error" not in r}
+        for r in levers:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['keras']} | {r['optimizer']} | failed: "
+                             f"{r['error'].splitlines()[-1][:120]} | | | | |")
+                continue
+            ref = base.get((r["keras"], r["optimizer"]))
+            ratio = r["examples_per_second"] / ref["examples_per_second"] if ref else None
+            lines.append(f"| {r['variant']} | {r['keras']} | {r['optimizer']} | {r['examples_per_second']:,.0f} | "
+                         f"{_fmt(ratio, '.2f')} | {r['step_ms_median']:.1f} | {r['peak_rss_mb']:,.0f} | "
+                         f"{r['auc']:.4f} |")
+    pipes = meta.get("pipelines")
+    if pipes:
+        lines += ["", "## Input pipeline alone (no model)", "", "| pipeline | examples/s | ms per batch |",
+                  "|---|---|---|"]
+        for p in pipes:
+            lines.append(f"| {p['pipeline']} | {p['examples_per_second']:,.0f} | {p['ms_per_batch']:.2f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu})"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=None, help="training rows (default 400,000; quick 60,000)")
+    parser.add_argument("--holdout", type=int, default=None, help="held-out rows (default 100,000; quick 20,000)")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 200; quick 40)")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="timed length in passes over the training rows (overrides --steps)")
+    parser.add_argument("--warmup", type=int, default=None, help="excluded warm-up steps (default 30; quick 10)")
+    parser.add_argument("--vocab-scale", type=float, default=None,
+                        help="multiplies the capped Criteo cardinalities (default 1.0: 1.48M ids; quick 0.1)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--quick", action="store_true", help="a small run (< 2 minutes) to check the script")
+    parser.add_argument("--levers", action="store_true", help="also run the one-lever-at-a-time variants")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--keras", nargs="+", type=int, default=[3, 2], choices=[2, 3])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--pipeline", default="make_dataset", choices=("make_dataset", "prebatched"))
+    parser.add_argument("--jit", action="store_true", help="jit_compile=True for the main runs")
+    parser.add_argument("--no-deepctr", dest="deepctr", action="store_false")
+    parser.add_argument("--deepctr-defaults", action="store_true",
+                        help="also run DeepCTR with its default L2 (1e-5) on embeddings and linear weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-data", action="store_true", help="keep the generated data folder")
+    # Internal: one measured configuration in this process.
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline-only", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"rows": (60_000, 400_000), "holdout": (20_000, 100_000), "steps": (40, 200),
+                "warmup": (10, 30), "vocab_scale": (0.1, 1.0)}
+    for name, (q, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, q if quick else full)
+    if args.epochs is not None:
+        args.steps = max(1, int(round(args.epochs * args.rows / args.batch_size)))
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step traces the graph)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        result = run_child(json.loads(args.child), args.data)
+        pathlib.Path(args.result).write_text(json.dumps(result))
+        return 0
+    if args.pipeline_only:
+        config = json.loads(args.pipeline_only)
+        result = pipeline_only(args.data, config["batch_size"], config["steps"], config["pipeline"])
+        pathlib.Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = vocabulary_sizes(args.vocab_scale)
+    total_start = time.perf_counter()
+    print(f"generating {args.rows:,} + {args.holdout:,} rows, 26 fields with {sum(sizes):,} ids "
+          f"(vocab scale {args.vocab_scale}) ...", flush=True)
+    x, y, counts, data_info = generate(args.rows, args.holdout, sizes, seed=args.seed)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="tfemb_throughput_"))
+    data_dir = workdir / "data"
+    save_data(data_dir, x, y, counts, args.rows, sizes)
+    del x, y
+    print(f"  click rate {data_info['click_rate']:.3f}, Bayes-optimal held-out AUC "
+          f"{data_info['bayes_auc_holdout']:.4f} ({time.perf_counter() - total_start:.0f} s)", flush=True)
+    if args.deepctr and not deepctr_available():
+        print("deepctr is not installed: DeepCTR runs skipped (pip install -r requirements-bench.txt)", flush=True)
+        args.deepctr = False
+    tfemb_dnn = _tfemb_dnn_default()
+    configs = plan(args, tfemb_dnn)
+    results = []
+    try:
+        pipelines = []
+        if args.levers:
+            for variant in ("make_dataset", "make_dataset+shuffle", "prebatched"):
+                path = workdir / f"pipeline_{variant}.json"
+                cfg = {"batch_size": args.batch_size, "steps": args.steps, "pipeline": variant}
+                proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--pipeline-only",
+                                       json.dumps(cfg), "--data", str(data_dir), "--result", str(path)],
+                                      env=_child_env(3), capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+                if proc.returncode == 0:
+                    p = json.loads(path.read_text())
+                    pipelines.append(p)
+                    print(f"[pipeline] {variant}: {p['examples_per_second']:,.0f} examples/s "
+                          f"({p['ms_per_batch']:.2f} ms/batch)", flush=True)
+        for i, config in enumerate(configs):
+            result = run_in_subprocess(config, data_dir, workdir)
+            results.append(result)
+            name = label_of(config) + (f" <{config['variant']}>" if config.get("variant") else "")
+            prefix = f"[{i + 1}/{len(configs)}] {name}, keras {config['keras']}, {config['optimizer']}"
+            if "error" in result:
+                print(f"{prefix}: FAILED {result['error']}", flush=True)
+            else:
+                print(f"{prefix}: {result['examples_per_second']:,.0f} examples/s "
+                      f"({result['step_ms_median']:.1f} ms/step), peak RSS {result['peak_rss_mb']:,.0f} MB, "
+                      f"AUC {result['auc']:.4f}, logloss {result['logloss']:.4f} "
+                      f"({result['wall_seconds']:.0f} s)", flush=True)
+    finally:
+        if not args.keep_data:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"data kept in {data_dir}")
+    summary = summarise(results)
+    import tensorflow as tf  # for the version only (after the children: the parent stays light while they run)
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "quick": args.quick,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "train_rows": args.rows,
+        "holdout_rows": args.holdout,
+        "vocab_scale": args.vocab_scale,
+        "vocab_cap": VOCAB_CAP,
+        "vocabulary_sizes": sizes,
+        "total_ids": int(sum(sizes)),
+        "criteo_kaggle_cardinalities": list(CRITEO_KAGGLE_CARDINALITIES),
+        "zipf_exponent": ZIPF_EXPONENT,
+        "embedding_dim": EMBEDDING_DIM,
+        "compression": COMPRESSION,
+        "learning_rate": LEARNING_RATE,
+        "dnn": tfemb_dnn,
+        "data": data_info,
+        "pipelines": pipelines,
+        "total_seconds": time.perf_counter() - total_start,
+    }
+    report = {"meta": meta, "summary": summary, "runs": results}
+    (out / "throughput.json").write_text(json.dumps(report, indent=2))
+    (out / "throughput.md").write_text(markdown(results, summary, meta))
+    print(f"wrote {out / 'throughput.json'} and {out / 'throughput.md'} "
+          f"({meta['total_seconds'] / 60:.1f} min)", flush=True)
+    if "speedup_vs_deepctr" in summary:
+        print(f"tfemb fixed vs DeepCTR: {summary['speedup_vs_deepctr']:.2f}x examples/s, AUC difference "
+              f"{summary['auc_difference']:+.4f}; target {'met' if summary['target_met'] else 'NOT met'}")
+    return 0
+
+
+def _tfemb_dnn_default():
+    """tfemb DeepFM's default ``dnn_units`` (read from its source, so the parent never imports TensorFlow);
+    DeepCTR gets the same."""
+    import ast
+
+    tree = ast.parse((REPO / "tfemb" / "models" / "deepfm.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+            args = node.args.args[-len(node.args.defaults):]
+            for arg, default in zip(args, node.args.defaults):
+                if arg.arg == "dnn_units":
+                    return [int(v) for v in ast.literal_eval(default)]
+    raise RuntimeError("could not read DeepFM's default dnn_units from tfemb/models/deepfm.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

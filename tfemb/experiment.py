@@ -1,0 +1,261 @@
+"""Experiments as configs: data -> schema -> model with an embedding scheme -> fit -> evaluate -> report.
+
+A config is a dict (usually a YAML recipe in ``models/``)::
+
+    name: deepfm_synthetic
+    data:
+      source: synthetic_ctr        # synthetic_ctr | synthetic_cf | movielens_100k | movielens_latest_small
+                                   # | movielens_1m | criteo | avazu | csv
+      params: {num_rows: 100000}   # passed to the reader / generator
+      split: {method: random, fractions: [0.8, 0.1, 0.1], seed: 0}   # random | user | temporal
+    model: {name: deepfm, embedding_dim: 16, params: {}}
+    embedding: {scheme: fixed, params: {}}     # see tfemb.layers.SCHEMES
+    train: {epochs: 5, batch_size: 1024, optimizer: adam, learning_rate: 0.001,
+            embedding_optimizer: adam, early_stopping: {monitor: val_auc, patience: 2}}
+"""
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from tfemb import data as tfdata
+from tfemb._keras import keras
+from tfemb.errors import DataError
+from tfemb.layers import scheme_factory
+from tfemb.models import get_model_class
+from tfemb.tasks import compile_model
+
+DEFAULTS = {
+    "name": "experiment",
+    "seed": 0,
+    "data": {"source": "synthetic_ctr", "params": {}, "split": {"method": "random", "fractions": [0.8, 0.1, 0.1]}},
+    "model": {"name": "deepfm", "embedding_dim": 16, "params": {}},
+    "embedding": {"scheme": "fixed", "params": {}},
+    "train": {
+        "epochs": 5,
+        "batch_size": 1024,
+        "optimizer": "adam",
+        "learning_rate": 0.001,
+        "embedding_optimizer": None,
+        "embedding_learning_rate": None,
+        "early_stopping": None,
+        "checkpoint": False,
+        "verbose": 1,
+        "jit_compile": False,
+    },
+}
+
+
+def merge(base, override):
+    """Recursive dict merge: ``override`` wins; returns a new dict."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path):
+    """Reads a YAML (or JSON) recipe and fills in the defaults."""
+    import yaml
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DataError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise DataError(f"config {path} must be a mapping at the top level. Received: {type(cfg).__name__}")
+    return merge(DEFAULTS, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _source_frame(source, params):
+    """(DataFrame, unfitted Schema) for a data source name."""
+    params = dict(params or {})
+    if source == "synthetic_ctr":
+        df = tfdata.make_synthetic_ctr(**params)[0]
+        return df, tfdata.synthetic_ctr_schema(df)
+    if source == "synthetic_cf":
+        task = params.get("task", "binary")
+        df = tfdata.make_synthetic_cf(**params)[0]
+        return df, tfdata.synthetic_cf_schema(df, task=task)
+    task = params.pop("task", "binary")
+    if source in ("movielens_100k", "movielens_1m", "movielens_latest_small", "movielens_latest"):
+        folder = params.pop("path", None) or tfdata.require_data(
+            {"movielens_100k": "movielens-100k", "movielens_latest_small": "movielens-latest-small",
+             "movielens_latest": "movielens-latest", "movielens_1m": "movielens-1m"}[source])
+        reader = {"movielens_100k": tfdata.read_movielens_100k, "movielens_1m": tfdata.read_movielens_1m}.get(
+            source, tfdata.read_movielens_latest)
+        side = params.pop("with_side_features", False)
+        return reader(folder), tfdata.movielens_schema(task=task, with_side_features=side, **params)
+    if source == "criteo":
+        path = params.pop("path", None) or os.path.join(tfdata.require_data("criteo"), "criteo_train_head10k.txt")
+        nrows = params.pop("nrows", None)
+        return tfdata.read_criteo(path, nrows=nrows), tfdata.criteo_schema(**params)
+    if source == "csv":
+        path = params.pop("path")
+        schema_cfg = params.pop("schema")
+        return tfdata.read_csv(path), tfdata.schema_from_dataframe(None, **schema_cfg)
+    raise DataError(
+        "data.source must be one of synthetic_ctr, synthetic_cf, movielens_100k, movielens_1m, "
+        f"movielens_latest_small, movielens_latest, criteo, csv. Received: source={source!r}"
+    )
+
+
+def split_frame(df, split_cfg, schema):
+    split_cfg = dict(split_cfg or {})
+    method = split_cfg.pop("method", "random")
+    fractions = tuple(split_cfg.pop("fractions", (0.8, 0.1, 0.1)))
+    seed = split_cfg.pop("seed", 0)
+    if method == "random":
+        parts = tfdata.random_split(df, fractions=fractions, seed=seed)
+    elif method == "temporal":
+        column = split_cfg.pop("time_column", None) or schema.time_column
+        parts = tfdata.temporal_split(df, column, fractions=fractions)
+    elif method == "user":
+        test_fraction = split_cfg.pop("test_fraction", fractions[-1])
+        train, test = tfdata.user_split(df, user_column=split_cfg.pop("user_column", "user_id"),
+                                        test_fraction=test_fraction, time_column=schema.time_column, seed=seed)
+        val_fraction = split_cfg.pop("val_fraction", 0.1)
+        train, val = tfdata.random_split(train, fractions=(1 - val_fraction, val_fraction), seed=seed)
+        parts = (train, val, test)
+    else:
+        raise DataError(f"data.split.method must be random, user or temporal. Received: method={method!r}")
+    if len(parts) == 2:
+        parts = (parts[0], None, parts[1])
+    return parts
+
+
+class PreparedData:
+    """A fitted schema and the encoded train / validation / test arrays."""
+
+    def __init__(self, schema, frames):
+        self.schema = schema
+        self.frames = frames
+        self.arrays = {name: (None if df is None else schema.transform(df)) for name, df in frames.items()}
+
+    def dataset(self, split, batch_size, shuffle=False, seed=0):
+        x, y = self.arrays[split]
+        return tfdata.make_dataset(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+    def num_rows(self, split):
+        return 0 if self.frames.get(split) is None else len(self.frames[split])
+
+
+def prepare_data(data_cfg):
+    df, schema = _source_frame(data_cfg["source"], data_cfg.get("params"))
+    train, val, test = split_frame(df, data_cfg.get("split"), schema)
+    schema.fit(train)
+    return PreparedData(schema, {"train": train, "val": val, "test": test})
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(schema, model_cfg, embedding_cfg, train_cfg=None):
+    train_cfg = train_cfg or {}
+    cls = get_model_class(model_cfg["name"])
+    dim = int(model_cfg.get("embedding_dim", 16))
+    emb_params = dict(embedding_cfg.get("params") or {})
+    emb_params.setdefault("output_dim", dim)
+    factory = scheme_factory(embedding_cfg.get("scheme", "fixed"), **emb_params)
+    return cls(
+        schema,
+        embeddings=factory,
+        embedding_dim=dim,
+        embedding_optimizer=train_cfg.get("embedding_optimizer"),
+        embedding_learning_rate=train_cfg.get("embedding_learning_rate"),
+        **(model_cfg.get("params") or {}),
+    )
+
+
+def _callbacks(train_cfg, out_dir, has_val):
+    cbs = []
+    es = train_cfg.get("early_stopping")
+    if es and has_val:
+        es = dict(es)
+        monitor = es.pop("monitor", "val_loss")
+        mode = es.pop("mode", "max" if monitor.endswith(("auc", "accuracy")) else "min")
+        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, restore_best_weights=True,
+                                                 patience=es.pop("patience", 2), **es))
+    if train_cfg.get("checkpoint") and out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "checkpoint.weights.h5"),
+                                                   save_weights_only=True))
+    return cbs
+
+
+def evaluate(model, prepared, split, batch_size):
+    """Metrics of ``model`` on a split, as a plain dict of floats."""
+    x, y = prepared.arrays[split]
+    results = model.evaluate(tfdata.make_dataset(x, y, batch_size=batch_size), verbose=0, return_dict=True)
+    return {k: float(v) for k, v in results.items()}
+
+
+def run(cfg, prepared=None, out_dir=None):
+    """Trains and evaluates one config; returns a result dict (and writes it to ``out_dir`` when given)."""
+    cfg = merge(DEFAULTS, cfg)
+    tf.keras.utils.set_random_seed(int(cfg.get("seed", 0)))
+    prepared = prepared or prepare_data(cfg["data"])
+    train_cfg = cfg["train"]
+    model = build_model(prepared.schema, cfg["model"], cfg["embedding"], train_cfg)
+    compile_model(model, optimizer=train_cfg["optimizer"], learning_rate=train_cfg["learning_rate"],
+                  jit_compile=train_cfg.get("jit_compile", False))
+    batch = int(train_cfg["batch_size"])
+    has_val = prepared.num_rows("val") > 0
+    train_ds = prepared.dataset("train", batch, shuffle=True, seed=int(cfg.get("seed", 0)))
+    val_ds = prepared.dataset("val", batch) if has_val else None
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]),
+                        callbacks=_callbacks(train_cfg, out_dir, has_val), verbose=train_cfg.get("verbose", 1))
+    seconds = time.perf_counter() - start
+    epochs_run = len(history.history.get("loss", []))
+    test_split = "test" if prepared.num_rows("test") else "val"
+    metrics = evaluate(model, prepared, test_split, batch)
+    result = {
+        "name": cfg["name"],
+        "model": cfg["model"]["name"],
+        "scheme": cfg["embedding"]["scheme"],
+        "scheme_params": cfg["embedding"].get("params") or {},
+        "embedding_dim": model.embedding_dim,
+        "metrics": metrics,
+        "evaluated_on": test_split,
+        "embedding_parameters": int(model.embedding_parameter_count()),
+        "embedding_bytes": int(model.embedding_storage_bytes()),
+        "total_parameters": int(sum(int(np.prod(v.shape)) for v in model.weights)),
+        "train_seconds": seconds,
+        "epochs": epochs_run,
+        "examples_per_second": prepared.num_rows("train") * epochs_run / max(seconds, 1e-9),
+        "tables": model.embedding_report(),
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+    }
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        model.save(os.path.join(out_dir, "model.keras"))
+        prepared.schema.save(os.path.join(out_dir, "schema.json"))
+        with open(os.path.join(out_dir, "result.json"), "w") as fh:
+            json.dump(result, fh, indent=2)
+    result["_model"] = model
+    return result
+
+
+def table_rows(results, metric_names):
+    rows = []
+    for r in results:
+        row = {"variant": r["name"], "scheme": r["scheme"]}
+        for m in metric_names:
+            row[m] = r["metrics"].get(m, float("nan"))
+        row["emb_params"] = r["embedding_parameters"]
+        row["emb_bytes"] = r["embedding_bytes"]
+        row["train_s"] = r["train_seconds"]
+        rows.append(row)
+    return pd.DataFrame(rows)
