@@ -211,7 +211,8 @@ def test_movielens_100k_truncated_and_missing(tmp_path):
 
 def _write_1m(folder, ratings=None):
     folder.mkdir(exist_ok=True)
-    (folder / "ratings.dat").write_text(ratings or "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    default = "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+    (folder / "ratings.dat").write_text(ratings or default)
     (folder / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
     (folder / "movies.dat").write_bytes(
         "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::Star Wars: Episode I (1999)::Action|Sci-Fi\n"
@@ -481,6 +482,18 @@ def test_unreadable_file(tmp_path):
             read_criteo(path)
     finally:
         path.chmod(0o600)
+
+
+def test_unreadable_file_simulated(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text(_criteo_text(2))
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(readers, "open", deny, raising=False)
+    with pytest.raises(DataError, match=r"locked.txt: cannot read the file \(PermissionError: Permission denied\)"):
+        read_criteo(path)
 
 
 def test_undecodable_text(tmp_path):

@@ -86,11 +86,17 @@ def pairwise_inner_products(stacked, self_interaction=False):
     return tf.gather(flat, rows * fields + cols, axis=1)  # [batch, pairs]
 
 
+def is_training(training):
+    """True only for a Python/NumPy ``True`` (the ``training`` flag Keras passes in ``fit``)."""
+    return isinstance(training, (bool, np.bool_)) and bool(training)
+
+
 def l2_penalty(tensors, l2):
     """``l2 * sum_t mean_batch ||t_b||^2``: an L2 penalty on looked-up vectors (or None when ``l2 == 0``).
 
     Penalising the vectors a batch looked up (rather than every row of a table) keeps the gradients row-sparse,
-    works for any embedding scheme, and weighs each id by how often it is seen.
+    works for any embedding scheme, and weighs each id by how often it is seen. Models add it in training calls
+    only (``training=True``): it shapes the updates and is not part of evaluation losses.
     """
     if not l2 or not tensors:
         return None
@@ -192,7 +198,8 @@ class LinearTerms(keras.layers.Layer):
         num_dense: number of dense features (0: none). Default 0.
         units: width of the logits (1, or the classes of a multiclass head). Default 1.
         suffix: name suffix of the tables (``"linear"``; MF uses ``"bias"``). Default ``"linear"``.
-        l2: L2 strength on the looked-up weights (``l2_penalty``) and on the dense kernel. Default 0.
+        l2: L2 strength on the looked-up weights (``l2_penalty``, in training calls) and on the dense kernel.
+            Default 0.
         use_bias: add a global bias. Default True.
 
     Input:
@@ -240,9 +247,9 @@ class LinearTerms(keras.layers.Layer):
         """The ``FixedEmbedding`` of one feature."""
         return self.tables[self.feature_names.index(name)]
 
-    def call(self, inputs, dense=None):
+    def call(self, inputs, dense=None, training=None):
         terms = [table(inputs[name]) for name, table in zip(self.feature_names, self.tables)]  # [batch, units]
-        penalty = l2_penalty(terms, self.l2)
+        penalty = l2_penalty(terms, self.l2) if is_training(training) else None
         if penalty is not None:
             self.add_loss(penalty)
         if self.dense_layer is not None:
@@ -385,8 +392,12 @@ def make_linear_terms(model, l2=0.0, suffix="linear", features=None, with_dense=
     )
 
 
-def add_embedding_l2(model, embedded, l2):
-    """Adds ``l2_penalty`` of the looked-up vectors ``embedded`` (dict or list) to ``model``'s losses."""
+def add_embedding_l2(model, embedded, l2, training):
+    """In a training call, adds ``l2_penalty`` of the looked-up vectors ``embedded`` (dict or list) to ``model``'s
+    losses. (Outside training nothing is added: Keras 2 also rejects eager losses outside ``__call__``, which is
+    how ``RecModel.build`` runs the model.)"""
+    if not is_training(training):
+        return
     tensors = list(embedded.values()) if isinstance(embedded, dict) else list(embedded)
     penalty = l2_penalty(tensors, l2)
     if penalty is not None:

@@ -64,7 +64,7 @@ class DCNv2(RecModel):
         self.output_layer = keras.layers.Dense(self.output_units, name="output")
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         x0 = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, d]
         crossed = self.cross(x0)  # [batch, d]
         if self.structure == "stacked":

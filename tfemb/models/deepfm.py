@@ -65,7 +65,7 @@ class DeepFM(RecModel):
         return super()._embedding_like_layers() + self.linear_tables()
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         logits = []
         if self.use_fm and self.embedding_names:
             stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, fields, dim]
@@ -77,7 +77,7 @@ class DeepFM(RecModel):
         return tf.add_n(logits) if logits else None
 
     def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense)  # [batch, output_units]
+        return self.linear(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()

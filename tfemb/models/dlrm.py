@@ -60,7 +60,7 @@ class DLRM(RecModel):
         self.output_layer = keras.layers.Dense(self.output_units, name="output")
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         vectors = [embedded[n] for n in self.embedding_names]  # F x [batch, dim]
         if self.bottom is not None:
             x = tf.cast(self.bottom(dense, training=training), vectors[0].dtype if vectors else self.compute_dtype)

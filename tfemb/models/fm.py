@@ -41,12 +41,12 @@ class FactorizationMachine(RecModel):
         return super()._embedding_like_layers() + self.linear_tables()
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, fields, dim]
         return blocks.fm_second_order(stacked)  # [batch, 1]
 
     def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense)  # [batch, 1]
+        return self.linear(inputs, dense, training=training)  # [batch, 1]
 
     def get_config(self):
         config = super().get_config()

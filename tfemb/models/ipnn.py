@@ -48,7 +48,7 @@ class IPNN(RecModel):
         self.output_layer = keras.layers.Dense(self.output_units, name="output")
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         vectors = [embedded[n] for n in self.embedding_names]  # F x [batch, dim]
         if len(vectors) > 1:
             stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, F, dim]

@@ -43,7 +43,7 @@ class LogisticRegression(RecModel):
         return None  # LR has only first-order terms (linear_logits)
 
     def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense)  # [batch, output_units]
+        return self.linear(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()

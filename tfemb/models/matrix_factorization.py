@@ -59,11 +59,11 @@ class MatrixFactorization(RecModel):
 
     def interact(self, embedded, dense, training=None):
         user, item = embedded[self.user_feature], embedded[self.item_feature]  # [batch, dim] each
-        blocks.add_embedding_l2(self, [user, item], self.l2)
+        blocks.add_embedding_l2(self, [user, item], self.l2, training)
         return tf.reduce_sum(user * item, axis=-1, keepdims=True)  # [batch, 1]
 
     def linear_logits(self, inputs, dense, training=None):
-        return None if self.biases is None else self.biases(inputs)  # [batch, 1]
+        return None if self.biases is None else self.biases(inputs, training=training)  # [batch, 1]
 
     def get_config(self):
         config = super().get_config()

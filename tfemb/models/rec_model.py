@@ -163,6 +163,15 @@ class RecModel(keras.Model):
             self.call(self.example_inputs())
         self.built = True
 
+    def get_build_config(self):
+        # Keras records input shapes only when a model is built through __call__; a model built by build()
+        # (which calls self.call) would be saved without a build config under Keras 2 and reload unbuilt, so its
+        # weights could not load. Any built model is rebuilt from example inputs instead.
+        return {"example_inputs": True} if self.built else None
+
+    def build_from_config(self, config):
+        self.build()
+
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         # A named embedding optimizer without its own learning rate follows the compiled optimizer's.

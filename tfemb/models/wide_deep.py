@@ -58,12 +58,12 @@ class WideAndDeep(RecModel):
         return super()._embedding_like_layers() + self.linear_tables()
 
     def interact(self, embedded, dense, training=None):
-        blocks.add_embedding_l2(self, embedded, self.l2_embedding)
+        blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, F*dim + n_dense]
         return self.dnn_output(self.dnn(x, training=training))  # [batch, output_units]
 
     def linear_logits(self, inputs, dense, training=None):
-        return self.wide(inputs, dense)  # [batch, output_units]
+        return self.wide(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()

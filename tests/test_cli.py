@@ -1,0 +1,82 @@
+"""The main job and the CLI, end to end on the embedded synthetic data (small sizes)."""
+
+import json
+
+import pytest
+
+from tfemb import cli, compare, experiment
+
+SMALL_BASE = {
+    "data": {"source": "synthetic_ctr", "params": {"num_rows": 3000, "seed": 1}},
+    "model": {"name": "deepfm", "embedding_dim": 8},
+    "train": {"epochs": 1, "batch_size": 256, "verbose": 0, "embedding_optimizer": "adam"},
+}
+
+
+def test_compare_writes_table_plot_and_json(tmp_path):
+    spec = {
+        "base": SMALL_BASE,
+        "variants": [
+            {"name": "fixed-8", "embedding": {"scheme": "fixed"}},
+            {"name": "hashing 4x", "embedding": {"scheme": "hashing", "params": {"compression": 4}}},
+        ],
+    }
+    lines = []
+    payload = compare.run_compare(spec, out_dir=str(tmp_path), log=lines.append)
+    results = payload["results"]
+    assert [r["name"] for r in results] == ["fixed-8", "hashing 4x"]
+    fixed, hashed = results
+    # The hashed tables hold about a quarter of the fixed tables' parameters, never more.
+    assert hashed["embedding_parameters"] <= fixed["embedding_parameters"] / 3
+    for r in results:
+        assert 0.0 <= r["metrics"]["auc"] <= 1.0
+        assert r["embedding_bytes"] == 4 * r["embedding_parameters"] or r["scheme"] != "fixed"
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["task"] == "binary" and len(saved["results"]) == 2
+    md = (tmp_path / "compare.md").read_text()
+    assert "| variant | auc | logloss | emb params | emb bytes |" in md
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("hashing 4x" in line for line in lines)
+
+
+def test_default_compare_covers_every_baseline_scheme():
+    schemes = {v["embedding"]["scheme"] for v in compare.DEFAULT_COMPARE["variants"]}
+    assert {"fixed", "hashing", "qr", "double_hashing"} <= schemes
+
+
+def test_train_then_inspect(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: tiny\n"
+        "data: {source: synthetic_ctr, params: {num_rows: 2000, seed: 2}}\n"
+        "model: {name: fm, embedding_dim: 4}\n"
+        "embedding: {scheme: qr, params: {compression: 2}}\n"
+        "train: {epochs: 1, batch_size: 256, verbose: 0}\n"
+    )
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(recipe), "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["scheme"] == "qr" and result["model"] == "fm"
+    assert (out / "model.keras").exists() and (out / "schema.json").exists()
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["scheme"] for r in rows} == {"QREmbedding"}
+    assert sum(r["parameters"] for r in rows) == result["embedding_parameters"]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: nowhere}\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert "data.source must be one of" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_config_merge_keeps_defaults():
+    cfg = experiment.merge(experiment.DEFAULTS, {"train": {"epochs": 7}})
+    assert cfg["train"]["epochs"] == 7 and cfg["train"]["batch_size"] == experiment.DEFAULTS["train"]["batch_size"]
+    with pytest.raises(Exception, match="data.source must be one of"):
+        experiment.prepare_data({"source": "nowhere"})
