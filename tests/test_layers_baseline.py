@@ -411,3 +411,22 @@ def test_factory_compression_worked_examples():
 def test_factory_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_double_hashing_schema_order_needs_no_remap():
+    # A Schema numbers ids by descending count with OOV id 0 first (often count 0): the hot ids are then the
+    # contiguous range 1..num_hot, served by an offset, with no id -> row remap stored.
+    freq = np.array([0, 50, 40, 30, 20, 10, 5, 4, 3, 2, 1], dtype=np.float64)  # 11 ids
+    layer = DoubleHashingEmbedding(11, 6, num_hot=3, num_buckets=4, frequencies=freq)
+    layer.build()
+    assert layer.hot_rows is None
+    np.testing.assert_array_equal(layer.hot_ids(), [1, 2, 3])
+    assert layer.storage_bytes() == (3 * 6 + 4 * 6) * 4  # no remap bytes
+    hot = np.arange(18, dtype=np.float32).reshape(3, 6)
+    layer.hot_embeddings.assign(hot)
+    out = layer(tf.constant([1, 2, 3])).numpy()
+    np.testing.assert_allclose(out, hot)  # ids 1, 2, 3 -> hot rows 0, 1, 2
+    # id 0 (OOV, count 0) is cold: it goes through the two hashes.
+    shared = layer.shared_embeddings.numpy()
+    r1, r2 = [universal_hash_np(np.array([0]), a, b, 4)[0] for a, b in layer._hash_params]
+    np.testing.assert_allclose(layer(tf.constant([0])).numpy()[0], shared[r1] + shared[r2], rtol=1e-6)

@@ -182,7 +182,8 @@ def randomise(variables, seed):
 def np_linear(model, terms, x, dense):
     """Reference of LinearTerms: bias + sum of looked-up first-order weights + dense @ w."""
     out = terms.bias.numpy() + sum(
-        np_lookup(t.embeddings.numpy(), x[n], model.schema.combiner(n)) for n, t in zip(terms.feature_names, terms.tables)
+        np_lookup(table.embeddings.numpy(), x[name], model.schema.combiner(name))
+        for name, table in zip(terms.feature_names, terms.tables)
     )
     if terms.dense_layer is not None:
         out = out + dense @ terms.dense_layer.kernel.numpy()
@@ -232,7 +233,9 @@ def test_cross_network_matches_numpy():
         randomise(layer.kernels + layer.projections + layer.biases, seed=4)
         x = x0.astype(np.float64)
         for i in range(2):
-            w = layer.kernels[i].numpy() if low_rank is None else layer.projections[i].numpy() @ layer.kernels[i].numpy()
+            w = layer.kernels[i].numpy()
+            if low_rank is not None:
+                w = layer.projections[i].numpy() @ w  # [d, r] x [r, d]
             x = x0 * (x @ w + layer.biases[i].numpy()) + x
         np.testing.assert_allclose(layer(tf.constant(x0)).numpy(), x, atol=ATOL)
         assert layer.kernels[0].shape == ((6, 6) if low_rank is None else (2, 6))
@@ -369,7 +372,7 @@ def test_deepfm_trains_with_sparse_adam():
     compile_model(model, learning_rate=0.02)
     history = model.fit(make_dataset(x, y, batch_size=100, shuffle=True), epochs=3, verbose=0, shuffle=False)
     losses = history.history["loss"]
-    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.02, losses
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05, losses
     assert model.embedding_optimizer.iterations.numpy() == 36
 
 

@@ -215,7 +215,7 @@ def run(cfg, prepared=None, out_dir=None):
     train_ds = prepared.dataset("train", batch, shuffle=True, seed=int(cfg.get("seed", 0)))
     val_ds = prepared.dataset("val", batch) if has_val else None
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]),
+    history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
                         callbacks=_callbacks(train_cfg, out_dir, has_val), verbose=train_cfg.get("verbose", 1))
     seconds = time.perf_counter() - start
     epochs_run = len(history.history.get("loss", []))

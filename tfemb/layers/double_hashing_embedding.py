@@ -98,19 +98,22 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         a, b = universal_hash_params(self.seed, 2)
         self._hash_params = [(int(a[i]), int(b[i])) for i in range(2)]
-        self._remap = self._make_remap()
+        self._hot_offset, self._remap = self._make_remap()
 
     def _make_remap(self):
-        """int32 ``[vocabulary_size]`` id -> hot row (or -1), or None when hot ids are ``0 .. num_hot-1``."""
+        """``(offset, remap)``: hot row = id - offset when the hot ids are one contiguous range (the usual
+        case: a Schema numbers ids by descending count, id 0 being OOV), else an int32 ``[vocabulary_size]``
+        remap id -> hot row (or -1)."""
         freq = self.frequencies_array()
         if freq is None or self.num_hot == 0:
-            return None
+            return 0, None
         hot = hot_ids_from_frequencies(freq, self.num_hot)
-        if np.array_equal(hot, np.arange(self.num_hot)):
-            return None
+        low = int(hot.min())
+        if int(hot.max()) - low + 1 == self.num_hot:  # a contiguous range, whatever its order
+            return low, None
         remap = np.full(self.vocabulary_size, -1, dtype=np.int32)
         remap[hot] = np.arange(self.num_hot, dtype=np.int32)
-        return remap
+        return 0, remap
 
     @property
     def shared_dim(self):
@@ -120,7 +123,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
     def hot_ids(self):
         """NumPy int64 array of the hot ids, in row order."""
         if self._remap is None:
-            return np.arange(self.num_hot, dtype=np.int64)
+            return np.arange(self._hot_offset, self._hot_offset + self.num_hot, dtype=np.int64)
         return hot_ids_from_frequencies(self.frequencies_array(), self.num_hot)
 
     def build(self, input_shape=None):
@@ -170,7 +173,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         if self.hot_embeddings is None:
             return cold
         if self.hot_rows is None:
-            hot_row = ids
+            hot_row = ids - self._hot_offset
         else:
             hot_row = tf.cast(tf.gather(self.hot_rows, ids), tf.int64)
         is_hot = (hot_row >= 0) & (hot_row < self.num_hot)
