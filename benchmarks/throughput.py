@@ -222,27 +222,46 @@ def _prebatched_dataset(tf, x, y, batch_size):
 
 
 def _train_dataset(tf, config, x, y):
+    """The training input of a run: a repeated tf.data pipeline, or ``None`` for the NumPy path."""
     from tfemb.data.pipeline import make_dataset
 
-    if config.get("pipeline", "make_dataset") == "prebatched":
+    pipeline = config.get("pipeline", "make_dataset")
+    if pipeline == "prebatched":
         return _prebatched_dataset(tf, x, y, config["batch_size"])
+    if pipeline == "numpy":
+        return None
     return make_dataset(x, y, batch_size=config["batch_size"], shuffle=config.get("shuffle", False),
                         repeat=True, drop_remainder=True)
 
 
+def _fit(model, config, dataset, x, y, callbacks):
+    """``warmup + steps`` training steps: over the repeated dataset, or (``pipeline="numpy"``) one shuffled
+    epoch over the first ``(warmup + steps) * batch_size`` rows given as NumPy arrays (Keras slices them)."""
+    total = config["warmup"] + config["steps"]
+    if dataset is not None:
+        return model.fit(dataset, epochs=1, steps_per_epoch=total, verbose=0, callbacks=callbacks)
+    n = total * config["batch_size"]
+    if n > len(y):
+        raise ValueError(f"pipeline='numpy' needs {n} training rows (warmup + steps batches); got {len(y)}")
+    xs = {k: v[:n] for k, v in x.items()}
+    return model.fit(xs, y[:n], batch_size=config["batch_size"], epochs=1, shuffle=True, verbose=0,
+                     callbacks=callbacks)
+
+
 def _timer_callback(keras):
     class StepTimer(keras.callbacks.Callback):
-        """Wall time at the end of every training batch."""
+        """Wall and process CPU time (all threads) at the end of every training batch."""
 
         def __init__(self):
             super().__init__()
-            self.ends = []
+            self.ends, self.cpu = [], []
 
         def on_train_begin(self, logs=None):
-            self.begin = time.perf_counter()
+            self.begin, self.cpu_begin = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     return StepTimer()
 
@@ -278,6 +297,8 @@ def _build_tfemb(config, schema):
     embeddings = None if scheme == "fixed" and len(kwargs) == 1 else scheme_factory(scheme, **kwargs)
     model_kwargs = dict(config.get("model_kwargs", {}))
     model_cls = DeepFM
+    if config.get("sparse_read"):
+        _sparse_read_patch(tf)
     if config.get("fused"):
         model_cls = _fused_deepfm_class(tf, DeepFM)
     model = model_cls(schema, embeddings=embeddings, embedding_dim=EMBEDDING_DIM,
@@ -304,43 +325,79 @@ def _build_tfemb(config, schema):
         "embedding_variable_floats": floats,
         "embedding_variable_bytes": float_bytes,
         "embedding_index_bytes": int_bytes,
+        "linear_parameters": int(sum(t.parameter_count() for t in model.linear_tables())),
         "model_parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights)),
     }
     return model, sizes
 
 
 def _fused_deepfm_class(tf, base):
-    """EXPERIMENT (lever measurement only): DeepFM whose fixed tables are one stacked table, one gather.
+    """EXPERIMENT (lever measurement only, not a tfemb feature): DeepFM over stacked field tables.
 
-    The 26 field tables become rows of one ``[sum V, dim]`` variable; ids are offset by each field's first
-    row, so one ``tf.gather`` serves every field and the optimizer gets one IndexedSlices. Only the fixed
-    scheme; the layers' own tables are left unused (they are built, so memory is doubled in this variant).
+    The 26 factor tables become one ``[sum V, dim]`` variable and the 26 first-order tables one ``[sum V, 1]``
+    variable; ids are offset by each field's first row, so one gather per table serves every field and the
+    row-sparse optimizer gets one IndexedSlices per table instead of 26. Fixed embeddings only. The per-field
+    layers are still built (and left unused), so this variant's memory is not meaningful.
     """
+    from tfemb._keras import IS_KERAS_3
+    from tfemb.models import blocks
 
     class FusedDeepFM(base):
         def _fused_setup(self):
             if getattr(self, "_fused_table", None) is not None:
                 return
-            sizes = [self.embedding_layers[n].vocabulary_size for n in self.sparse_names]
+            sizes = [self.embedding_layers[n].vocabulary_size for n in self.embedding_names]
             self._fused_offsets = tf.constant(np.concatenate([[0], np.cumsum(sizes)[:-1]]), tf.int64)
-            self._fused_table = self.add_weight(
-                name="fused_embeddings", shape=(int(sum(sizes)), self.embedding_dim),
-                initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05), trainable=True)
+            uniform = tf.keras.initializers.RandomUniform(-0.05, 0.05)
+            self._fused_table = self.add_weight(name="fused_embeddings", shape=(int(sum(sizes)), self.embedding_dim),
+                                                initializer=uniform, trainable=True)
+            self._fused_linear = self.add_weight(name="fused_linear", shape=(int(sum(sizes)), 1),
+                                                 initializer="zeros", trainable=True)
+            self._fused_bias = self.add_weight(name="fused_bias", shape=(1,), initializer="zeros", trainable=True)
+
+        def _fused_ids(self, inputs):
+            ids = tf.stack([tf.cast(inputs[n], tf.int64) for n in self.embedding_names], axis=1)  # [batch, F]
+            return ids + self._fused_offsets
+
+        @staticmethod
+        def _sparse(variable):
+            return variable.value if IS_KERAS_3 else variable  # the tf.Variable: a ResourceGather, no dense read
 
         def embed(self, inputs):
             self._fused_setup()
-            ids = tf.stack([tf.cast(inputs[n], tf.int64) for n in self.sparse_names], axis=1)  # [batch, fields]
-            vectors = tf.gather(self._fused_table, ids + self._fused_offsets)  # [batch, fields, dim]
-            columns = tf.unstack(vectors, axis=1)
-            embedded = dict(zip(self.sparse_names, columns))
+            vectors = tf.gather(self._sparse(self._fused_table), self._fused_ids(inputs))  # [batch, F, dim]
+            embedded = dict(zip(self.embedding_names, tf.unstack(vectors, axis=1)))
             dense = tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in self.dense_names], axis=-1)
             return embedded, dense
 
+        def linear_logits(self, inputs, dense, training=None):
+            weights = tf.gather(self._sparse(self._fused_linear), self._fused_ids(inputs))  # [batch, F, 1]
+            penalty = blocks.l2_penalty(tf.unstack(weights, axis=1), self.l2_linear)
+            if penalty is not None:
+                self.add_loss(penalty)
+            return tf.reduce_sum(weights, axis=1) + self.linear.dense_layer(dense) + self._fused_bias
+
         def sparse_variables(self):
             self._fused_setup()
-            return [self._fused_table]
+            return [self._fused_table, self._fused_linear]
 
     return FusedDeepFM
+
+
+def _sparse_read_patch(tf):
+    """EXPERIMENT (lever measurement only): FixedEmbedding reads its rows with a sparse gather under Keras 3.
+
+    ``tf.gather(keras3_variable, ids)`` converts the whole variable to a tensor first (ReadVariableOp, then
+    GatherV2). Once a row-sparse update (ResourceScatter*) has touched the variable, TensorFlow keeps it in
+    copy-on-read mode, so that dense read copies the entire table on every step. Gathering from the backing
+    ``tf.Variable`` (``variable.value``) emits ResourceGather instead, which reads only the looked-up rows.
+    Under Keras 2 the table is already a ``tf.Variable`` and nothing changes.
+    """
+    from tfemb._keras import IS_KERAS_3
+    from tfemb.layers.fixed_embedding import FixedEmbedding
+
+    if IS_KERAS_3:
+        FixedEmbedding.lookup = lambda self, ids: tf.gather(self.embeddings.value, ids)
 
 
 def _deepctr_import_shim():
@@ -381,17 +438,19 @@ def _build_deepctr(config, sizes):
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=LEARNING_RATE), loss=task_loss("binary"),
                   metrics=task_metrics("binary") if config.get("metrics", True) else [],
                   jit_compile=config.get("jit", False))
-    emb_layers = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Embedding)]
+    # DeepCTR names its factor tables "sparse_emb_<feature>" and its first-order ones "linear..._emb_<feature>".
+    emb_layers = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Embedding)
+                  and not layer.name.startswith("linear")]
     floats, float_bytes, int_bytes = _variables_size(emb_layers)
     fm_params = sum(size * EMBEDDING_DIM for size in sizes)
     info = {
         # DeepFM's factorised (FM + DNN) tables, the quantity tfemb's parameter_count() reports.
         "embedding_parameters": int(fm_params),
         "embedding_storage_bytes": int(fm_params * 4),
-        # All Embedding layers, DeepCTR's 1-dim linear tables included.
         "embedding_variable_floats": floats,
         "embedding_variable_bytes": float_bytes,
         "embedding_index_bytes": int_bytes,
+        "linear_parameters": int(sum(sizes)),
         "model_parameters": int(sum(int(np.prod(v.shape)) for v in model.trainable_weights)),
     }
     return model, info
@@ -415,13 +474,14 @@ def run_child(config, data_dir):
     timer = _timer_callback(keras)
     warmup, steps, batch = config["warmup"], config["steps"], config["batch_size"]
     built = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer])
-    ends = np.asarray(timer.ends)
-    timed = ends[warmup - 1:] if warmup > 0 else np.concatenate([[timer.begin], ends])
-    seconds = float(timed[-1] - timed[0])
-    step_ms = np.diff(timed) * 1000.0
+    load_before = os.getloadavg()[0]
+    _fit(model, config, dataset, train_x, train_y, [timer])
+    ends, cpu = np.asarray(timer.ends), np.asarray(timer.cpu)
+    seconds = float(ends[-1] - ends[warmup - 1])
+    cpu_seconds = float(cpu[-1] - cpu[warmup - 1])
+    step_ms = np.diff(ends[warmup - 1:]) * 1000.0
     trained = time.perf_counter()
-    probs = np.asarray(model.predict(_predict_dataset(tf, held_x, config), verbose=0)).reshape(-1)
+    probs = _predict(model, tf, held_x)
     result = {
         **config,
         "keras_module": keras.__name__.split(".")[0],
@@ -430,7 +490,9 @@ def run_child(config, data_dir):
         "timed_seconds": seconds,
         "step_ms_median": float(np.median(step_ms)),
         "step_ms_p90": float(np.percentile(step_ms, 90)),
-        "warmup_seconds": float(ends[warmup - 1] - timer.begin) if warmup > 0 else 0.0,
+        "cpu_ms_per_step": cpu_seconds / steps * 1000.0,
+        "warmup_seconds": float(ends[warmup - 1] - timer.begin),
+        "load_average": [load_before, os.getloadavg()[0]],
         "auc": auc(held_y, probs),
         "logloss": logloss(held_y, probs),
         "trained_examples": (warmup + steps) * batch,
@@ -445,8 +507,12 @@ def run_child(config, data_dir):
     return result
 
 
-def _predict_dataset(tf, x, config):
-    return tf.data.Dataset.from_tensor_slices(dict(x)).batch(8192).prefetch(2)
+def _predict(model, tf, x, max_batch=10_000):
+    """Held-out probabilities; the batch divides the row count, so the predict function is traced once."""
+    n = len(next(iter(x.values())))
+    batch = next(d for d in range(min(n, max_batch), 0, -1) if n % d == 0)
+    dataset = tf.data.Dataset.from_tensor_slices(dict(x)).batch(batch).prefetch(2)
+    return np.asarray(model.predict(dataset, verbose=0)).reshape(-1)
 
 
 def pipeline_only(data_dir, batch_size, steps, variant):
@@ -506,10 +572,26 @@ def deepctr_available():
 
 def label_of(config):
     if config["kind"] == "deepctr":
-        return "DeepCTR DeepFM" + (" (l2 1e-5, library default)" if config.get("l2") else "")
-    text = f"tfemb DeepFM {config['scheme']}"
-    extras = [name for name in ("variant",) if config.get(name)]
-    return text + "".join(f" [{config[e]}]" for e in extras)
+        text = "DeepCTR DeepFM"
+        if config.get("l2"):
+            text += " (L2 1e-5, library default)"
+        return text + f" [{config['pipeline']}]"
+    return f"tfemb DeepFM {config['scheme']}"
+
+
+#: The lever variants: one change each against the "baseline" of the same Keras and optimizer.
+LEVERS = (
+    ("baseline", {}),
+    ("prebatched pipeline", {"pipeline": "prebatched"}),
+    ("NumPy arrays to fit", {"pipeline": "numpy"}),
+    ("shuffled make_dataset", {"shuffle": True}),
+    ("jit_compile=True", {"jit": True}),
+    ("no compiled metrics", {"metrics": False}),
+    ("validate_ids=False", {"validate_ids": False}),
+    ("sparse-read lookup (experiment)", {"sparse_read": True}),
+    ("fused lookup (experiment)", {"fused": True}),
+    ("prebatched + sparse-read + fused", {"pipeline": "prebatched", "sparse_read": True, "fused": True}),
+)
 
 
 def plan(args, tfemb_dnn):
@@ -523,25 +605,23 @@ def plan(args, tfemb_dnn):
                 configs.append({**base, "kind": "tfemb", "scheme": scheme, "keras": keras_version,
                                 "optimizer": optimizer})
     if args.deepctr:
-        configs.append({**base, "kind": "deepctr", "scheme": "fixed", "keras": 2, "optimizer": "adam",
-                        "dnn": tfemb_dnn, "l2": 0.0})
+        deepctr = {**base, "kind": "deepctr", "scheme": "fixed", "keras": 2, "optimizer": "adam", "dnn": tfemb_dnn,
+                   "l2": 0.0}
+        # DeepCTR documents model.fit on NumPy arrays; it is also run on tfemb's pipeline. The faster of the
+        # two is the reference the ratios use.
+        pipelines = ["numpy"] + ([args.pipeline] if args.pipeline != "numpy" else [])
+        configs += [{**deepctr, "pipeline": p} for p in pipelines]
         if args.deepctr_defaults:
-            configs.append({**base, "kind": "deepctr", "scheme": "fixed", "keras": 2, "optimizer": "adam",
-                            "dnn": tfemb_dnn, "l2": 1e-5})
+            configs.append({**deepctr, "pipeline": "numpy", "l2": 1e-5})
     if args.levers:
-        lever_base = {**base, "kind": "tfemb", "scheme": "fixed", "pipeline": "make_dataset", "jit": False}
         for keras_version in args.keras:
-            for optimizer in ("lazy_adam",):
-                common = {**lever_base, "keras": keras_version, "optimizer": optimizer, "lever": True}
-                configs += [
-                    {**common, "variant": "baseline"},
-                    {**common, "variant": "jit_compile", "jit": True},
-                    {**common, "variant": "prebatched pipeline", "pipeline": "prebatched"},
-                    {**common, "variant": "shuffled pipeline", "shuffle": True},
-                    {**common, "variant": "no metrics", "metrics": False},
-                    {**common, "variant": "no id validation", "validate_ids": False},
-                    {**common, "variant": "fused lookup", "fused": True},
-                ]
+            for optimizer in args.lever_optimizers:
+                common = {**base, "kind": "tfemb", "scheme": "fixed", "keras": keras_version, "optimizer": optimizer,
+                          "pipeline": "make_dataset", "jit": False, "lever": True}
+                for name, change in LEVERS:
+                    if change.get("fused") and optimizer != "lazy_adam":
+                        continue  # the prototype relies on the row-sparse optimizer skipping unused tables
+                    configs.append({**common, **change, "variant": name})
     for i, config in enumerate(configs):
         config["id"] = i
     return configs
@@ -555,24 +635,30 @@ def summarise(results):
     """Adds ratios to tfemb fixed (same keras, optimizer) and to DeepCTR; returns the headline summary."""
     main = [r for r in results if not r.get("lever") and "error" not in r]
     fixed = {(r["keras"], r["optimizer"]): r for r in main if r["kind"] == "tfemb" and r["scheme"] == "fixed"}
-    deepctr = next((r for r in main if r["kind"] == "deepctr" and not r.get("l2")), None)
+    references = [r for r in main if r["kind"] == "deepctr" and not r.get("l2")]
+    deepctr = max(references, key=lambda r: r["examples_per_second"]) if references else None
     for r in results:
         if "error" in r:
             continue
-        ref = fixed.get((r["keras"], r["optimizer"])) if r["kind"] == "tfemb" else None
+        ref = fixed.get((r["keras"], r["optimizer"])) if r["kind"] == "tfemb" and not r.get("lever") else None
         r["ratio_to_fixed"] = r["examples_per_second"] / ref["examples_per_second"] if ref else None
         r["ratio_to_deepctr"] = (r["examples_per_second"] / deepctr["examples_per_second"]) if deepctr else None
-    summary = {"deepctr_examples_per_second": deepctr["examples_per_second"] if deepctr else None,
-               "deepctr_auc": deepctr["auc"] if deepctr else None}
+        r["deepctr_reference"] = r is deepctr
+    summary = {}
     if deepctr:
+        summary.update({"deepctr_reference": label_of(deepctr),
+                        "deepctr_examples_per_second": deepctr["examples_per_second"],
+                        "deepctr_auc": deepctr["auc"], "deepctr_logloss": deepctr["logloss"]})
         candidates = [r for r in main if r["kind"] == "tfemb" and r["scheme"] == "fixed"]
         if candidates:
             best = max(candidates, key=lambda r: r["examples_per_second"])
             summary.update({
-                "best_tfemb_fixed": {k: best[k] for k in ("keras", "optimizer", "examples_per_second", "auc")},
+                "best_tfemb_fixed": {k: best[k] for k in ("keras", "optimizer", "pipeline", "examples_per_second",
+                                                          "auc", "logloss")},
                 "speedup_vs_deepctr": best["examples_per_second"] / deepctr["examples_per_second"],
                 "auc_difference": best["auc"] - deepctr["auc"],
             })
+            # "Equal AUC" allows the run-to-run noise of a 100k-row held-out AUC (~0.001).
             summary["target_met"] = bool(summary["speedup_vs_deepctr"] >= 1.5
                                          and best["auc"] >= deepctr["auc"] - 0.001)
             summary["per_setting"] = [
@@ -584,6 +670,11 @@ def summarise(results):
     return summary
 
 
+def _error_line(r, columns):
+    return f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | failed: {r['error'].splitlines()[-1][:120]} |" + \
+        " |" * (columns - 4)
+
+
 def markdown(results, summary, meta):
     lines = ["# DeepFM training throughput", ""]
     lines.append(
@@ -591,59 +682,82 @@ def markdown(results, summary, meta):
         f"steps after {meta['warmup']} warm-up steps; {meta['train_rows']:,} training rows, "
         f"{meta['holdout_rows']:,} held-out rows; 26 categorical fields ({meta['total_ids']:,} ids, "
         f"vocab scale {meta['vocab_scale']}) + 13 numeric; embedding dim {EMBEDDING_DIM}; DNN "
-        f"{meta['dnn']}; compression {COMPRESSION:g} for hashing / QR / double hashing. Click rate "
-        f"{meta['data']['click_rate']:.3f}; Bayes-optimal held-out AUC {meta['data']['bayes_auc_holdout']:.4f}, "
-        f"logloss {meta['data']['bayes_logloss_holdout']:.4f}. AUC/logloss: held-out, after "
-        f"{meta['warmup'] + meta['steps']} training steps (equal for all runs)."
+        f"{meta['dnn']}; compression {COMPRESSION:g} for hashing / QR / double hashing; Adam, learning rate "
+        f"{LEARNING_RATE:g}. Click rate {meta['data']['click_rate']:.3f}; Bayes-optimal held-out AUC "
+        f"{meta['data']['bayes_auc_holdout']:.4f}, logloss {meta['data']['bayes_logloss_holdout']:.4f}. "
+        f"AUC/logloss: held-out, after {meta['warmup'] + meta['steps']} training steps (equal for all runs). "
+        f"Load average during the runs: {meta['load_average_range'][0]:.1f}-{meta['load_average_range'][1]:.1f} "
+        f"(above {os.cpu_count()} means other processes shared the cores)."
     )
     lines.append("")
-    lines.append("`adam`: stock Keras Adam on every variable. `lazy_adam`: tfemb's row-sparse "
-                 "`embedding_optimizer=\"adam\"` on the tables, stock Adam on the rest. Ratios to fixed: same "
-                 "Keras, same optimizer. Ratio to DeepCTR: DeepCTR DeepFM (Keras 2, stock Adam, same "
-                 "model, no L2) on the same data and pipeline. Peak RSS: the run's own process. Table MB: "
-                 "float variables of the embedding layers (must equal embedding params x 4 bytes); index MB: "
-                 "integer lookup arrays (double hashing's id -> hot-row remap).")
+    lines.append(
+        "`adam`: stock Keras Adam on every variable. `lazy_adam`: tfemb's row-sparse `embedding_optimizer=\"adam\"` "
+        "on the tables, stock Adam on the rest. Input: `make_dataset` = `tfemb.data.make_dataset`, `numpy` = "
+        "NumPy arrays handed to `fit` (DeepCTR's documented usage), `prebatched` = whole batches sliced in NumPy. "
+        "Ratio to fixed: same Keras, same optimizer. Ratio to DeepCTR: against the faster DeepCTR run (no L2, "
+        "stock Adam, same model). CPU ms/step: process CPU time (all threads) per step, less sensitive to "
+        "other load than wall time. Peak RSS: the run's own process. Table MB: float variables of the "
+        "embedding layers (equals embedding params x 4 bytes when no scheme keeps a hidden table); index MB: "
+        "integer lookup arrays (double hashing's id -> hot-row remap). Linear params: DeepFM's first-order "
+        "per-id weights (a full-vocabulary 1-dim table per field, not compressed by the scheme)."
+    )
     lines.append("")
-    header = ("| config | keras | optimizer | examples/s | ratio to fixed | ratio to DeepCTR | ms/step (median) "
-              "| peak RSS MB | embedding params | table MB | index MB | AUC | logloss |")
-    lines += [header, "|" + "---|" * 13]
+    header = ("| config | keras | optimizer | input | examples/s | ratio to fixed | ratio to DeepCTR | ms/step "
+              "(median) | CPU ms/step | peak RSS MB | embedding params | table MB | index MB | linear params "
+              "| AUC | logloss |")
+    columns = header.count("|") - 1
+    lines += [header, "|" + "---|" * columns]
     for r in results:
         if r.get("lever"):
             continue
         if "error" in r:
-            lines.append(f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | failed: "
-                         f"{r['error'].splitlines()[-1][:120]} |" + " |" * 9)
+            lines.append(_error_line(r, columns))
             continue
         lines.append(
-            f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | {r['examples_per_second']:,.0f} | "
-            f"{_fmt(r.get('ratio_to_fixed'), '.2f')} | {_fmt(r.get('ratio_to_deepctr'), '.2f')} | "
-            f"{r['step_ms_median']:.1f} | {r['peak_rss_mb']:,.0f} | {r['embedding_parameters']:,} | "
+            f"| {label_of(r)} | {r['keras']} | {r['optimizer']} | {r['pipeline']} | "
+            f"{r['examples_per_second']:,.0f} | {_fmt(r.get('ratio_to_fixed'), '.2f')} | "
+            f"{_fmt(r.get('ratio_to_deepctr'), '.2f')} | {r['step_ms_median']:.1f} | {r['cpu_ms_per_step']:.1f} | "
+            f"{r['peak_rss_mb']:,.0f} | {r['embedding_parameters']:,} | "
             f"{r['embedding_variable_bytes'] / 2**20:,.1f} | {r['embedding_index_bytes'] / 2**20:,.1f} | "
-            f"{r['auc']:.4f} | {r['logloss']:.4f} |"
+            f"{r.get('linear_parameters', 0):,} | {r['auc']:.4f} | {r['logloss']:.4f} |"
         )
     if "speedup_vs_deepctr" in summary:
         best = summary["best_tfemb_fixed"]
         lines += ["", f"**Target (tfemb fixed >= 1.5x DeepCTR examples/s at equal or better AUC): "
-                      f"{'met' if summary['target_met'] else 'NOT met'}** — best tfemb fixed run (Keras "
-                      f"{best['keras']}, {best['optimizer']}) {best['examples_per_second']:,.0f} ex/s = "
-                      f"{summary['speedup_vs_deepctr']:.2f}x DeepCTR's {summary['deepctr_examples_per_second']:,.0f}"
-                      f"; AUC {best['auc']:.4f} vs {summary['deepctr_auc']:.4f}."]
+                      f"{'met' if summary['target_met'] else 'NOT met'}.** Best tfemb fixed run (Keras "
+                      f"{best['keras']}, {best['optimizer']}, {best['pipeline']}): "
+                      f"{best['examples_per_second']:,.0f} examples/s = {summary['speedup_vs_deepctr']:.2f}x "
+                      f"{summary['deepctr_reference']} ({summary['deepctr_examples_per_second']:,.0f}); AUC "
+                      f"{best['auc']:.4f} vs {summary['deepctr_auc']:.4f}."]
+        for row in summary["per_setting"]:
+            lines.append(f"- tfemb fixed, Keras {row['keras']}, {row['optimizer']}: "
+                         f"{row['speedup_vs_deepctr']:.2f}x DeepCTR, AUC {row['auc_difference']:+.4f}")
+    mismatched = [r for r in results if "error" not in r and r["kind"] == "tfemb"
+                  and r["embedding_variable_floats"] != r["embedding_parameters"]]
+    lines.append("")
+    if mismatched:
+        lines.append("**Table memory check FAILED** for: " + ", ".join(
+            f"{label_of(r)} (variables {r['embedding_variable_floats']:,} vs parameters "
+            f"{r['embedding_parameters']:,})" for r in mismatched))
+    else:
+        lines.append("Table memory check: in every tfemb run the embedding layers' float variables hold exactly "
+                     "`parameter_count()` values (no hidden full-size table).")
     levers = [r for r in results if r.get("lever")]
     if levers:
         lines += ["", "## Speed levers (tfemb DeepFM, fixed embeddings, one change at a time)", "",
-                  "| variant | keras | optimizer | examples/s | vs baseline | ms/step (median) | peak RSS MB "
-                  "| AUC |", "|" + "---|" * 8]
+                  "| variant | keras | optimizer | examples/s | vs baseline | ms/step (median) | CPU ms/step "
+                  "| peak RSS MB | AUC |", "|" + "---|" * 9]
         base = {(r["keras"], r["optimizer"]): r for r in levers if r.get("variant") == "baseline" and "error" not in r}
         for r in levers:
             if "error" in r:
                 lines.append(f"| {r['variant']} | {r['keras']} | {r['optimizer']} | failed: "
-                             f"{r['error'].splitlines()[-1][:120]} | | | | |")
+                             f"{r['error'].splitlines()[-1][:120]} |" + " |" * 5)
                 continue
             ref = base.get((r["keras"], r["optimizer"]))
             ratio = r["examples_per_second"] / ref["examples_per_second"] if ref else None
             lines.append(f"| {r['variant']} | {r['keras']} | {r['optimizer']} | {r['examples_per_second']:,.0f} | "
-                         f"{_fmt(ratio, '.2f')} | {r['step_ms_median']:.1f} | {r['peak_rss_mb']:,.0f} | "
-                         f"{r['auc']:.4f} |")
+                         f"{_fmt(ratio, '.2f')} | {r['step_ms_median']:.1f} | {r['cpu_ms_per_step']:.1f} | "
+                         f"{r['peak_rss_mb']:,.0f} | {r['auc']:.4f} |")
     pipes = meta.get("pipelines")
     if pipes:
         lines += ["", "## Input pipeline alone (no model)", "", "| pipeline | examples/s | ms per batch |",
@@ -652,6 +766,11 @@ def markdown(results, summary, meta):
             lines.append(f"| {p['pipeline']} | {p['examples_per_second']:,.0f} | {p['ms_per_batch']:.2f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _load_range(results):
+    loads = [v for r in results if "load_average" in r for v in r["load_average"]]
+    return [min(loads), max(loads)] if loads else [float("nan"), float("nan")]
 
 
 def _machine():
@@ -683,7 +802,10 @@ def parse_args(argv=None):
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--keras", nargs="+", type=int, default=[3, 2], choices=[2, 3])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    parser.add_argument("--pipeline", default="make_dataset", choices=("make_dataset", "prebatched"))
+    parser.add_argument("--pipeline", default="make_dataset", choices=("make_dataset", "prebatched", "numpy"),
+                        help="input of the main runs: tfemb.data.make_dataset (default), whole batches sliced in "
+                        "NumPy (prebatched), or NumPy arrays handed to fit")
+    parser.add_argument("--lever-optimizers", nargs="+", default=["lazy_adam"], choices=OPTIMIZERS)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for the main runs")
     parser.add_argument("--no-deepctr", dest="deepctr", action="store_false")
     parser.add_argument("--deepctr-defaults", action="store_true",
@@ -797,6 +919,7 @@ def main(argv=None):
         "dnn": tfemb_dnn,
         "data": data_info,
         "pipelines": pipelines,
+        "load_average_range": _load_range(results),
         "total_seconds": time.perf_counter() - total_start,
     }
     report = {"meta": meta, "summary": summary, "runs": results}

@@ -37,6 +37,7 @@ def test_compare_writes_table_plot_and_json(tmp_path):
     assert "| variant | auc | logloss | emb params | emb bytes |" in md
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("hashing 4x" in line for line in lines)
+    assert any("epoch 1:" in line for line in lines)  # progress per epoch
 
 
 def test_default_compare_covers_every_baseline_scheme():
@@ -51,13 +52,16 @@ def test_train_then_inspect(tmp_path, capsys):
         "data: {source: synthetic_ctr, params: {num_rows: 2000, seed: 2}}\n"
         "model: {name: fm, embedding_dim: 4}\n"
         "embedding: {scheme: qr, params: {compression: 2}}\n"
-        "train: {epochs: 1, batch_size: 256, verbose: 0}\n"
+        "train: {epochs: 2, batch_size: 256, verbose: 0, checkpoint: true,\n"
+        "        early_stopping: {monitor: val_auc, patience: 1}}\n"
     )
     out = tmp_path / "run"
     assert cli.main(["train", "--config", str(recipe), "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["scheme"] == "qr" and result["model"] == "fm"
     assert (out / "model.keras").exists() and (out / "schema.json").exists()
+    assert (out / "checkpoint.weights.h5").exists()  # ModelCheckpoint ran
+    assert 1 <= result["epochs"] <= 2 and "val_auc" in result["history"]
     capsys.readouterr()
     assert cli.main(["inspect", str(out), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

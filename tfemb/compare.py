@@ -51,7 +51,7 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print):
         cfg["name"] = variant["name"]
         start = time.perf_counter()
         log(f"[{i}/{len(variants)}] {variant['name']}: training {cfg['model']['name']} ...")
-        result = experiment.run(cfg, prepared=prepared)
+        result = experiment.run(cfg, prepared=prepared, log=log)
         result.pop("_model")
         log(f"        done in {time.perf_counter() - start:.1f}s: "
             + ", ".join(f"{m}={result['metrics'].get(m, float('nan')):.4f}" for m in metric_names)

@@ -178,8 +178,21 @@ def build_model(schema, model_cfg, embedding_cfg, train_cfg=None):
     )
 
 
-def _callbacks(train_cfg, out_dir, has_val):
-    cbs = []
+class EpochLog(keras.callbacks.Callback):
+    """One line per epoch through ``log`` (the main job's progress when Keras' bars are off)."""
+
+    def __init__(self, log, keys=("loss", "val_loss", "val_auc", "val_accuracy")):
+        super().__init__()
+        self._log, self._keys = log, keys
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{k}={float(logs[k]):.4f}" for k in self._keys if k in logs]
+        self._log(f"        epoch {epoch + 1}: " + ", ".join(parts))
+
+
+def _callbacks(train_cfg, out_dir, has_val, log=None):
+    cbs = [EpochLog(log)] if log is not None else []
     es = train_cfg.get("early_stopping")
     if es and has_val:
         es = dict(es)
@@ -201,7 +214,7 @@ def evaluate(model, prepared, split, batch_size):
     return {k: float(v) for k, v in results.items()}
 
 
-def run(cfg, prepared=None, out_dir=None):
+def run(cfg, prepared=None, out_dir=None, log=None):
     """Trains and evaluates one config; returns a result dict (and writes it to ``out_dir`` when given)."""
     cfg = merge(DEFAULTS, cfg)
     tf.keras.utils.set_random_seed(int(cfg.get("seed", 0)))
@@ -216,7 +229,7 @@ def run(cfg, prepared=None, out_dir=None):
     val_ds = prepared.dataset("val", batch) if has_val else None
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
-                        callbacks=_callbacks(train_cfg, out_dir, has_val), verbose=train_cfg.get("verbose", 1))
+                        callbacks=_callbacks(train_cfg, out_dir, has_val, log), verbose=train_cfg.get("verbose", 1))
     seconds = time.perf_counter() - start
     epochs_run = len(history.history.get("loss", []))
     test_split = "test" if prepared.num_rows("test") else "val"
