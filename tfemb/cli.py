@@ -1,4 +1,4 @@
-"""The ``tfemb`` command: ``train``, ``compare``, ``inspect``."""
+"""The ``tfemb`` command: ``train``, ``compare``, ``inspect``, ``serve``."""
 
 import argparse
 import json
@@ -45,7 +45,12 @@ def cmd_compare(args):
 
 
 def inspect_path(path):
-    """Per-table rows, dims, parameters and bytes of a saved model (a ``.keras`` file or a run directory)."""
+    """Per-table rows, dims, parameters and bytes of a saved model (a ``.keras`` file or a run directory), or of
+    an export (a SavedModel version directory or its parent: ``tfemb.export.report``)."""
+    from tfemb.export.report import inspect_export, is_export, table_rows
+
+    if is_export(path):
+        return table_rows(inspect_export(path))
     from tfemb._keras import keras
     import tfemb.layers  # noqa: F401  (registers the schemes)
     import tfemb.models  # noqa: F401
@@ -60,7 +65,12 @@ def inspect_path(path):
 
 def cmd_inspect(args):
     from tfemb import report
+    from tfemb.export.report import console_report, inspect_export, is_export
 
+    if is_export(args.path):  # an export: the full report (bytes on disk, per table, vs fixed)
+        export = inspect_export(args.path)
+        print(json.dumps(export, indent=2) if args.json else console_report(export))
+        return 0
     rows = inspect_path(args.path)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -69,6 +79,19 @@ def cmd_inspect(args):
                  "bytes": sum(r["bytes"] for r in rows)}
         print(report.console_table(rows + [total]))
     return 0
+
+
+def cmd_serve(args):
+    from tfemb.serving import server
+
+    try:
+        return server.serve(args.export_dir, port=args.port, grpc_port=args.grpc_port, host=args.host,
+                            model_name=args.model_name, model_config=args.model_config,
+                            poll_seconds=args.poll_seconds, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                            out=lambda m: (print(m), sys.stdout.flush()))
+    except OSError as exc:  # a port in use, an address that is not ours
+        print(f"tfemb serve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser():
@@ -84,10 +107,22 @@ def build_parser():
     p.add_argument("--out", default="outputs/compare", help="output directory (default outputs/compare)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for smoke tests)")
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("inspect", help="per-table rows, dims, parameters and bytes of a saved model")
-    p.add_argument("path", help="a .keras model or a run directory")
+    p = sub.add_parser("inspect", help="per-table rows, dims, parameters and bytes of a saved model or an export")
+    p.add_argument("path", help="a .keras model, a run directory, or an export (a SavedModel version directory or "
+                                "its parent)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("serve", help="serve SavedModel exports over TF Serving's REST and gRPC APIs (local)")
+    p.add_argument("export_dir", metavar="EXPORT_DIR",
+                   help="a model's export dir (integer version subdirs) or a dir of such model dirs")
+    p.add_argument("--port", type=int, default=8501, help="REST port (default 8501; 0: any free port; -1: off)")
+    p.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (default 8500; 0: any free; -1: off)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--model-name", help="name of the single model (default: the base name of EXPORT_DIR)")
+    p.add_argument("--model-config", help="TF Serving models.config; relative base_paths are under EXPORT_DIR")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="seconds between checks for new versions")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MiB (default 16)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -6,4 +6,17 @@ from tfemb.layers.factory import SCHEMES, get_scheme_class, scheme_factory
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing import universal_hash_np, universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.md_dims import (
+    alpha_power_dims,
+    block_probabilities,
+    budget_dims,
+    cf_blocks,
+    dlrm_md_solver,
+    md_field_dims,
+    pow2_round,
+    stacked_md_blocks,
+)
+from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_field_factory
+from tfemb.layers.packed_embedding import PackedEmbedding
+from tfemb.layers.pep_embedding import PEPEmbedding, pep_preset
 from tfemb.layers.qr_embedding import QREmbedding

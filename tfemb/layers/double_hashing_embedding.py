@@ -164,8 +164,8 @@ class DoubleHashingEmbedding(EmbeddingScheme):
 
     def lookup(self, ids):
         rows1, rows2 = self.hash_ids(ids)
-        first = tf.gather(self.shared_embeddings, rows1)  # [..., shared_dim]
-        second = tf.gather(self.shared_embeddings, rows2)
+        first = self.gather_rows(self.shared_embeddings, rows1)  # [..., shared_dim]
+        second = self.gather_rows(self.shared_embeddings, rows2)
         if self.combine == "sum":
             cold = first + second  # [..., output_dim]
         else:
@@ -177,7 +177,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         else:
             hot_row = tf.cast(tf.gather(self.hot_rows, ids), tf.int64)
         is_hot = (hot_row >= 0) & (hot_row < self.num_hot)
-        hot = tf.gather(self.hot_embeddings, tf.where(is_hot, hot_row, tf.zeros_like(hot_row)))
+        hot = self.gather_rows(self.hot_embeddings, tf.where(is_hot, hot_row, tf.zeros_like(hot_row)))
         return tf.where(is_hot[..., tf.newaxis], hot, cold)
 
     # ---------------------------------------------------------------------------------------- size accounting

@@ -84,6 +84,16 @@ class EmbeddingScheme(keras.layers.Layer):
         """Vectors of valid ids: int64 ``ids`` of any shape -> float ``[*ids.shape, output_dim]``."""
         raise NotImplementedError
 
+    def gather_rows(self, table, rows):
+        """Rows ``rows`` (int64, any shape) of ``table``, one of ``sparse_tables()``: ``[*rows.shape, cols]``.
+
+        Every scheme reads its row-indexed tables through this hook and never with ``tf.gather`` directly, so
+        that export can change how a table is stored without touching the method: ``tfemb.export.quantize``
+        gives a compact layer int8 rows with a per-row scale, or float16 rows, and overrides this hook to
+        gather and dequantise them in-graph.
+        """
+        return tf.gather(table, rows)
+
     def call(self, ids):
         ids = tf.convert_to_tensor(ids)
         if not ids.dtype.is_integer:

@@ -11,6 +11,8 @@ import math
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_scheme
+from tfemb.layers.pep_embedding import PEPEmbedding
 from tfemb.layers.qr_embedding import QREmbedding
 
 #: Scheme name -> layer class.
@@ -19,13 +21,18 @@ SCHEMES = {
     "hashing": HashingEmbedding,
     "qr": QREmbedding,
     "double_hashing": DoubleHashingEmbedding,
+    "md": MixedDimensionEmbedding,
+    "pep": PEPEmbedding,
 }
 
 #: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
-COMPRESSIBLE = ("hashing", "qr", "double_hashing")
+COMPRESSIBLE = ("hashing", "qr", "double_hashing", "md")
+
+#: Compressible schemes whose sizes come from ``compression`` or their own rule, never from ``num_buckets``.
+SIZED_BY_RULE = ("md",)
 
 #: Schemes that use per-id counts; the others are not handed ``frequencies`` (they would only bloat the config).
-USES_FREQUENCIES = ("double_hashing",)
+USES_FREQUENCIES = ("double_hashing", "md")
 
 #: Share of the parameter budget that double hashing gives to the hot table under ``compression``.
 HOT_SHARE = 0.5
@@ -100,16 +107,19 @@ def scheme_factory(name, **kwargs):
     """A callable ``(feature_name, vocabulary_size, frequencies) -> EmbeddingScheme`` for one scheme name.
 
     Args:
-        name: ``"fixed"``, ``"hashing"``, ``"qr"`` or ``"double_hashing"``.
+        name: ``"fixed"``, ``"hashing"``, ``"qr"``, ``"double_hashing"``, ``"md"`` or ``"pep"`` (``PEPEmbedding``:
+            ``threshold_type``, ``threshold_init``, ``g_scale``, ...; sized by its search, no ``compression``).
         **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
             ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
             replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer
             has about ``1/compression`` of the parameters of a fixed table of the same vocabulary and
             dimension, never more rows than the vocabulary (see ``hashing_buckets``, ``qr_buckets``,
-            ``double_hashing_sizes``: double hashing gives half the budget to the hot table).
+            ``double_hashing_sizes``: double hashing gives half the budget to the hot table). ``"md"`` takes
+            ``num_blocks``, ``alpha``, ``round_pow2`` and optionally ``compression`` (the budget form of
+            Algorithm 3, projections included; see ``tfemb.layers.mixed_dimension_embedding.md_scheme``).
 
     The layer is named ``f"{feature_name}_embedding"``; ``frequencies`` are passed only to schemes that use
-    popularity (``double_hashing``).
+    popularity (``double_hashing``, ``md``; ``md`` requires them).
 
     Example:
 
@@ -128,19 +138,21 @@ def scheme_factory(name, **kwargs):
                 f"name={name!r}"
             )
         compression = _check_compression(compression)
-        taken = [key for key in ("num_buckets", "num_hot") if key in kwargs]
+        taken = [key for key in ("num_buckets", "num_hot", "budget") if key in kwargs]
         if taken:
             raise ValueError(
                 f"compression replaces {', '.join(taken)}; give one or the other. Received: "
                 f"compression={compression}, " + ", ".join(f"{key}={kwargs[key]!r}" for key in taken)
             )
-    elif name in COMPRESSIBLE and "num_buckets" not in kwargs:
+    elif name in COMPRESSIBLE and name not in SIZED_BY_RULE and "num_buckets" not in kwargs:
         raise ValueError(f"scheme {name!r} needs num_buckets or compression. Received neither")
     if "output_dim" not in kwargs:
         raise ValueError(f"scheme_factory needs output_dim. Received: {sorted(kwargs)}")
 
     def build(feature_name, vocabulary_size, frequencies=None):
         args = dict(kwargs)
+        if name == "md":  # Algorithm 2 blocking of this feature's counts, Algorithm 3 dims
+            return md_scheme(feature_name, vocabulary_size, frequencies, compression=compression, **args)
         if compression is not None:
             dim = args["output_dim"]
             if name == "hashing":

@@ -46,7 +46,7 @@ class FixedEmbedding(EmbeddingScheme):
         self.built = True
 
     def lookup(self, ids):
-        return tf.gather(self.embeddings, ids)
+        return self.gather_rows(self.embeddings, ids)
 
     def parameter_count(self):
         return self.vocabulary_size * self.output_dim

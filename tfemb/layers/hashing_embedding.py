@@ -74,7 +74,7 @@ class HashingEmbedding(EmbeddingScheme):
         return universal_hash_tf(ids, self._hash_a, self._hash_b, self.num_buckets)
 
     def lookup(self, ids):
-        return tf.gather(self.embeddings, self.hash_ids(ids))
+        return self.gather_rows(self.embeddings, self.hash_ids(ids))
 
     def parameter_count(self):
         return self.num_buckets * self.output_dim

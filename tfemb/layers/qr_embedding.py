@@ -135,8 +135,8 @@ class QREmbedding(EmbeddingScheme):
     # ----------------------------------------------------------------------------------------------- forward
     def lookup(self, ids):
         m = tf.constant(self.num_buckets, tf.int64)
-        quotient = tf.gather(self.quotient_embeddings, tf.math.floordiv(ids, m))  # [..., quotient_dim]
-        remainder = tf.gather(self.remainder_embeddings, tf.math.floormod(ids, m))  # [..., remainder_dim]
+        quotient = self.gather_rows(self.quotient_embeddings, tf.math.floordiv(ids, m))  # [..., quotient_dim]
+        remainder = self.gather_rows(self.remainder_embeddings, tf.math.floormod(ids, m))  # [..., remainder_dim]
         if self.operation == "mult":
             return quotient * remainder
         if self.operation == "add":

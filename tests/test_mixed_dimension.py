@@ -1,0 +1,647 @@
+"""Mixed-dimension embeddings (Ginart et al., arXiv 1909.11810): blocking, dims and the layer vs NumPy references.
+
+Sizes are tiny and all different (vocabulary 23, base dim 7, blocks of 3 / 5 / 15 rows with dims 7 / 5 / 3) so
+a swapped block, axis or projection shows. Dims and blocks are checked against values computed by hand (in the
+comments). Nothing here creates a tensor at import time (see tests/test_layers_distribute.py).
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tfemb._keras import keras
+from tfemb.data.schema import schema_from_dataframe
+from tfemb.layers import (
+    MixedDimensionEmbedding,
+    alpha_power_dims,
+    block_probabilities,
+    budget_dims,
+    cf_blocks,
+    dlrm_md_solver,
+    get_scheme_class,
+    md_field_dims,
+    md_field_factory,
+    pow2_round,
+    scheme_factory,
+    stacked_md_blocks,
+)
+from tfemb.layers.md_dims import block_masses, equal_mass_block_sizes, md_parameter_count, ranks_from_oov_rank
+from tfemb.testing import run_scheme_test
+
+V = 23
+D0 = 7
+SIZES = [3, 5, 15]
+DIMS = [7, 5, 3]
+OFFSETS = [0, 3, 8]
+
+# Counts in descending order, 120 in all, cut by Algorithm 2 (k + 1 = 3 blocks of 40) into 3 / 5 / 15 rows:
+#   22 + 10 + 8 = 40 | 8 * 5 = 40 | 5 + 4 + 4 + 3 * 5 + 2 * 5 + 1 + 1 = 40.
+SORTED_COUNTS = np.array([22, 10, 8, 8, 8, 8, 8, 8, 5, 4, 4, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1], dtype=float)
+# The same counts numbered as a Schema does: OOV id 0 (count 2) first, ids 1.. in descending count. Id 0 ranks
+# after the 16 ids with a larger count (22, 10, 8 x 6, 5, 4 x 2, 3 x 5) and before the other 2s (stable sort).
+SCHEMA_COUNTS = np.concatenate([[2.0], np.delete(SORTED_COUNTS, 16)])
+SCHEMA_OOV_RANK = 16
+PERM = [5, 17, 0, 22, 9, 13, 1, 20, 3, 11, 7, 15, 2, 19, 6, 21, 4, 10, 14, 8, 18, 12, 16]  # rank of each id
+
+# Single ids (every id once, shuffled) and padded multi-hot lists (a fully padded row included).
+IDS = np.array([0, 22, 5, 1, 17, 3, 9, 11, 2, 20, 4, 13, 7, 21, 6, 16, 8, 19, 10, 15, 12, 18, 14])
+MULTI = np.array([[0, 5, -1, -1], [22, 7, 13, 1], [3, -1, -1, -1], [-1, -1, -1, -1], [4, 4, 19, 2]])
+
+
+def _values(rows, cols, offset=0.0):
+    """Distinct, recognisable values: entry (r, c) = offset + r / 10 + c / 100."""
+    return (offset + np.arange(rows)[:, None] / 10.0 + np.arange(cols)[None, :] / 100.0).astype(np.float32)
+
+
+TABLES = [_values(3, 7, 0.5), _values(5, 5, -1.0), _values(15, 3, 2.0)]
+PROJECTIONS = [None, _values(5, 7, -0.2) / 3.0, _values(3, 7, 0.3) / 5.0]
+
+
+def _ranks(layer_kind):
+    return {
+        "identity": np.arange(V),
+        "oov_rank": ranks_from_oov_rank(V, SCHEMA_OOV_RANK),
+        "permutation": np.asarray(PERM),
+    }[layer_kind]
+
+
+def md_case(kind="identity", **kw):
+    """A layer with assigned weights and its NumPy reference ``ids -> vectors``."""
+    extra = {"identity": {}, "oov_rank": {"oov_rank": SCHEMA_OOV_RANK}, "permutation": {"permutation": PERM}}[kind]
+    layer = MixedDimensionEmbedding(V, D0, SIZES, DIMS, **extra, **kw)
+    layer.build()
+    for i in range(3):
+        layer.block_embeddings[i].assign(TABLES[i])
+        if PROJECTIONS[i] is not None:
+            layer.projections[i].assign(PROJECTIONS[i])
+    ranks = _ranks(kind)
+
+    def reference(ids):
+        out = []
+        for x in np.asarray(ids).reshape(-1):
+            r = ranks[int(x)]
+            b = np.searchsorted(OFFSETS, r, side="right") - 1
+            vector = TABLES[b][r - OFFSETS[b]].astype(np.float64)
+            out.append(vector if PROJECTIONS[b] is None else vector @ PROJECTIONS[b])
+        return np.stack(out).reshape(np.shape(ids) + (D0,))
+
+    return layer, reference
+
+
+KINDS = ["identity", "oov_rank", "permutation"]
+
+
+# ---------------------------------------------------------------------------------------- forward (Algorithm 1)
+def test_the_test_fixtures_are_what_the_comments_say():
+    assert SORTED_COUNTS.sum() == 120 and len(SORTED_COUNTS) == len(SCHEMA_COUNTS) == V
+    assert sorted(PERM) == list(range(V))
+    order = np.argsort(-SCHEMA_COUNTS, kind="stable")
+    assert order[SCHEMA_OOV_RANK] == 0 and np.array_equal(SCHEMA_COUNTS[order], SORTED_COUNTS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_ids_match_numpy(kind):
+    layer, reference = md_case(kind)
+    np.testing.assert_allclose(layer(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-6, atol=1e-6)
+    ids_2d = IDS[:20].reshape(4, 5)  # no combiner: [batch, k] -> [batch, k, dim]
+    np.testing.assert_allclose(layer(tf.constant(ids_2d)).numpy(), reference(ids_2d), rtol=1e-6, atol=1e-6)
+    graph = tf.function(lambda x: layer(x))(tf.constant(ids_2d))
+    np.testing.assert_allclose(graph.numpy(), reference(ids_2d), rtol=1e-6, atol=1e-6)
+
+
+def test_block_lookup_by_hand():
+    layer, _ = md_case("identity")
+    out = layer(tf.constant([2, 3, 8])).numpy()
+    # Rank 2: last row of block 0, no projection; rank 3 = t_1: block 1, row 0; rank 8 = t_2: block 2, row 0.
+    np.testing.assert_allclose(out[0], TABLES[0][2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1], TABLES[1][0] @ PROJECTIONS[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[2], TABLES[2][0] @ PROJECTIONS[2], rtol=1e-5, atol=1e-6)
+    # Schema numbering: id 0 has rank 16 (block 2, row 8); ids 1..16 move up one rank; id 17 keeps rank 17.
+    oov, _ = md_case("oov_rank")
+    out = oov(tf.constant([0, 1, 4, 17])).numpy()
+    np.testing.assert_allclose(out[0], TABLES[2][8] @ PROJECTIONS[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1], TABLES[0][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[2], TABLES[1][0] @ PROJECTIONS[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[3], TABLES[2][9] @ PROJECTIONS[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_hot_pooling_matches_numpy(kind, combiner):
+    layer, reference = md_case(kind, combiner=combiner)
+    mask = MULTI != -1
+    vectors = reference(np.where(mask, MULTI, 0)) * mask[..., None]
+    total = vectors.sum(axis=1)
+    count = mask.sum(axis=1, keepdims=True).astype(np.float64)
+    norm = {"sum": np.ones_like(count), "mean": count, "sqrtn": np.sqrt(count)}[combiner]
+    expected = np.divide(total, norm, out=np.zeros_like(total), where=norm > 0)  # empty row -> zeros
+    np.testing.assert_allclose(layer(tf.constant(MULTI)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_block_and_all_base_dim_layers():
+    single = MixedDimensionEmbedding(V, D0, [V], [4])
+    single.build()
+    table, projection = _values(V, 4), _values(4, D0, -0.3)
+    single.block_embeddings[0].assign(table)
+    single.projections[0].assign(projection)
+    np.testing.assert_allclose(single(tf.constant(IDS)).numpy(), table[IDS] @ projection, rtol=1e-5, atol=1e-6)
+    assert single.parameter_count() == V * 4 + 4 * D0
+    uniform = MixedDimensionEmbedding(V, D0, SIZES, [D0] * 3)  # identity projections: a split fixed table
+    uniform.build()
+    assert all(p is None for p in uniform.projections) and uniform.parameter_count() == V * D0
+
+
+def test_gradients_reach_tables_and_projections():
+    layer, _ = md_case("permutation")
+    ids = np.array([0, 3, 3, 9, 17])  # ranks 5, 22, 22, 11, 10: blocks 1, 2, 2, 2, 2 (block 0 untouched)
+    ranks = np.asarray(PERM)[ids]
+    weights = _values(len(ids), D0, -0.4)  # loss = sum(out * weights)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(tf.constant(ids)) * weights)
+    variables = layer.block_embeddings + [layer.projections[1], layer.projections[2]]
+    grads = tape.gradient(loss, variables)
+    dense = [tf.convert_to_tensor(g).numpy() if g is not None else None for g in grads]
+    assert isinstance(grads[1], tf.IndexedSlices) and isinstance(grads[2], tf.IndexedSlices)  # row-sparse
+    assert grads[0] is None or not np.any(dense[0])  # no id of block 0 in the batch
+    expected = [np.zeros((n, d)) for n, d in zip(SIZES, DIMS)]
+    expected_p = {1: np.zeros((5, D0)), 2: np.zeros((3, D0))}
+    for pos, r in enumerate(ranks):
+        b = np.searchsorted(OFFSETS, r, side="right") - 1
+        row = r - OFFSETS[b]
+        expected[b][row] += weights[pos] @ PROJECTIONS[b].T  # d loss / d E_b[row]
+        expected_p[b] += np.outer(TABLES[b][row], weights[pos])  # d loss / d P_b
+    np.testing.assert_allclose(dense[1], expected[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense[2], expected[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense[3], expected_p[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense[4], expected_p[2], rtol=1e-5, atol=1e-6)
+    assert layer.sparse_tables() == layer.block_embeddings
+    assert {v.name for v in layer.trainable_weights} == {v.name for v in variables}
+
+
+# ------------------------------------------------------------------------------------------- Algorithm 2 (CF)
+def test_equal_mass_cut_by_hand():
+    assert equal_mass_block_sizes(SORTED_COUNTS, 3).tolist() == SIZES  # cuts at C(3) = 40, C(8) = 80
+    # [6, 4, 3, 2, 2, 1, 1, 1], total 20: halves at C(2) = 10 -> [2, 6]; quarters at 5, 10, 15 -> nearest
+    # boundaries C(1) = 6, C(2) = 10, C(4) = 15 -> masses 6, 4, 5, 5.
+    counts = [6, 4, 3, 2, 2, 1, 1, 1]
+    assert equal_mass_block_sizes(counts, 2).tolist() == [2, 6]
+    assert equal_mass_block_sizes(counts, 4).tolist() == [1, 1, 2, 4]
+    # 23 equal counts in 3 blocks: targets 7.67 and 15.33 -> nearest boundaries 8 and 15 -> 8 / 7 / 8 rows.
+    assert equal_mass_block_sizes(np.ones(23), 3).tolist() == [8, 7, 8]
+    # A head id heavier than a block's share: cuts meet (targets 4, 8, 12 -> boundaries 1, 1, 2); the empty
+    # block is dropped, so 3 blocks come back for 4 asked.
+    assert equal_mass_block_sizes([8, 4, 2, 1, 1], 4).tolist() == [1, 1, 3]
+    # More blocks than rows: every block has one row.
+    assert equal_mass_block_sizes([3, 2, 1], 5).tolist() == [1, 1, 1]
+    assert equal_mass_block_sizes(SORTED_COUNTS, 1).tolist() == [V]
+
+
+def test_cf_blocks_reindexes_by_descending_count():
+    identity = cf_blocks(SORTED_COUNTS, 3)
+    assert identity.block_sizes.tolist() == SIZES and identity.permutation is None and identity.oov_rank == 0
+    # Schema numbering: only id 0 is out of place -> an offset (oov_rank), no stored permutation.
+    schema = cf_blocks(SCHEMA_COUNTS, 3)
+    assert schema.block_sizes.tolist() == SIZES and schema.permutation is None
+    assert schema.oov_rank == SCHEMA_OOV_RANK
+    np.testing.assert_array_equal(schema.sorted_frequencies, SORTED_COUNTS)
+    # Any other order: the ranks are stored. [5, 9, 1, 7] sorts to ids 1, 3, 0, 2 -> ranks [2, 0, 3, 1].
+    shuffled = cf_blocks([5, 9, 1, 7], 2)
+    assert shuffled.permutation.tolist() == [2, 0, 3, 1] and shuffled.oov_rank == 0
+    assert shuffled.block_sizes.tolist() == [1, 3]  # total 22, half 11: C(1) = 9 (2 away) vs C(2) = 16 (5 away)
+    # Ties keep the lower id first (stable), so equal counts need no permutation.
+    assert cf_blocks(np.ones(V), 3).permutation is None
+
+
+def test_block_probabilities_are_mean_per_row():
+    # Equal masses a_i / tau = 1/3: the paper's p would give every block the same dim. Mean per-row
+    # probabilities a_i / (tau n_i) = 1/9, 1/15, 1/45.
+    np.testing.assert_allclose(block_masses(SORTED_COUNTS, SIZES), [1 / 3] * 3)
+    np.testing.assert_allclose(block_probabilities(SORTED_COUNTS, SIZES), [1 / 9, 1 / 15, 1 / 45])
+    np.testing.assert_allclose(block_probabilities([6, 4, 3, 2, 2, 1, 1, 1], [1, 1, 2, 4]), [0.3, 0.2, 0.125, 0.0625])
+
+
+# --------------------------------------------------------------------------------------------- Algorithm 3
+P = np.array([1 / 9, 1 / 15, 1 / 45])
+
+
+def test_alpha_power_dims_by_hand():
+    # lambda = d0 * max(p) ** -alpha = 7 * (1/9) ** -0.5 = 21; d = 21 * p ** 0.5 = 7, 5.42, 3.13.
+    lam = D0 * P.max() ** -0.5
+    assert math.isclose(lam, 21.0)
+    np.testing.assert_allclose(lam * P ** 0.5, [7.0, 21 / math.sqrt(15), 21 / math.sqrt(45)])
+    assert alpha_power_dims(P, D0, 0.5).tolist() == [7, 5, 3]
+    assert alpha_power_dims(P * 10, D0, 0.5).tolist() == [7, 5, 3]  # only ratios matter
+    assert alpha_power_dims(P, D0, 1.0).tolist() == [7, 4, 1]  # 7, 4.2, 1.4
+    assert alpha_power_dims(P, D0, 2.0).tolist() == [7, 3, 1]  # 7, 2.52, 0.28 -> floor of 1
+    assert alpha_power_dims(P, D0, 0.5, round_pow2=True).tolist() == [7, 4, 4]  # 7 -> 8 capped at d0, 5 -> 4, 3 -> 4
+    assert alpha_power_dims([1.0, 0.25], 12, 1.0, round_pow2=True).tolist() == [12, 4]  # 12 -> 16, capped at 12
+    assert alpha_power_dims([1.0, 0.0], 5, 0.3).tolist() == [5, 1]  # a block never seen still gets 1
+
+
+def test_pow2_round_is_dlrms_log_rounding():
+    assert pow2_round([1, 2, 3, 5, 6, 11, 12, 23, 64]).tolist() == [1, 2, 4, 4, 8, 8, 16, 32, 64]
+
+
+def test_budget_dims_by_hand():
+    n = np.array(SIZES)
+    # General constraint sum n_i lambda p_i ** 0.5 = 100: lambda = 100 / (1 + 5/sqrt(15) + 15/sqrt(45)) = 22.09,
+    # d = 7.36, 5.70, 3.29 (rounded 7, 6, 3: 96 parameters). The largest lambda that fits: block 0 reaches 8 at
+    # lambda = 22.5 (8, 6, 3: 24 + 30 + 45 = 99); block 2 reaches 4 at lambda = 23.5 (114 > 100).
+    lam = 100 / np.sum(n * P ** 0.5)
+    assert math.isclose(lam, 22.0894, rel_tol=1e-4)
+    assert np.round(lam * P ** 0.5).tolist() == [7, 6, 3]
+    dims = budget_dims(P, n, 0.5, 100)
+    assert dims.tolist() == [8, 6, 3] and md_parameter_count(n, dims, include_projections=False) == 99
+    assert budget_dims(P, n, 0.5, 100, d0=D0).tolist() == [7, 6, 3]  # capped at d0: block 0 cannot take 8
+    # With projections (d0 = 7): 44 is the floor (23 rows + 3 projections of 1 x 7); 150 gives back the
+    # alpha-power layer (7, 5, 3: 91 + 5*7 + 3*7 = 147); the whole fixed table (161) needs no projection.
+    for budget, expected, cost in [(44, [1, 1, 1], 44), (100, [3, 3, 1], 88), (120, [4, 3, 2], 120),
+                                   (150, [7, 5, 3], 147), (161, [7, 7, 7], 161)]:
+        dims = budget_dims(P, n, 0.5, budget, d0=D0, include_projections=True)
+        assert dims.tolist() == expected and md_parameter_count(n, dims, D0) == cost, (budget, dims)
+
+
+def test_budget_closed_form_when_rows_are_inverse_probabilities():
+    # The paper's lambda = B (sum p_i ** (alpha - 1)) ** -1 holds for n_i = 1 / p_i (here p = 1/3, 1/5, 1/15).
+    n = np.array([3, 5, 15])
+    p, alpha, budget = 1.0 / n, 0.5, 100
+    paper = budget / np.sum(p ** (alpha - 1))
+    general = budget / np.sum(n * p ** alpha)
+    assert math.isclose(paper, general)
+    dims = budget_dims(p, n, alpha, budget)
+    assert np.all(np.abs(dims - paper * p ** alpha) <= 1.0)  # within rounding of the closed form
+    assert md_parameter_count(n, dims, include_projections=False) <= budget
+
+
+@pytest.mark.parametrize("round_pow2", [False, True])
+@pytest.mark.parametrize("projections", [False, True])
+@pytest.mark.parametrize("budget", [101, 130, 155, 230, 400])
+def test_budget_dims_is_the_largest_that_fits(budget, projections, round_pow2):
+    # Within rounding of B: no lambda of the alpha-power family gives a larger cost that still fits.
+    n = np.array([3, 5, 15, 40])
+    p = block_probabilities(np.concatenate([np.full(3, 20.0), np.full(5, 8.0), np.full(15, 3.0), np.ones(40)]), n)
+    d0 = 9
+    dims = budget_dims(p, n, 0.4, budget, d0=d0, round_pow2=round_pow2, include_projections=projections)
+    cost = md_parameter_count(n, dims, d0, projections)
+    assert cost <= budget
+    best = 0
+    for lam in np.geomspace(1e-3, 1e4, 20000):
+        d = np.round(np.maximum(1.0, lam * p ** 0.4))
+        d = np.minimum(2 ** np.round(np.log2(d)) if round_pow2 else d, d0)
+        c = md_parameter_count(n, d, d0, projections)
+        best = max(best, c if c <= budget else 0)
+    assert best <= cost, (dims, cost, best)
+
+
+# ----------------------------------------------------------------------------------------- the CTR rule (dlrm)
+CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]  # rows per table, 26 fields
+
+
+def _dlrm_transliteration(n, alpha, d0=None, budget=None, round_dim=True, k=None):
+    """dlrm ``md_solver`` / ``alpha_power_rule`` / ``pow_2_round`` step by step, loops as in dlrm."""
+    n = np.asarray(n, dtype=np.float64)
+    indices = np.argsort(n, kind="stable")
+    n = n[indices]
+    k = np.ones(len(n)) if k is None else np.asarray(k, dtype=np.float64)[indices]
+    m = n / k
+    lamb = d0 * m[0] ** alpha if d0 is not None else budget / np.sum(m ** (1 - alpha))
+    d = np.ones(len(m)) * lamb * m ** (-alpha)
+    for i in range(len(d)):
+        if i == 0 and d0 is not None:
+            d[i] = d0
+        else:
+            d[i] = 1 if d[i] < 1 else d[i]
+    d = np.round(d)
+    if round_dim:
+        d = 2 ** np.round(np.log2(d))
+    undo = [0] * len(indices)
+    for i, v in enumerate(indices):
+        undo[v] = i
+    return d[undo].astype(int).tolist()
+
+
+def test_dlrm_md_solver_by_hand():
+    # Sorted 10, 100, 1000: lambda = 16 * 10 ** 0.5 = 50.6 -> 16, 5.06, 1.60 -> 16, 5, 2, back in input order.
+    assert dlrm_md_solver([1000, 10, 100], 0.5, d0=16, round_pow2=False).tolist() == [2, 16, 5]
+    assert dlrm_md_solver([1000, 10, 100], 0.5, d0=16).tolist() == [2, 16, 4]  # md_solver rounds by default
+    # Budget form: lambda = 1000 / (10 ** .5 + 100 ** .5 + 1000 ** .5) = 22.33 -> 7.06, 2.23, 0.71 -> 7, 2, 1.
+    assert dlrm_md_solver([10, 100, 1000], 0.5, budget=1000, round_pow2=False).tolist() == [7, 2, 1]
+    assert dlrm_md_solver([10, 100, 1000], 0.5, budget=1000).tolist() == [8, 2, 1]
+    # Queries per example divide the rows: 1000 / 10 = 100 -> same dim as the 100-row table.
+    assert dlrm_md_solver([1000, 10, 100], 0.5, d0=16, queries=[10, 1, 1], round_pow2=False).tolist() == [5, 16, 5]
+    # --md-threshold: tables of <= 200 rows keep d0.
+    assert dlrm_md_solver([1000, 10, 100], 0.5, d0=16, round_pow2=False, threshold=200).tolist() == [2, 16, 16]
+    # dlrm does not cap: with d0 = 12 and rounding, the smallest table gets 16 (tfemb's layer helpers cap).
+    assert dlrm_md_solver([1, 4], 1.0, d0=12).tolist() == [16, 4]
+
+
+@pytest.mark.parametrize("kwargs", [dict(d0=16), dict(d0=16, round_dim=False), dict(d0=32, round_dim=False),
+                                    dict(budget=2e7), dict(budget=2e7, round_dim=False)])
+def test_dlrm_md_solver_matches_dlrm_on_criteo_sizes(kwargs):
+    round_pow2 = kwargs.pop("round_dim", True)
+    ours = dlrm_md_solver(CRITEO_KAGGLE, 0.3, round_pow2=round_pow2, **kwargs).tolist()
+    assert ours == _dlrm_transliteration(CRITEO_KAGGLE, 0.3, round_dim=round_pow2, **kwargs)
+    if kwargs.get("d0") == 16 and not round_pow2:
+        # By hand: 3 rows -> 16; 4 -> 16 (3/4) ** .3 = 14.7 -> 15; 10 -> 16 (0.3) ** .3 = 11.1 -> 11; 10.1M -> 1.
+        assert (ours[8], ours[19], ours[16], ours[2]) == (16, 15, 11, 1)
+
+
+def test_stacked_blocks_follow_the_dlrm_rule():
+    stacked = stacked_md_blocks(CRITEO_KAGGLE, 16, alpha=0.3)
+    assert stacked.block_dims.tolist() == dlrm_md_solver(CRITEO_KAGGLE, 0.3, d0=16, round_pow2=False).tolist()
+    assert stacked.offsets.tolist() == np.concatenate([[0], np.cumsum(CRITEO_KAGGLE)[:-1]]).tolist()
+    np.testing.assert_allclose(stacked.probabilities, 1.0 / (26 * np.asarray(CRITEO_KAGGLE)))
+    small = stacked_md_blocks([4, 11, 40], 8, alpha=0.5, compression=2.0)  # budget 55 * 8 / 2 = 220
+    assert md_parameter_count(small.block_sizes, small.block_dims, 8) <= 220
+
+
+def _field_schema():
+    n = 78
+    df = pd.DataFrame({"a": np.arange(n) % 3, "b": np.arange(n) % 10, "c": np.arange(n) % 39,
+                       "y": np.arange(n) % 2})
+    return schema_from_dataframe(df, label="y", categorical=["a", "b", "c"]).fit(df), df
+
+
+def test_md_field_dims_and_factory():
+    schema, _ = _field_schema()
+    assert [schema.vocabulary_size(f) for f in "abc"] == [4, 11, 40]  # values + OOV
+    # Smallest field (4 ids) gets 8; 11 ids: 8 (4/11) ** .5 = 4.82 -> 5; 40 ids: 8 (0.1) ** .5 = 2.53 -> 3.
+    assert md_field_dims(schema, 8, alpha=0.5) == {"a": 8, "b": 5, "c": 3}
+    assert md_field_dims(schema, 8, alpha=0.5, round_pow2=True) == {"a": 8, "b": 4, "c": 4}
+    assert md_field_dims(schema, 8, alpha=0.5, threshold=11) == {"a": 8, "b": 8, "c": 3}
+    squeezed = md_field_dims(schema, 8, alpha=0.5, compression=2.0)
+    n = [4, 11, 40]
+    assert md_parameter_count(n, [squeezed[f] for f in "abc"], 8) <= 55 * 8 / 2
+    make = md_field_factory(schema, 8, alpha=0.5)
+    assert make.field_dims == {"a": 8, "b": 5, "c": 3}
+    layers = {f: make(f, schema.vocabulary_size(f), schema.frequencies(f)) for f in "abc"}
+    for layer in layers.values():
+        layer.build()
+    assert [layers[f].block_dims for f in "abc"] == [[8], [5], [3]]
+    assert layers["a"].projections == [None] and layers["c"].name == "c_embedding"
+    assert layers["c"].parameter_count() == 40 * 3 + 3 * 8
+    with pytest.raises(ValueError, match=r"feature_name='d'"):
+        make("d", 5, None)
+
+
+def test_md_schemes_train_in_a_model(tmp_path):
+    from tfemb.data.pipeline import make_dataset
+    from tfemb.models import DeepFM
+    from tfemb.tasks import compile_model
+
+    schema, df = _field_schema()
+    x, y = schema.transform(df)
+    for embeddings in (md_field_factory(schema, 6, alpha=0.5),
+                       scheme_factory("md", output_dim=6, num_blocks=3, alpha=0.5)):
+        model = DeepFM(schema, embeddings=embeddings, embedding_dim=6, dnn_units=(4,), embedding_optimizer="adam")
+        compile_model(model, learning_rate=0.01)
+        history = model.fit(make_dataset(x, y, batch_size=26), epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+        assert all(isinstance(layer, MixedDimensionEmbedding) for layer in model.embedding_layers.values())
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+        reloaded = keras.models.load_model(path)
+        inputs = {k: tf.constant(v) for k, v in x.items()}
+        np.testing.assert_allclose(np.asarray(reloaded(inputs)), np.asarray(model(inputs)), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- tf.distribute
+def test_fixed_size_gathers_match_the_partitioned_lookup():
+    # The lookup used under multi-replica strategies gives the same vectors and table gradients.
+    layer, reference = md_case("permutation")
+    ids = tf.constant(IDS)
+    flat = layer.ranks(ids)
+    block = tf.add_n([tf.cast(flat >= t, tf.int32) for t in OFFSETS[1:]])
+    rows = flat - tf.gather(tf.constant(OFFSETS, tf.int64), block)
+    weights = _values(V, D0, -0.4)
+    with tf.GradientTape(persistent=True) as tape:
+        fixed = layer._lookup_fixed_size_gathers(block, rows)
+        loss_fixed = tf.reduce_sum(fixed * weights)
+        loss_partitioned = tf.reduce_sum(layer(ids) * weights)
+    np.testing.assert_allclose(fixed.numpy(), reference(IDS), rtol=1e-5, atol=1e-6)
+    for a, b in zip(tape.gradient(loss_fixed, layer.trainable_weights),
+                    tape.gradient(loss_partitioned, layer.trainable_weights)):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-5)
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    from tfemb._keras import keras
+    from tfemb.layers import MixedDimensionEmbedding
+    strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+    for extra in ({}, {"permutation": list(np.random.RandomState(1).permutation(23)), "combiner": "sum"}):
+        rng = np.random.RandomState(0)
+        ids = rng.randint(0, 23, size=(32, 3) if extra else (32,)).astype(np.int64)
+        with strategy.scope():
+            layer = MixedDimensionEmbedding(23, 7, [3, 5, 15], [7, 5, 3], **extra)
+            inputs = keras.Input(shape=ids.shape[1:], dtype="int64")
+            model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(layer(inputs))))
+            model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), loss="mse")
+        before = [w.numpy().copy() for w in layer.trainable_weights]
+        history = model.fit(ids, rng.normal(size=(32, 1)).astype("float32"), batch_size=8, epochs=3, verbose=0)
+        assert np.all(np.isfinite(history.history["loss"])), history.history
+        assert all(not np.allclose(b, w.numpy()) for b, w in zip(before, layer.trainable_weights))
+    print("MIRRORED_OK")
+""")
+
+
+def test_trains_under_mirrored_strategy():
+    # In a fresh process: the CPU is split into two logical devices there, and one MirroredStrategy per process
+    # avoids tensorflow/tensorflow#62790 (see tests/test_layers_distribute.py). Tables gathered with a per-replica
+    # varying number of rows crashed this (segfault); the layer then uses fixed-size gathers.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "MIRRORED_OK" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+
+
+# ---------------------------------------------------------------------------------------------- from counts
+def test_from_frequencies_cf_rule():
+    layer = MixedDimensionEmbedding.from_frequencies(SORTED_COUNTS, D0, num_blocks=3, alpha=0.5)
+    assert (layer.block_sizes, layer.block_dims, layer.permutation, layer.oov_rank) == (SIZES, DIMS, None, 0)
+    schema_layer = MixedDimensionEmbedding.from_frequencies(SCHEMA_COUNTS, D0, num_blocks=3, alpha=0.5)
+    assert (schema_layer.block_sizes, schema_layer.block_dims) == (SIZES, DIMS)
+    assert schema_layer.oov_rank == SCHEMA_OOV_RANK and schema_layer.permutation is None
+    shuffled = SORTED_COUNTS[np.asarray(PERM)]  # id x has the count of rank PERM[x]
+    perm_layer = MixedDimensionEmbedding.from_frequencies(shuffled, D0, num_blocks=3, alpha=0.5)
+    assert perm_layer.block_dims == DIMS
+    # Ranks by a stable sort of the counts (equal counts may rank differently from PERM): stored as a permutation.
+    ranks = np.empty(V, dtype=int)
+    ranks[np.argsort(-shuffled, kind="stable")] = np.arange(V)
+    assert perm_layer.permutation == ranks.tolist()
+    np.testing.assert_array_equal(perm_layer.dims_per_id(), np.asarray(DIMS)[
+        np.searchsorted(OFFSETS, ranks, side="right") - 1])
+    budgeted = MixedDimensionEmbedding.from_frequencies(SCHEMA_COUNTS, D0, num_blocks=3, alpha=0.5, budget=120)
+    assert budgeted.block_dims == [4, 3, 2] and budgeted.parameter_count() == 120
+    tables_only = MixedDimensionEmbedding.from_frequencies(
+        SCHEMA_COUNTS, D0, num_blocks=3, alpha=0.5, budget=100, budget_counts_projections=False)
+    assert tables_only.block_dims == [7, 6, 3]
+
+
+def test_scheme_factory_md():
+    assert get_scheme_class("md") is MixedDimensionEmbedding
+    layer = scheme_factory("md", output_dim=D0, num_blocks=3, alpha=0.5)("item", V, SCHEMA_COUNTS)
+    assert layer.name == "item_embedding" and layer.block_dims == DIMS and layer.oov_rank == SCHEMA_OOV_RANK
+    with pytest.raises(ValueError, match=r"frequencies=None for feature 'item'"):
+        scheme_factory("md", output_dim=D0)("item", V, None)
+    with pytest.raises(ValueError, match=r"budget=100"):
+        scheme_factory("md", output_dim=D0, compression=2.0, budget=100)
+
+
+@pytest.mark.parametrize("vocabulary_size", [1000, 54_321])
+@pytest.mark.parametrize("compression", [1.0, 4.0, 8.0])
+def test_scheme_factory_md_compression(vocabulary_size, compression):
+    dim = 16
+    counts = np.concatenate([[3.0], 1e5 / np.arange(1, vocabulary_size) ** 1.1])  # Zipf, Schema order
+    layer = scheme_factory("md", output_dim=dim, compression=compression)("f", vocabulary_size, counts)
+    budget = vocabulary_size * dim / compression
+    # At most the budget, and short of it by less than one more dim for the largest block (the rounding step of
+    # the budget form: on a Zipf vocabulary the last equal-mass block holds most of the rows).
+    params = layer.parameter_count()
+    assert budget - max(layer.block_sizes) < params <= budget, (layer.block_sizes, layer.block_dims, params, budget)
+    assert layer.permutation is None and layer.num_blocks == 8
+
+
+def test_scheme_factory_md_tiny_vocabulary():
+    # 3 ids x 8 dims / 16 = 1.5 parameters: no block layout fits; one block of dim 1 is the smallest layer.
+    layer = scheme_factory("md", output_dim=8, compression=16.0)("f", 3, [0.0, 5.0, 2.0])
+    assert layer.block_sizes == [3] and layer.block_dims == [1] and layer.parameter_count() == 3 + 8
+
+
+# --------------------------------------------------------------------------------------------- size accounting
+def test_size_accounting_by_hand():
+    # Tables 3*7 + 5*5 + 15*3 = 91, projections 5*7 + 3*7 = 56 -> 147 parameters, 588 bytes in float32;
+    # a stored permutation adds 23 ids x 4 bytes = 92.
+    for kind, nbytes in [("identity", 588), ("oov_rank", 588), ("permutation", 680)]:
+        layer, _ = md_case(kind)
+        assert layer.parameter_count() == 147 and layer.storage_bytes() == nbytes
+        floats = [w for w in layer.weights if tf.as_dtype(w.dtype).is_floating]
+        assert sum(int(np.prod(w.shape)) for w in floats) == 147
+        assert sum(int(np.prod(w.shape)) for w in layer.sparse_tables()) == 91
+        blocks = np.searchsorted(OFFSETS, _ranks(kind), side="right") - 1
+        np.testing.assert_array_equal(layer.dims_per_id(), np.asarray(DIMS)[blocks])
+    assert md_case("identity")[0].dims_per_id().tolist() == [7] * 3 + [5] * 5 + [3] * 15
+    oov = md_case("oov_rank")[0].dims_per_id()
+    assert oov[0] == 3 and oov[1:4].tolist() == [7] * 3 and oov[4:9].tolist() == [5] * 5 and set(oov[9:]) == {3}
+    assert MixedDimensionEmbedding(V, D0, SIZES, DIMS, dtype="float64").storage_bytes() == 147 * 8
+
+
+# ----------------------------------------------------------------------------------------------------- compact
+def test_compact_and_premultiply():
+    layer, reference = md_case("permutation")
+    expected = reference(IDS)
+    report = {row["block"]: row for row in layer.premultiply_report()}
+    # Block 1 (5 rows, dim 5): factors 25 + 35 = 60 vs 5 x 7 = 35 premultiplied -> smaller. Block 2 (15 rows,
+    # dim 3): 45 + 21 = 66 vs 105 -> not.
+    assert (report[1]["factored"], report[1]["premultiplied"], report[1]["smaller"]) == (60, 35, True)
+    assert (report[2]["factored"], report[2]["premultiplied"], report[2]["smaller"]) == (66, 105, False)
+    for premultiply, dims, params in [(False, [7, 5, 3], 147), ("auto", [7, 7, 3], 122), (True, [7, 7, 7], 161)]:
+        compact = layer.compact(premultiply=premultiply)
+        assert compact.block_dims == dims and compact.parameter_count() == params
+        assert compact.storage_bytes() == params * 4 + 92 and not compact.trainable_weights
+        np.testing.assert_allclose(compact(tf.constant(IDS)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"premultiply='yes'"):
+        layer.compact(premultiply="yes")
+
+
+# ------------------------------------------------------------------------------------------------ contract
+CONTRACT = [
+    ({"vocabulary_size": V, "output_dim": D0, "block_sizes": SIZES, "block_dims": DIMS}, IDS[:6], (6, 7)),
+    ({"vocabulary_size": V, "output_dim": D0, "block_sizes": SIZES, "block_dims": DIMS, "permutation": PERM,
+      "combiner": "mean"}, MULTI, (5, 7)),
+    ({"vocabulary_size": V, "output_dim": D0, "block_sizes": SIZES, "block_dims": DIMS,
+      "oov_rank": SCHEMA_OOV_RANK}, IDS[:6].reshape(3, 2), (3, 2, 7)),
+    ({"vocabulary_size": V, "output_dim": D0, "block_sizes": [V], "block_dims": [2], "combiner": "sqrtn",
+      "frequencies": SCHEMA_COUNTS.tolist()}, MULTI, (5, 7)),
+]
+
+
+@pytest.mark.parametrize("kwargs,ids,shape", CONTRACT)
+def test_run_scheme_test(kwargs, ids, shape):
+    trained = run_scheme_test(MixedDimensionEmbedding, kwargs, ids, shape)
+    assert isinstance(trained, MixedDimensionEmbedding)
+
+
+def test_config_round_trip_keeps_the_blocks():
+    layer = MixedDimensionEmbedding.from_frequencies(SCHEMA_COUNTS, D0, num_blocks=3, alpha=0.5, combiner="sum")
+    config = layer.get_config()
+    assert config["block_sizes"] == SIZES and config["block_dims"] == DIMS
+    assert config["oov_rank"] == SCHEMA_OOV_RANK and config["permutation"] is None
+    clone = MixedDimensionEmbedding.from_config(config)
+    assert clone.get_config() == config and clone.storage_bytes() == layer.storage_bytes()
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+BAD_CALLS = [
+    (lambda: alpha_power_dims(P, D0, 0), r"alpha=0"),
+    (lambda: alpha_power_dims(P, D0, -0.5), r"alpha=-0.5"),
+    (lambda: alpha_power_dims(P, D0, float("nan")), r"alpha=nan"),
+    (lambda: budget_dims(P, SIZES, 0.0, 100), r"alpha=0.0"),
+    (lambda: MixedDimensionEmbedding.from_frequencies(SORTED_COUNTS, D0, alpha=-1), r"alpha=-1"),
+    (lambda: cf_blocks(SORTED_COUNTS, 0), r"num_blocks=0"),
+    (lambda: cf_blocks(SORTED_COUNTS, -1), r"num_blocks=-1"),
+    (lambda: MixedDimensionEmbedding.from_frequencies(SORTED_COUNTS, D0, num_blocks=-2), r"num_blocks=-2"),
+    (lambda: budget_dims(P, SIZES, 0.5, 22), r"one dimension.*23 parameters.*budget=22"),
+    (lambda: budget_dims(P, SIZES, 0.5, 40, d0=D0, include_projections=True), r"44 parameters.*budget=40"),
+    (lambda: budget_dims(P, SIZES, 0.5, -5), r"budget=-5"),
+    (lambda: budget_dims(P, [3, 5], 0.5, 100), r"block_sizes=\[3, 5\]"),
+    (lambda: budget_dims(P, SIZES, 0.5, 100, include_projections=True), r"d0=None"),
+    (lambda: MixedDimensionEmbedding.from_frequencies(SORTED_COUNTS, D0, num_blocks=3, budget=30),
+     r"budget=30"),
+    (lambda: cf_blocks([1.0, -2.0, 3.0], 2), r"a count of -2"),
+    (lambda: cf_blocks([0.0, 0.0], 2), r"positive total"),
+    (lambda: cf_blocks(np.ones((2, 3)), 2), r"shape \(2, 3\)"),
+    (lambda: scheme_factory("md", output_dim=D0)("f", V, np.ones(22)), r"shape \(22,\)"),
+    (lambda: scheme_factory("md", output_dim=D0)("f", V, np.r_[np.ones(22), -3.0]), r"a count of -3"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, DIMS, frequencies=np.ones(22)), r"shape \(22,\)"),
+    (lambda: alpha_power_dims([0.5, -0.1], D0, 0.5), r"-0.1"),
+    (lambda: pow2_round([0, 4]), r"dims=\[0, 4\]"),
+    (lambda: dlrm_md_solver([10, 100], 0.3), r"d0 or budget"),
+    (lambda: dlrm_md_solver([10, 0], 0.3, d0=4), r"row_counts=\[10, 0\]"),
+    (lambda: MixedDimensionEmbedding(V, D0, [3, 5, 14], DIMS), r"block_sizes=\[3, 5, 14\] \(sum 22\)"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, [8, 5, 3]), r"block_dims=\[8, 5, 3\]"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, [7, 5]), r"block_dims=\[7, 5\]"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, [7, 0, 3]), r"block_dims=\[7, 0, 3\]"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, DIMS, permutation=[0] * V), r"permutation=\[0, 0"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, DIMS, permutation=PERM[:5]), r"shape \(5,\)"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, DIMS, oov_rank=23), r"oov_rank=23"),
+    (lambda: MixedDimensionEmbedding(V, D0, SIZES, DIMS, oov_rank=2, permutation=PERM), r"oov_rank=2"),
+    (lambda: MixedDimensionEmbedding(V, 0, SIZES, DIMS), r"output_dim=0"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD_CALLS)
+def test_bad_input_names_the_value(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bad_ids_name_the_layer_and_value():
+    layer = MixedDimensionEmbedding(V, D0, SIZES, DIMS, permutation=PERM)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be < vocabulary_size=23.*\[ *3 +30\]"):
+        layer(tf.constant([3, 30]))
+    with pytest.raises(TypeError, match=r"Received: dtype=float32"):
+        layer(tf.constant([1.0]))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from tfemb.layers import md_dims, mixed_dimension_embedding
+
+    for module in (md_dims, mixed_dimension_embedding):
+        result = doctest.testmod(module, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, (module.__name__, result)

@@ -1,0 +1,225 @@
+"""PackedEmbedding: a pruned table stored row by row as (column, value) pairs (CSR), for inference."""
+
+import numpy as np
+import tensorflow as tf
+
+from tfemb._keras import register
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+
+#: Largest int32 value: row offsets switch to int64 above it.
+_INT32_MAX = 2**31 - 1
+
+
+def column_dtype(output_dim):
+    """Smallest signed integer dtype that holds a column index in ``[0, output_dim)``."""
+    if output_dim <= 2**7:
+        return "int8"
+    if output_dim <= 2**15:
+        return "int16"
+    return "int32"
+
+
+def row_splits_dtype(nnz):
+    """``int32`` row offsets while ``nnz`` fits in one, else ``int64``."""
+    return "int32" if nnz <= _INT32_MAX else "int64"
+
+
+def to_numpy(variable):
+    """A Keras 3 / Keras 2 variable (or tensor) as a NumPy array."""
+    return np.asarray(tf.convert_to_tensor(variable))
+
+
+def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"):
+    """Bytes of a packed table: ``nnz`` values and column indices plus ``vocabulary_size + 1`` row offsets.
+
+    >>> packed_storage_bytes(23, 7, 30)  # 30 x (4 + 1) + 24 x 4
+    246
+    """
+    return (int(nnz) * (dtype_bytes(value_dtype) + dtype_bytes(column_dtype(output_dim)))
+            + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(nnz)))
+
+
+def csr_from_dense(table, mask=None):
+    """``(row_splits, columns, values)`` of the entries of a ``[rows, dim]`` table selected by ``mask``.
+
+    Args:
+        table: float array ``[rows, dim]``.
+        mask: optional bool array of the same shape: the entries to keep (kept even when their value is 0).
+            Default: the non-zero entries of ``table``.
+
+    Returns:
+        ``row_splits`` (int64 ``[rows + 1]``: row ``r`` owns entries ``row_splits[r]:row_splits[r + 1]``),
+        ``columns`` (int64 ``[nnz]``, ascending within a row) and ``values`` (``[nnz]``, the table's dtype).
+    """
+    table = np.asarray(table)
+    if table.ndim != 2:
+        raise ValueError(f"table must be a 2-D array [rows, dim]. Received: shape {table.shape}")
+    mask = table != 0 if mask is None else np.asarray(mask)
+    if mask.shape != table.shape:
+        raise ValueError(
+            f"mask must have the shape of the table, {table.shape}. Received: mask of shape {mask.shape}"
+        )
+    mask = mask.astype(bool)
+    rows, cols = np.nonzero(mask)  # row-major: rows ascending, columns ascending within a row
+    row_splits = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
+    return row_splits, cols.astype(np.int64), table[rows, cols]
+
+
+@register
+class PackedEmbedding(EmbeddingScheme):
+    """A pruned embedding table stored physically small: per row, only its kept values and their columns.
+
+    The table ``T`` (``vocabulary_size x output_dim``, most entries zero) is held in compressed-sparse-row form:
+
+    - ``row_splits`` (``vocabulary_size + 1`` ints, int32 or int64): the entries of row ``r`` are
+      ``row_splits[r]:row_splits[r + 1]``;
+    - ``columns`` (``nnz`` ints, int8 up to 128 dims, else int16 / int32): each entry's column;
+    - ``values`` (``nnz`` floats): each entry's value.
+
+    A lookup gathers each id's range of entries and scatters them into a dense ``[batch, output_dim]`` block of
+    zeros (``tf.gather``, ``tf.repeat``, ``tf.scatter_nd``: stock TensorFlow ops only). Every position receives
+    at most one value, so the outputs equal ``T[ids]`` exactly, bit for bit.
+
+    ``parameter_count()`` is ``nnz``; ``storage_bytes()`` counts the values and both index arrays
+    (``nnz x (value bytes + column bytes) + (vocabulary_size + 1) x offset bytes``), so the packed table is
+    smaller than the dense one when fewer than about ``(4d - 4) / (5d)`` of the entries are kept (float32
+    values, int8 columns, int32 offsets: 75% at d = 16).
+
+    It is the ``compact()`` form of ``PEPEmbedding``; build one from any dense table with ``from_dense``. The
+    layer is frozen by default (``trainable=False``); with ``trainable=True`` only the kept values train
+    (their gradient is row-sparse over entries and listed in ``sparse_tables()``), the zero pattern never changes.
+
+    Args:
+        vocabulary_size: int, number of ids (OOV id 0 included).
+        output_dim: int, embedding dimension.
+        nnz: int >= 0, number of stored entries.
+        **kwargs: ``combiner``, ``frequencies``, ``validate_ids`` and base Layer arguments.
+
+    Input shape:
+        int tensor ``[batch]`` or ``[batch, k]``.
+
+    Output shape:
+        ``[batch, output_dim]`` / ``[batch, k, output_dim]``, or ``[batch, output_dim]`` with a combiner.
+
+    Example:
+
+    >>> table = np.zeros((23, 7), "float32"); table[5, [0, 3]] = [1.5, -2.0]; table[22, 6] = 0.25
+    >>> packed = PackedEmbedding.from_dense(table)
+    >>> packed(tf.constant([5, 0, 22])).numpy()[:, [0, 3, 6]].tolist()
+    [[1.5, -2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.25]]
+    >>> packed.parameter_count(), packed.storage_bytes()  # 3 x (4 + 1) + 24 x 4
+    (3, 111)
+    """
+
+    def __init__(self, vocabulary_size, output_dim, nnz, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(vocabulary_size, output_dim, **kwargs)
+        self.nnz = check_positive_int("nnz", nnz, minimum=0)
+        if self.nnz > self.vocabulary_size * self.output_dim:
+            raise ValueError(
+                f"nnz must be <= vocabulary_size * output_dim = {self.vocabulary_size * self.output_dim}. "
+                f"Received: nnz={self.nnz}"
+            )
+
+    @classmethod
+    def from_dense(cls, table, mask=None, **kwargs):
+        """A built ``PackedEmbedding`` holding ``table`` (``[vocabulary_size, output_dim]``).
+
+        Args:
+            table: float array-like ``[vocabulary_size, output_dim]``.
+            mask: optional bool array of the same shape, the entries to store (default: non-zeros of ``table``).
+            **kwargs: other constructor arguments (``name``, ``combiner``, ``dtype``, ...).
+        """
+        table = np.asarray(table)
+        row_splits, columns, values = csr_from_dense(table, mask)
+        layer = cls(table.shape[0], table.shape[1], int(values.shape[0]), **kwargs)
+        layer.build()
+        layer.row_splits.assign(row_splits.astype(layer.row_splits_dtype))
+        layer.columns.assign(columns.astype(layer.column_dtype))
+        layer.values.assign(values.astype(np.float32 if layer.variable_dtype is None else layer.variable_dtype))
+        return layer
+
+    @property
+    def column_dtype(self):
+        return column_dtype(self.output_dim)
+
+    @property
+    def row_splits_dtype(self):
+        return row_splits_dtype(self.nnz)
+
+    def build(self, input_shape=None):
+        # Before from_dense or loaded weights fill it, the layer holds a valid layout of zeros: the first nnz
+        # entries of the table in row-major order.
+        d, nnz = self.output_dim, self.nnz
+        splits = np.minimum(np.arange(self.vocabulary_size + 1) * d, nnz)
+        self.row_splits = self.add_weight(
+            name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype, trainable=False,
+            initializer=lambda shape, dtype=None: tf.constant(splits, self.row_splits_dtype),
+        )
+        self.columns = self.add_weight(
+            name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
+            initializer=lambda shape, dtype=None: tf.constant(np.arange(nnz) % d, self.column_dtype),
+        )
+        self.values = self.add_weight(name="values", shape=(nnz,), initializer="zeros", trainable=True)
+        self.built = True
+
+    def lookup(self, ids):
+        flat = tf.reshape(ids, [-1])  # [n]
+        n = tf.shape(flat, out_type=tf.int64)[0]
+        splits = tf.cast(tf.convert_to_tensor(self.row_splits), tf.int64)
+        starts = tf.gather(splits, flat)  # [n]
+        lengths = tf.gather(splits, flat + 1) - starts  # [n], kept dims of each id
+        # Entry positions of every looked-up id, id after id: start + 0..length-1.
+        batch_row = tf.repeat(tf.range(n), lengths)  # [m]
+        first = tf.cumsum(lengths, exclusive=True)  # [n], where each id's entries begin in the output list
+        within = tf.range(tf.reduce_sum(lengths)) - tf.repeat(first, lengths)  # [m]
+        positions = tf.repeat(starts, lengths) + within  # [m]
+        columns = tf.cast(tf.gather(self.columns, positions), tf.int64)
+        values = self.gather_rows(self.values, positions)  # the hook export uses for int8 / float16 storage
+        dense = tf.scatter_nd(tf.stack([batch_row, columns], axis=1), values,
+                              tf.stack([n, tf.constant(self.output_dim, tf.int64)]))  # [n, dim]
+        return tf.reshape(dense, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
+
+    # -------------------------------------------------------------------------------------- size accounting
+    def parameter_count(self):
+        return self.nnz
+
+    def storage_bytes(self):
+        return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nnz, self.variable_dtype or "float32")
+
+    def dims_per_id(self):
+        return np.diff(self._csr()[0])
+
+    def _csr(self):
+        if not self.built:
+            self.build()
+        return (to_numpy(self.row_splits).astype(np.int64), to_numpy(self.columns).astype(np.int64),
+                to_numpy(self.values))
+
+    def stored_mask(self):
+        """Bool array ``[vocabulary_size, output_dim]``: the entries the layer stores."""
+        splits, columns, _ = self._csr()
+        mask = np.zeros((self.vocabulary_size, self.output_dim), dtype=bool)
+        mask[np.repeat(np.arange(self.vocabulary_size), np.diff(splits)), columns] = True
+        return mask
+
+    def to_dense(self):
+        """The table as a dense NumPy array ``[vocabulary_size, output_dim]``."""
+        splits, columns, values = self._csr()
+        table = np.zeros((self.vocabulary_size, self.output_dim), dtype=values.dtype)
+        table[np.repeat(np.arange(self.vocabulary_size), np.diff(splits)), columns] = values
+        return table
+
+    def compact(self):
+        """Already the inference form: a frozen copy."""
+        config = {k: v for k, v in self.get_config().items() if k not in ("vocabulary_size", "output_dim", "nnz")}
+        config.update(trainable=False, frequencies=None)
+        return PackedEmbedding.from_dense(self.to_dense(), mask=self.stored_mask(), **config)
+
+    def sparse_tables(self):
+        return [self.values] if self.trainable else []
+
+    def get_config(self):
+        config = super().get_config()
+        config["nnz"] = self.nnz
+        return config

@@ -1,0 +1,453 @@
+"""PEPEmbedding: plug-in embedding pruning with learnable soft thresholds (Liu et al., ICLR 2021)."""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tfemb._keras import keras, register
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int
+from tfemb.layers.packed_embedding import PackedEmbedding, packed_storage_bytes, to_numpy
+from tfemb.layers.qr_embedding import fresh_initializer
+
+#: Threshold granularities -> the shape of ``s`` (``V`` ids, ``d`` dims, ``F`` fields of a stacked table).
+THRESHOLD_TYPES = {
+    "global": "()",
+    "dimension": "(d,)",
+    "feature": "(V, 1)",
+    "feature_dim": "(V, d)",
+    "field": "(F, 1)",
+    "field_dim": "(F, d)",
+}
+
+#: Granularities whose thresholds are indexed by id (gathered per lookup, row-sparse gradients).
+ROW_INDEXED = ("feature", "feature_dim")
+
+#: The official code's settings (ssui-liu/learnable-embed-sizes-for-RecSys, ``train_<dataset>.py``): the
+#: threshold granularity and initial value, the scale ``gk`` of g(s), the base dimension, the targets
+#: (``candidate_p``) and the optimizer (Adam, lr 1e-3, batch 1024, ``weight_decay`` 1e-5 on every parameter).
+OFFICIAL_PRESETS = {
+    "ml-1m": {"threshold_type": "feature_dim", "threshold_init": -15.0, "g_scale": 1.0, "output_dim": 32,
+              "candidate_p": (50000, 30000, 20000), "learning_rate": 1e-3, "weight_decay": 1e-5,
+              "batch_size": 1024},
+    "criteo": {"threshold_type": "feature_dim", "threshold_init": -150.0, "g_scale": 1.0, "output_dim": 24,
+               "candidate_p": (50000, 30000, 20000), "learning_rate": 1e-3, "weight_decay": 1e-5,
+               "batch_size": 1024},
+    "avazu": {"threshold_type": "feature_dim", "threshold_init": -150.0, "g_scale": 1.0, "output_dim": 24,
+              "candidate_p": (50000, 30000, 20000), "learning_rate": 1e-3, "weight_decay": 1e-5,
+              "batch_size": 1024},
+}
+
+
+def pep_preset(name, official_weight_decay=True):
+    """``PEPEmbedding`` keyword arguments of an official preset (``"ml-1m"``, ``"criteo"``, ``"avazu"``).
+
+    Gives ``threshold_type``, ``threshold_init``, ``g_scale`` and ``output_dim``; with
+    ``official_weight_decay=True`` also ``threshold_regularizer=L2(weight_decay / 2)``: under Adam this is the
+    official code's coupled weight decay on ``s`` (PyTorch adds ``weight_decay * s`` to the gradient; the
+    gradient of ``L2(l)`` is ``2 l s``), which is what raises a threshold initialised at -150, where the
+    float32 sigmoid and its gradient are exactly 0.
+
+    >>> pep_preset("ml-1m", official_weight_decay=False)
+    {'threshold_type': 'feature_dim', 'threshold_init': -15.0, 'g_scale': 1.0, 'output_dim': 32}
+    """
+    if name not in OFFICIAL_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(OFFICIAL_PRESETS)}. Received: preset={name!r}")
+    preset = OFFICIAL_PRESETS[name]
+    out = {key: preset[key] for key in ("threshold_type", "threshold_init", "g_scale", "output_dim")}
+    if official_weight_decay:
+        out["threshold_regularizer"] = keras.regularizers.L2(preset["weight_decay"] / 2.0)
+    return out
+
+
+@tf.custom_gradient
+def threshold_sigmoid(s):
+    """g(s) = sigmoid(s) whose value does not depend on where ``s`` sits in a tensor.
+
+    TensorFlow's CPU sigmoid (and exp) kernels round the last elements of a tensor (the tail after the SIMD
+    packets) differently from the others, so the same threshold gathered into a batch and computed over the
+    whole table could differ in the last bit, and the forward pass, the mask and ``compact()`` would not agree
+    exactly. ``0.5 * tanh(s / 2) + 0.5`` is the same function, and TF's float tanh kernel uses one formula for
+    every position. Its float32 value is 0 below s ~ -17.3 (true sigmoid: < 3e-8); the gradient is the exact
+    ``sigmoid(s) * (1 - sigmoid(s))`` everywhere, so a threshold far below that still learns (as in the
+    official PyTorch code, where it is 0 only below about -88).
+    """
+    value = 0.5 * tf.tanh(0.5 * s) + 0.5
+
+    def grad(upstream):
+        p = tf.sigmoid(s)
+        return upstream * p * (1.0 - p)
+
+    return value, grad
+
+
+def soft_threshold(values, threshold):
+    """``sign(v) * ReLU(|v| - threshold)`` (the paper's S(V, s) with ``threshold = g_scale * g(s)``)."""
+    return tf.sign(values) * tf.nn.relu(tf.abs(values) - threshold)
+
+
+def _check_threshold_init(threshold_init):
+    if isinstance(threshold_init, str):
+        if threshold_init not in OFFICIAL_PRESETS:
+            raise ValueError(
+                f"threshold_init must be a number or a preset name in {sorted(OFFICIAL_PRESETS)}. Received: "
+                f"threshold_init={threshold_init!r}"
+            )
+        return float(OFFICIAL_PRESETS[threshold_init]["threshold_init"])
+    if isinstance(threshold_init, bool) or not isinstance(threshold_init, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(threshold_init)):
+        raise ValueError(f"threshold_init must be a finite number. Received: threshold_init={threshold_init!r}")
+    return float(threshold_init)
+
+
+@register
+class PEPEmbedding(EmbeddingScheme):
+    """PEP (plug-in embedding pruning): a table pruned by learnable soft thresholds.
+
+    The table ``V`` (``vocabulary_size x output_dim``) is re-parameterised as
+
+        V̂ = sign(V) * ReLU(|V| - g_scale * g(s)),    g = sigmoid,
+
+    and ``e(id) = V̂[id]``. The thresholds ``s`` train with ``V`` and the rest of the model by gradient
+    descent (plain ``model.fit``): entries whose magnitude falls below their threshold become exactly zero, so
+    each id keeps its own number of dimensions. ``s`` has one of these granularities (``threshold_type``):
+
+    - ``"global"``: one scalar for the table;
+    - ``"dimension"``: a vector over the ``d`` dimensions;
+    - ``"feature"``: one value per id, ``[V, 1]``;
+    - ``"feature_dim"``: a matrix ``[V, d]`` (the official default);
+    - ``"field"`` / ``"field_dim"``: one value (or one vector over dims) per field. In tfemb each feature has
+      its own layer, so without ``field_offsets`` the layer is one field: ``"field"`` is a per-feature scalar
+      (numerically ``"global"`` within the table) and ``"field_dim"`` a per-feature vector (``"dimension"``).
+      With ``field_offsets`` the layer is a stacked table of several fields (as the official code's single
+      table over all fields) and field ``i`` owns the ids ``[field_offsets[i], field_offsets[i + 1])``.
+
+    Two modes:
+
+    - **search** (``mask=None``, ``retrain=False``): the soft threshold above. The layer also keeps a frozen
+      copy of ``V``'s initial values (``keep_initial``) for the lottery-ticket rewind; it is training-time state:
+      saved with the layer (so a search can be resumed and rewound after a reload) but never counted in
+      ``parameter_count`` / ``storage_bytes`` and never part of ``compact()``.
+    - **retrain** (``mask`` given, or ``retrain=True`` for a layer whose mask is loaded with its weights): a fixed
+      binary mask, ``e(id) = (V * mask)[id]``; the thresholds are not used (the official code sets
+      ``gk = 0``). The gradient of a pruned entry is exactly 0, so with the zero that ``set_mask`` / ``rewind``
+      / the initial draw write there, pruned entries stay exactly zero under SGD, Adam, Adagrad, L1/L2 penalties
+      and the row-sparse ``tfemb.optimizers``. The mask is stored as an int8 weight (not in the config).
+
+    ``tfemb.pep`` has the procedure: ``PEPSnapshots`` (a callback taking the masks when the model's number of
+    non-zero embedding parameters first falls to each target, in one run) and ``retrain`` (a model in retrain
+    mode, rewound to the initial values x mask or freshly re-initialised with the same mask).
+
+    Size accounting: ``parameter_count()`` is the number of non-zeros of the pruned table (search: of V̂;
+    retrain: of the mask); ``dims_per_id()`` the kept dimensions of each id; ``compact()`` a
+    ``PackedEmbedding`` (per-row values + int8 column indices + row offsets) whose outputs equal V̂ exactly;
+    ``storage_bytes()`` its bytes.
+
+    Gradients: ``V`` and the id-indexed thresholds (``"feature"``, ``"feature_dim"``) are gathered per lookup,
+    so their gradients are row-sparse and both are listed in ``sparse_tables()`` (a ``[V, d]`` threshold matrix
+    is as large as the table, and a dense optimizer update of it every step would dominate training time);
+    the other granularities' thresholds are small dense variables. Exact zeros of V̂ have gradient 0 with
+    respect to ``V`` (the ReLU is flat there), as in the paper.
+
+    Args:
+        vocabulary_size: int, number of ids (OOV id 0 included).
+        output_dim: int, embedding dimension.
+        threshold_type: one of ``THRESHOLD_TYPES``. Default ``"feature_dim"``.
+        threshold_init: initial value of every threshold ``s``, or a preset name (``"ml-1m"``: -15,
+            ``"criteo"`` / ``"avazu"``: -150, the official scripts' values). Default -15.
+        g_scale: the official code's ``gk``, a factor on g(s) (1 in every official script). Default 1.0.
+        field_offsets: optional increasing ints starting at 0 and below ``vocabulary_size``: the first id of each
+            field of a stacked table (for ``"field"`` / ``"field_dim"``; reports use it for every type).
+        mask: optional 0/1 array ``[vocabulary_size, output_dim]``: retrain mode with this fixed mask.
+        retrain: bool, retrain mode without a mask array (the mask weight starts at ones, to be set by
+            ``set_mask`` or loaded with the weights). Implied by ``mask``.
+        keep_initial: bool, keep a frozen copy of the initial ``V`` (search mode). Default: True in search mode,
+            False in retrain mode.
+        embeddings_initializer: initializer of ``V``. Default ``"glorot_uniform"`` (the official code's
+            ``xavier_uniform_``; it draws one table over all fields, so its bound ``sqrt(6 / (sum of
+            vocabularies + d))`` matches tfemb's only for a stacked table).
+        embeddings_regularizer: optional regularizer of ``V`` (dense over the whole table).
+        threshold_regularizer: optional regularizer of ``s``; see ``pep_preset`` for the official weight decay.
+        **kwargs: ``combiner``, ``frequencies`` (for reports), ``validate_ids`` and base Layer arguments.
+
+    Input shape:
+        int tensor ``[batch]`` or ``[batch, k]``.
+
+    Output shape:
+        ``[batch, output_dim]`` / ``[batch, k, output_dim]``, or ``[batch, output_dim]`` with a combiner.
+
+    Example:
+
+    >>> layer = PEPEmbedding(23, 7, threshold_type="dimension", threshold_init=-3.0)
+    >>> layer(tf.constant([0, 5, 22])).shape
+    TensorShape([3, 7])
+    >>> layer.threshold.shape, layer.parameter_count() <= 23 * 7
+    (TensorShape([7]), True)
+
+    References:
+        - Liu, Gao, Chen, Jin, Li, "Learnable Embedding Sizes for Recommender Systems", ICLR 2021,
+          arXiv:2101.07577; ssui-liu/learnable-embed-sizes-for-RecSys (``models/pep_embedding.py``).
+        - Kusupati et al., "Soft Threshold Weight Reparameterization for Learnable Sparsity", ICML 2020.
+        - Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019.
+    """
+
+    def __init__(self, vocabulary_size, output_dim, threshold_type="feature_dim", threshold_init=-15.0, g_scale=1.0,
+                 field_offsets=None, mask=None, retrain=False, keep_initial=None,
+                 embeddings_initializer="glorot_uniform", embeddings_regularizer=None, threshold_regularizer=None,
+                 **kwargs):
+        super().__init__(vocabulary_size, output_dim, **kwargs)
+        if threshold_type not in THRESHOLD_TYPES:
+            raise ValueError(
+                f"threshold_type must be one of {tuple(THRESHOLD_TYPES)}. Received: threshold_type={threshold_type!r}"
+            )
+        self.threshold_type = threshold_type
+        self.threshold_init = _check_threshold_init(threshold_init)
+        if isinstance(g_scale, bool) or not isinstance(g_scale, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(g_scale)) or g_scale < 0:
+            raise ValueError(f"g_scale must be a finite number >= 0. Received: g_scale={g_scale!r}")
+        self.g_scale = float(g_scale)
+        self.field_offsets = self._check_field_offsets(field_offsets)
+        self._mask_value = None if mask is None else self.check_mask(mask)
+        self.retrain = bool(retrain) or mask is not None
+        self.keep_initial = (not self.retrain) if keep_initial is None else bool(keep_initial)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self.threshold_regularizer = keras.regularizers.get(threshold_regularizer)
+        self.threshold = None
+        self.mask = None
+        self.initial_embeddings = None
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _check_field_offsets(self, field_offsets):
+        if field_offsets is None:
+            return None
+        offsets = [check_positive_int("field_offsets[i]", o, minimum=0) for o in field_offsets]
+        if not offsets or offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:])) \
+                or offsets[-1] >= self.vocabulary_size:
+            raise ValueError(
+                f"field_offsets must be increasing ints starting at 0, each below vocabulary_size="
+                f"{self.vocabulary_size} (the first id of each field). Received: field_offsets={list(field_offsets)}"
+            )
+        return offsets
+
+    def check_mask(self, mask):
+        """Validates a 0/1 mask of the table's shape; returns it as an int8 NumPy array."""
+        shape = (self.vocabulary_size, self.output_dim)
+        value = np.asarray(mask)
+        if value.shape != shape:
+            raise ValueError(
+                f"{self.name}: mask must have the table's shape {shape} (vocabulary_size, output_dim). "
+                f"Received: mask of shape {value.shape}"
+            )
+        if value.dtype != bool and not np.all((value == 0) | (value == 1)):
+            bad = value[(value != 0) & (value != 1)].ravel()[0]
+            raise ValueError(f"{self.name}: mask must hold only 0 and 1 (or booleans). Received: a value {bad!r}")
+        return value.astype(np.int8)
+
+    @property
+    def num_fields(self):
+        """Fields of the table: ``len(field_offsets)``, or 1."""
+        return 1 if self.field_offsets is None else len(self.field_offsets)
+
+    def threshold_shape(self):
+        """Shape of ``s`` for this layer's ``threshold_type``."""
+        v, d, f = self.vocabulary_size, self.output_dim, self.num_fields
+        return {"global": (), "dimension": (d,), "feature": (v, 1), "feature_dim": (v, d), "field": (f, 1),
+                "field_dim": (f, d)}[self.threshold_type]
+
+    # ---------------------------------------------------------------------------------------------- weights
+    def build(self, input_shape=None):
+        shape = (self.vocabulary_size, self.output_dim)
+        with tf.init_scope():
+            initial = tf.convert_to_tensor(fresh_initializer(self.embeddings_initializer)(shape, dtype="float32"))
+            if self.retrain and self._mask_value is not None:
+                initial = initial * tf.cast(self._mask_value, initial.dtype)
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=shape, initializer=lambda shape, dtype=None: tf.cast(initial, dtype),
+            regularizer=self.embeddings_regularizer, trainable=True,
+        )
+        if self.retrain:
+            mask = np.ones(shape, np.int8) if self._mask_value is None else self._mask_value
+            self.mask = self.add_weight(
+                name="mask", shape=shape, dtype="int8", trainable=False,
+                initializer=lambda shape, dtype=None: tf.constant(mask, tf.int8),
+            )
+        else:
+            self.threshold = self.add_weight(
+                name="threshold", shape=self.threshold_shape(), regularizer=self.threshold_regularizer,
+                initializer=keras.initializers.Constant(self.threshold_init), trainable=True,
+            )
+        if self.keep_initial:
+            self.initial_embeddings = self.add_weight(
+                name="initial_embeddings", shape=shape, trainable=False,
+                initializer=lambda shape, dtype=None: tf.cast(initial, dtype),
+            )
+        self._mask_value = None  # the weight holds it now
+        self.built = True
+
+    def _ensure_built(self):
+        if not self.built:
+            self.build()
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def _field_index(self, ids):
+        offsets = tf.constant(self.field_offsets, tf.int64)
+        flat = tf.reshape(ids, [-1])
+        field = tf.searchsorted(offsets, flat, side="right") - 1
+        return tf.reshape(field, tf.shape(ids))
+
+    def _thresholds(self, ids=None):
+        """``g_scale * g(s)`` broadcastable to the rows of ``ids`` (``[..., d]``), or to the whole table."""
+        s = tf.convert_to_tensor(self.threshold)
+        kind = self.threshold_type
+        if kind in ROW_INDEXED:
+            s = s if ids is None else tf.gather(s, ids)  # [..., 1] / [..., d]
+        elif kind in ("field", "field_dim"):
+            if self.field_offsets is None:
+                s = s[0]  # one field: a scalar (field) or a [d] vector (field_dim)
+                s = s[0] if kind == "field" else s
+            else:
+                rows = tf.range(self.vocabulary_size, dtype=tf.int64) if ids is None else ids
+                s = tf.gather(s, self._field_index(rows))  # [..., 1] / [..., d]
+        return self.g_scale * threshold_sigmoid(s)
+
+    def lookup(self, ids):
+        rows = tf.gather(self.embeddings, ids)  # [..., d]
+        if self.retrain:
+            return rows * tf.cast(tf.gather(self.mask, ids), rows.dtype)
+        return soft_threshold(rows, tf.cast(self._thresholds(ids), rows.dtype))
+
+    def pruned_table(self):
+        """The whole table the layer looks up, a ``[vocabulary_size, output_dim]`` tensor (search: V̂, retrain:
+        ``V * mask``); its rows equal the layer's outputs bit for bit."""
+        self._ensure_built()
+        table = tf.convert_to_tensor(self.embeddings)
+        if self.retrain:
+            return table * tf.cast(self.mask, table.dtype)
+        return soft_threshold(table, tf.cast(self._thresholds(), table.dtype))
+
+    # ------------------------------------------------------------------------------------------------ masks
+    def current_mask(self):
+        """NumPy bool ``[vocabulary_size, output_dim]``: the kept entries (search: non-zeros of V̂; retrain: the
+        mask)."""
+        self._ensure_built()
+        if self.retrain:
+            return to_numpy(self.mask).astype(bool)
+        return to_numpy(self.pruned_table()) != 0
+
+    def nonzero_count(self):
+        """Number of kept entries (a Python int), computed in TensorFlow without copying the table out."""
+        self._ensure_built()
+        kept = self.mask if self.retrain else self.pruned_table()
+        return int(tf.math.count_nonzero(tf.convert_to_tensor(kept), dtype=tf.int64))
+
+    def threshold_values(self):
+        """NumPy ``g_scale * g(s)`` in the shape of ``s`` (None in retrain mode)."""
+        self._ensure_built()
+        if self.retrain:
+            return None
+        return to_numpy(self.g_scale * threshold_sigmoid(tf.convert_to_tensor(self.threshold)))
+
+    def initial_values(self):
+        """NumPy copy of the table's initial values (search mode with ``keep_initial``), else None."""
+        self._ensure_built()
+        return None if self.initial_embeddings is None else to_numpy(self.initial_embeddings)
+
+    def set_initial_values(self, values=None):
+        """Sets the frozen copy used by the rewind: ``values``, or the table as it is now (e.g. after assigning
+        or loading the weights a search starts from). Needs ``keep_initial``."""
+        self._ensure_built()
+        if self.initial_embeddings is None:
+            raise ValueError(f"{self.name}: this layer keeps no initial values (keep_initial=False)")
+        value = tf.convert_to_tensor(self.embeddings) if values is None else np.asarray(values, np.float32)
+        if tuple(value.shape) != (self.vocabulary_size, self.output_dim):
+            raise ValueError(
+                f"{self.name}: initial values must have the table's shape {(self.vocabulary_size, self.output_dim)}. "
+                f"Received: shape {tuple(value.shape)}"
+            )
+        self.initial_embeddings.assign(value)
+
+    def set_mask(self, mask):
+        """Retrain mode: sets the fixed mask and zeroes the pruned entries of ``V`` (before or after build)."""
+        if not self.retrain:
+            raise ValueError(
+                f"{self.name}: set_mask needs a layer in retrain mode (PEPEmbedding(..., retrain=True) or "
+                f"tfemb.pep.retrain); this one is searching"
+            )
+        value = self.check_mask(mask)
+        if not self.built:
+            self._mask_value = value
+            return
+        self.mask.assign(value)
+        self.embeddings.assign(tf.convert_to_tensor(self.embeddings) * tf.cast(value, self.embeddings.dtype))
+
+    def rewind(self, initial_values):
+        """Retrain mode: ``V = initial_values * mask`` (the lottery-ticket rewind)."""
+        self._ensure_built()
+        shape = (self.vocabulary_size, self.output_dim)
+        initial = np.asarray(initial_values)
+        if initial.shape != shape:
+            raise ValueError(
+                f"{self.name}: initial values must have the table's shape {shape}. Received: shape {initial.shape}"
+            )
+        mask = to_numpy(self.mask) if self.retrain else 1
+        self.embeddings.assign((initial * mask).astype(np.float32))
+
+    def reinitialize(self, seed=None):
+        """A fresh random draw of ``V`` from ``embeddings_initializer`` (times the mask in retrain mode)."""
+        self._ensure_built()
+        init = self.embeddings_initializer
+        if seed is not None and hasattr(init, "get_config"):
+            config = init.get_config()
+            if "seed" in config:
+                init = init.__class__.from_config({**config, "seed": seed})
+        value = tf.convert_to_tensor(fresh_initializer(init)((self.vocabulary_size, self.output_dim),
+                                                             dtype="float32"))
+        if self.retrain:
+            value = value * tf.cast(self.mask, value.dtype)
+        self.embeddings.assign(value)
+
+    # ------------------------------------------------------------------------------------------ size accounting
+    def parameter_count(self):
+        return self.nonzero_count()
+
+    def storage_bytes(self):
+        return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nonzero_count(),
+                                    self.variable_dtype or "float32")
+
+    def dims_per_id(self):
+        return self.current_mask().sum(axis=1).astype(np.int64)
+
+    def compact(self):
+        """A frozen ``PackedEmbedding`` of the pruned table: outputs equal this layer's exactly."""
+        config = self.get_config()
+        keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
+        return PackedEmbedding.from_dense(to_numpy(self.pruned_table()), mask=self.current_mask(),
+                                          trainable=False, **keep)
+
+    def sparse_tables(self):
+        self._ensure_built()
+        tables = [self.embeddings]
+        if not self.retrain and self.threshold_type in ROW_INDEXED:
+            tables.append(self.threshold)
+        return tables
+
+    # --------------------------------------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "threshold_type": self.threshold_type,
+                "threshold_init": self.threshold_init,
+                "g_scale": self.g_scale,
+                "field_offsets": self.field_offsets,
+                "retrain": self.retrain,
+                "keep_initial": self.keep_initial,
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer)
+                if self.embeddings_regularizer is not None else None,
+                "threshold_regularizer": keras.regularizers.serialize(self.threshold_regularizer)
+                if self.threshold_regularizer is not None else None,
+            }
+        )
+        return config
