@@ -1,6 +1,8 @@
 """``tfemb compare``: every implemented scheme against the fixed baseline, at comparable budgets, one run."""
 
+import json
 import os
+import shlex
 import sys
 import time
 
@@ -23,6 +25,14 @@ DEFAULT_COMPARE = {
         {"name": "hashing 4x", "embedding": {"scheme": "hashing", "params": {"compression": 4}}},
         {"name": "qr-mult 4x", "embedding": {"scheme": "qr", "params": {"compression": 4, "operation": "mult"}}},
         {"name": "double-hashing 4x", "embedding": {"scheme": "double_hashing", "params": {"compression": 4}}},
+        {"name": "md α=0.3 4x", "embedding": {"scheme": "md", "params": {"compression": 4, "alpha": 0.3}}},
+        # PEP: a search with a snapshot at 1/4 of the fixed parameters, then its lottery ticket retrained (the row
+        # reports the retrained model; train s = search + retrain). Settings: benchmarks/README.md, "PEP evidence".
+        {"name": "pep 4x (search+retrain)",
+         "embedding": {"scheme": "pep", "params": {
+             "threshold_init": -6.0, "g_scale": 3.0, "embeddings_initializer": "uniform",
+             "threshold_regularizer": {"class_name": "L2", "config": {"l2": 1e-5}}}},
+         "pep": {"targets": [0.25], "retrain": "rewind", "search_epochs": 6, "search_learning_rate": 0.01}},
     ],
 }
 
@@ -33,8 +43,13 @@ COLUMNS_BY_TASK = {
 }
 
 
-def run_compare(spec=None, out_dir="outputs/compare", log=print):
-    """Runs every variant on the same data split; writes compare.json, compare.md and compare.png."""
+def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0.25):
+    """Runs every variant on the same data split; writes compare.json, compare.md and compare.png.
+
+    Then exports the best variant within ``export_budget`` of the fixed baseline's embedding parameters to
+    ``<out_dir>/export/<name>/`` and prints how to serve and query it (``export_best``; ``export_budget=None``
+    skips this). Only that variant's model is kept in memory while the others train.
+    """
     spec = spec or DEFAULT_COMPARE
     base = experiment.merge(experiment.DEFAULTS, spec.get("base", {}))
     log(f"tfemb compare: preparing data ({base['data']['source']}) ...")
@@ -45,6 +60,7 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print):
         f"{prepared.num_rows('test'):,} test rows; {len(prepared.schema.sparse_features)} sparse features, "
         f"{sum(f.vocabulary.size for f in prepared.schema.sparse_features):,} ids")
     results = []
+    kept = []  # [result, model or None]: only the model export_best may pick is kept
     variants = spec["variants"]
     for i, variant in enumerate(variants, 1):
         cfg = experiment.merge(base, {k: v for k, v in variant.items() if k != "name"})
@@ -52,7 +68,10 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print):
         start = time.perf_counter()
         log(f"[{i}/{len(variants)}] {variant['name']}: training {cfg['model']['name']} ...")
         result = experiment.run(cfg, prepared=prepared, log=log)
-        result.pop("_model")
+        model = result.pop("_model")
+        if export_budget is not None:
+            kept = _keep_best_model(kept + [[result, model]], export_budget)
+        del model
         log(f"        done in {time.perf_counter() - start:.1f}s: "
             + ", ".join(f"{m}={result['metrics'].get(m, float('nan')):.4f}" for m in metric_names)
             + f", {result['embedding_parameters']:,} embedding parameters")
@@ -82,8 +101,179 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print):
     log(report.console_table(rows))
     log("")
     log(f"wrote {out_dir}/compare.json, compare.md, compare.png")
+    if export_budget is not None:
+        exported = export_best(kept, budget_fraction=export_budget, out_dir=out_dir, rows=prepared.frames["test"],
+                               log=log)
+        kept = None
+        if exported is not None:
+            payload["_export_model"] = exported.pop("_model")
+            payload["export"] = exported
+            report.write_json(os.path.join(out_dir, "compare.json"),
+                              {k: v for k, v in payload.items() if not k.startswith("_")})
     return payload
 
 
 def main(out_dir="outputs/compare", spec=None):
     run_compare(spec, out_dir=out_dir, log=lambda msg: (print(msg), sys.stdout.flush()))
+
+
+# ------------------------------------------------------------------------------------------ export the best
+#: Quality metric of each task (the first of COLUMNS_BY_TASK) and whether higher is better.
+_QUALITY = (("auc", True), ("accuracy", True), ("mse", False))
+
+
+def _quality(result):
+    """``(metric, value, higher_is_better)`` of a result, or None when it has no finite quality metric."""
+    for name, higher in _QUALITY:
+        value = result["metrics"].get(name)
+        if value is not None and value == value:
+            return name, float(value), higher
+    return None
+
+
+def select_best(results, budget_fraction=0.25):
+    """``(index of the best result, baseline result, budget)`` or None.
+
+    The baseline is the first result with the ``fixed`` scheme (the main job lists it first); the candidates are
+    the results whose ``embedding_parameters`` are at most ``budget_fraction`` x the baseline's; the best has the
+    best quality (AUC, accuracy: highest; MSE: lowest). None when there is no baseline or no candidate.
+    """
+    baseline = next((r for r in results if r.get("scheme") == "fixed"), None)
+    if baseline is None:
+        return None
+    budget = budget_fraction * baseline["embedding_parameters"]
+    best, best_key = None, None
+    for i, r in enumerate(results):
+        q = _quality(r)
+        if q is None or r["embedding_parameters"] > budget:
+            continue
+        key = q[1] if q[2] else -q[1]
+        if best_key is None or key > best_key:
+            best, best_key = i, key
+    return None if best is None else (best, baseline, budget)
+
+
+def _keep_best_model(pairs, budget_fraction):
+    """``pairs`` (``[result, model]``) with every model dropped that ``export_best`` cannot pick any more.
+
+    Until the baseline has been trained every model is kept (its budget is unknown); after that only the best
+    candidate's.
+    """
+    results = [r for r, _ in pairs]
+    if not any(r.get("scheme") == "fixed" for r in results):
+        return pairs
+    chosen = select_best(results, budget_fraction)
+    return [[r, m if chosen is not None and i == chosen[0] else None] for i, (r, m) in enumerate(pairs)]
+
+
+def _slug(text):
+    """An ASCII model name for URLs and directories: ``"md α=0.3 4x"`` -> ``"md_0_3_4x"``."""
+    out = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in str(text).strip().lower())
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out.strip("_-") or "model"
+
+
+def _example_row(model, rows):
+    """One row of raw values the export's ``serving_default`` takes, as JSON-ready lists (the first row of
+    ``rows``, a DataFrame or a dict of raw values, without missing values among the model's inputs)."""
+    from tfemb.export import raw_inputs
+    from tfemb.export.saved_model import model_input_names
+
+    names = model_input_names(model)
+    values = raw_inputs(model.schema, rows.head(256) if hasattr(rows, "head") else rows, names)
+    n = len(next(iter(values.values()))) if values else 0
+    pick = 0
+    for i in range(n):
+        if all(not (v.dtype.kind == "f" and v[i] != v[i]) for v in values.values()):
+            pick = i
+            break
+    return {name: [v[pick].item() if hasattr(v[pick], "item") else v[pick]] for name, v in values.items()}
+
+
+def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compare", rows=None, log=print):
+    """Exports the best variant within a budget for TF Serving and prints how to serve and query it.
+
+    Picks, among the variants whose embedding parameters are at most ``budget_fraction`` x the fixed baseline's
+    (the first ``fixed`` variant), the one with the best test quality (``select_best``), exports its model with
+    ``tfemb.export.export_saved_model`` to ``<out_dir>/export/<name>/<version>/`` (the next free version) and
+    prints the ``tfemb serve`` command, a curl REST predict request with one real row's raw values and the
+    Python ``Client`` calls.
+
+    Args:
+        results_and_models: ``(result, model)`` pairs (``experiment.run`` results, ``model`` its ``_model`` or
+            None when it was not kept); the chosen variant's model must be there.
+        budget_fraction: the budget as a fraction of the baseline's embedding parameters.
+        out_dir: the compare output directory.
+        rows: raw rows (a DataFrame with the training columns, e.g. the test split): the export's warm-up
+            requests and the row of the printed examples. Without it, no warm-up and an example from the
+            vocabularies' most frequent values.
+        log: where the lines go.
+
+    Returns:
+        None when nothing fits the budget, else a dict: ``variant``, ``name`` (the served model name),
+        ``export_dir``, ``path`` (the version directory), ``metric``, ``value``, ``embedding_parameters``,
+        ``baseline`` and its ``baseline_embedding_parameters``, ``budget_fraction``, ``commands`` (``serve``,
+        ``curl``, ``python``) and ``_model`` (the exported Keras model).
+    """
+    from tfemb.export import export_saved_model
+    from tfemb.export.saved_model import output_spec
+
+    pairs = [tuple(p) for p in results_and_models]
+    chosen = select_best([r for r, _ in pairs], budget_fraction)
+    if chosen is None:
+        log(f"no variant within {budget_fraction:.0%} of a fixed baseline's embedding parameters: nothing exported")
+        return None
+    index, baseline, _ = chosen
+    result, model = pairs[index]
+    if model is None:
+        raise ValueError(f"export_best: the model of the best variant {result['name']!r} was not kept")
+    metric, value, _ = _quality(result)
+    name = _slug(f"{result['model']}_{result['name']}")
+    export_dir = os.path.join(out_dir, "export", name)
+    warmup = None if rows is None else rows.head(64)
+    path = export_saved_model(model, export_dir, warmup_rows=warmup)
+
+    if rows is None:  # the most frequent value of each vocabulary, 0.0 for numbers
+        from tfemb.export.saved_model import model_input_names
+
+        rows = {}
+        for feature_name in model_input_names(model):
+            feature = model.schema.feature(feature_name)
+            vocab = getattr(feature, "vocabulary", None) if feature.kind in ("categorical", "multi_hot") else None
+            rows[feature_name] = [vocab.values[0] if vocab is not None and vocab.values else 0.0]
+    example = _example_row(model, rows)
+    output = next(iter(output_spec(model.task, model.num_classes)))
+    tfemb_bin = os.path.join(".venv", "bin", "tfemb")
+    tfemb_cmd = tfemb_bin if os.path.exists(tfemb_bin) else "tfemb"
+    body = json.dumps({"inputs": example})
+    commands = {
+        "serve": f"{tfemb_cmd} serve {shlex.quote(export_dir)} --port 8501 --grpc-port 8500",
+        "curl": f"curl -d {shlex.quote(body)} http://127.0.0.1:8501/v1/models/{name}:predict",
+        "python": "\n".join([
+            "from tfemb.serving import Client",
+            f'client = Client(url="http://127.0.0.1:8501", grpc_target="127.0.0.1:8500", model_name="{name}")',
+            f"row = {example!r}",
+            f'client.predict(row)["{output}"]                     # REST',
+            f'client.predict(row, transport="grpc")["{output}"]   # gRPC',
+        ]),
+    }
+    share = result["embedding_parameters"] / max(baseline["embedding_parameters"], 1)
+    log("")
+    log(f"Best variant within {budget_fraction:.0%} of {baseline['name']}'s embedding parameters: "
+        f"{result['name']} ({metric}={value:.4f}, {result['embedding_parameters']:,} embedding parameters, "
+        f"{share:.1%} of {baseline['name']})")
+    log(f"exported to {path}")
+    log("")
+    log("Serve it (TF Serving's REST API on 8501, gRPC on 8500; Ctrl-C stops):")
+    log(f"  {commands['serve']}")
+    log("Query it over REST (one test row, raw values):")
+    log(f"  {commands['curl']}")
+    log("Or from Python:")
+    for line in commands["python"].splitlines():
+        log(f"  {line}")
+    log("(stock TF Serving serves the same directory: see serving/README.md and docker/README.md)")
+    return {"variant": result["name"], "name": name, "export_dir": export_dir, "path": path, "metric": metric,
+            "value": value, "embedding_parameters": result["embedding_parameters"], "baseline": baseline["name"],
+            "baseline_embedding_parameters": baseline["embedding_parameters"], "budget_fraction": budget_fraction,
+            "commands": commands, "_model": model}

@@ -12,12 +12,14 @@ A config is a dict (usually a YAML recipe in ``models/``)::
     embedding: {scheme: fixed, params: {}}     # see tfemb.layers.SCHEMES
     train: {epochs: 5, batch_size: 1024, optimizer: adam, learning_rate: 0.001,
             embedding_optimizer: adam, early_stopping: {monitor: val_auc, patience: 2}}
+    pep: {targets: [0.25], retrain: rewind, search_epochs: 8}   # optional, with scheme: pep (see run)
 """
 
 import copy
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -48,6 +50,7 @@ DEFAULTS = {
         "verbose": 1,
         "jit_compile": False,
     },
+    "pep": None,
 }
 
 
@@ -214,6 +217,64 @@ def evaluate(model, prepared, split, batch_size):
     return {k: float(v) for k, v in results.items()}
 
 
+def _pep_search(model, cfg, train_ds, log=None):
+    """The PEP search of ``run``: ``cfg["pep"]`` = ``{targets, retrain ("rewind" | "random"), retrain_target,
+    search_epochs, search_learning_rate, check_every}``.
+
+    Trains ``model`` (PEP tables) for ``search_epochs`` (default ``train.epochs``; no early stopping: the search
+    runs until every target is reached; at ``search_learning_rate`` if given, else ``train.learning_rate``) with
+    ``tfemb.pep.PEPSnapshots``, then returns the retrained model (trained at ``train.learning_rate``) of
+    ``retrain_target`` (default the first target), compiled as the search model, and the search summary. When
+    that target is not reached the searched model itself is returned and the summary says ``reached: False``.
+    """
+    from tfemb.pep import PEPSnapshots, pep_layers, retrain
+
+    pep_cfg = dict(cfg["pep"])
+    train_cfg = cfg["train"]
+    if not pep_layers(model):
+        raise ValueError("config 'pep' needs embedding.scheme 'pep'. Received: "
+                         f"scheme={cfg['embedding'].get('scheme')!r}")
+    targets = pep_cfg.get("targets", [0.25])
+    targets = list(targets) if isinstance(targets, (list, tuple)) else [targets]
+    chosen = pep_cfg.get("retrain_target", targets[0])
+    mode = pep_cfg.get("retrain", "rewind")
+    snaps = PEPSnapshots(targets, check_every=int(pep_cfg.get("check_every", 5)), stop_when_done=True)
+    callbacks = [snaps]
+    if log:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: log(
+            f"        search epoch {epoch + 1}: {snaps.last_count:,} of {snaps.dense_count:,} non-zero")))
+    if pep_cfg.get("search_learning_rate"):  # the thresholds move by ~lr per step: a faster search
+        compile_model(model, optimizer=train_cfg["optimizer"], learning_rate=float(pep_cfg["search_learning_rate"]),
+                      jit_compile=train_cfg.get("jit_compile", False))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unreached targets are reported in the summary
+        history = model.fit(train_ds, epochs=int(pep_cfg.get("search_epochs", train_cfg["epochs"])), shuffle=False,
+                            callbacks=callbacks, verbose=train_cfg.get("verbose", 1))
+    summary = {
+        "targets": targets, "retrain": mode, "retrain_target": chosen, "dense_count": int(snaps.dense_count),
+        "search_seconds": time.perf_counter() - start, "search_epochs": len(history.history.get("loss", [])),
+        "search_steps": snaps.step,
+        "snapshots": [{"target": s.target, "target_count": s.target_count, "count": s.count, "step": s.step,
+                       "epoch": s.epoch} for s in snaps.snapshots],
+        "unreached": snaps.unreached,
+    }
+    try:
+        snapshot = snaps.snapshot(chosen)
+    except KeyError:
+        if log:
+            log(f"        PEP target {chosen!r} not reached (fewest non-zeros {snaps.min_count:,} of "
+                f"{snaps.dense_count:,}): reporting the searched model")
+        return model, dict(summary, reached=False, nnz=snaps.last_count, _history=history)
+    ticket = retrain(model, snapshot, mode=mode, seed=int(cfg.get("seed", 0)))
+    compile_model(ticket, optimizer=train_cfg["optimizer"], learning_rate=train_cfg["learning_rate"],
+                  jit_compile=train_cfg.get("jit_compile", False))
+    if log:
+        log(f"        PEP snapshot {chosen!r}: {snapshot.count:,} of {snaps.dense_count:,} non-zeros at step "
+            f"{snapshot.step}; retraining ({mode})")
+    return ticket, dict(summary, reached=True, nnz=snapshot.count)
+
+
 def run(cfg, prepared=None, out_dir=None, log=None):
     """Trains and evaluates one config; returns a result dict (and writes it to ``out_dir`` when given)."""
     cfg = merge(DEFAULTS, cfg)
@@ -227,9 +288,16 @@ def run(cfg, prepared=None, out_dir=None, log=None):
     has_val = prepared.num_rows("val") > 0
     train_ds = prepared.dataset("train", batch, shuffle=True, seed=int(cfg.get("seed", 0)))
     val_ds = prepared.dataset("val", batch) if has_val else None
+    pep = None
+    if cfg.get("pep"):  # PEP: search with snapshots, then the fit below retrains the snapshot's lottery ticket
+        model, pep = _pep_search(model, cfg, train_ds, log)
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
-                        callbacks=_callbacks(train_cfg, out_dir, has_val, log), verbose=train_cfg.get("verbose", 1))
+    if pep is not None and not pep["reached"]:
+        history = pep.pop("_history")  # no snapshot to retrain: the searched model is reported, flagged
+    else:
+        history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
+                            callbacks=_callbacks(train_cfg, out_dir, has_val, log),
+                            verbose=train_cfg.get("verbose", 1))
     seconds = time.perf_counter() - start
     epochs_run = len(history.history.get("loss", []))
     test_split = "test" if prepared.num_rows("test") else "val"
@@ -251,6 +319,10 @@ def run(cfg, prepared=None, out_dir=None, log=None):
         "tables": model.embedding_report(),
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
     }
+    if pep is not None:
+        pep["retrain_seconds"] = seconds
+        result["train_seconds"] = pep["search_seconds"] + seconds  # the method's whole training cost
+        result["pep"] = pep
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         model.save(os.path.join(out_dir, "model.keras"))

@@ -1,0 +1,81 @@
+"""benchmarks/md_sweep.py end to end on the embedded synthetic CF data (no files needed), small sizes."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_md_sweep():
+    spec = importlib.util.spec_from_file_location("md_sweep", REPO / "benchmarks" / "md_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def md_sweep():
+    return _load_md_sweep()
+
+
+def test_md_sweep_on_synthetic_cf(md_sweep, tmp_path):
+    budgets = ["1/8", "1/4"]
+    payload = md_sweep.main([
+        "--datasets", "synthetic", "--tasks", "binary", "--alphas", "0.3", "--budgets", ",".join(budgets),
+        "--epochs", "1", "--throughput-repeats", "0", "--out", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "md_sweep.json").read_text())
+    assert set(saved) >= {"meta", "settings", "runs", "throughput", "dims", "skipped"}
+    assert saved["meta"]["alphas"] == [0.3] and saved["meta"]["budgets"] == budgets
+    runs = saved["runs"]
+    assert len(runs) == len(payload["runs"]) == 2 * len(budgets)  # uniform + MD per budget
+    d0 = md_sweep.DATASETS["synthetic"]["d0"]
+    for budget in budgets:
+        num, den = map(int, budget.split("/"))
+        dim = d0 * num // den
+        group = [r for r in runs if r["uniform_dim"] == dim]
+        uniform = next(r for r in group if r["kind"] == "uniform")
+        md = next(r for r in group if r["kind"] == "md")
+        # The paper's comparison: uniform tables of dim d in a model of dim d; MD keeps d0 with projections.
+        assert uniform["embedding_dim"] == dim and md["embedding_dim"] == d0 and md["alpha"] == 0.3
+        assert md["trained"] and uniform["trained"]
+        # Equal budgets: the actual counts (projections included) within 10% of each other. Failable: the
+        # budget-form solver can fall short by a whole dim of a large block.
+        ratio = md["embedding_parameters"] / uniform["embedding_parameters"]
+        assert abs(ratio - 1) <= 0.10, (budget, md["embedding_parameters"], uniform["embedding_parameters"])
+        assert md["params_ratio_to_uniform"] == pytest.approx(ratio)
+        for r in (uniform, md):
+            assert set(r["metrics"]) == {"auc", "logloss", "accuracy", "mse"}
+            assert 0.0 <= r["metrics"]["auc"] <= 1.0 and r["metrics"]["logloss"] > 0
+            assert r["per_seed"][0]["epochs"] == 1
+        # MD really mixes dims: every block <= d0, some below it, the most popular block the widest.
+        for table in md["tables"]:
+            dims = table["block_dims"]
+            assert max(dims) <= d0 and min(dims) < d0 and dims[0] == max(dims)
+        assert sum(t["parameters"] for t in md["tables"]) == md["embedding_parameters"]
+    # Dims vs popularity: never wider for a less popular id.
+    for feature in ("user_id", "item_id"):
+        blocks = saved["dims"]["synthetic"]["features"][feature]["alphas"]["0.3"]
+        dims = md_sweep.dims_by_rank(blocks["block_sizes"], blocks["block_dims"])
+        assert np.all(np.diff(dims) <= 0)
+    text = (tmp_path / "md_sweep.md").read_text()
+    assert "## synthetic / binary" in text and "| budget | uniform dim | uniform params | uniform auc |" in text
+    for png in ("md_quality_vs_params.png", "md_dims_vs_popularity.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_dims_and_missing_data(md_sweep, tmp_path, monkeypatch):
+    from fractions import Fraction
+
+    # Fractions that round to the same uniform dim share one run; the smallest dim is 1.
+    assert md_sweep.budget_dims([Fraction(1, 64), Fraction(1, 16), Fraction(1, 2)], 16) == [
+        (1, [Fraction(1, 64), Fraction(1, 16)]), (8, [Fraction(1, 2)])]
+    # A real dataset whose folder is absent is skipped with a message, not an error.
+    monkeypatch.setenv("TFEMB_DATA_DIR", str(tmp_path / "nowhere"))
+    payload = md_sweep.main(["--datasets", "criteo", "--throughput-repeats", "0", "--no-plots",
+                             "--out", str(tmp_path / "out")])
+    assert payload["runs"] == [] and "criteo" in payload["skipped"][0] and "absent" in payload["skipped"][0]
