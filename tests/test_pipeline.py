@@ -68,6 +68,60 @@ def test_shuffle_is_seeded_and_complete():
     np.testing.assert_array_equal(np.sort(a), np.sort(x["price"]))
 
 
+def _epoch_rows(ds):
+    """The row ids (``x["row"]``) of one pass over ``ds``, in order."""
+    return np.concatenate([b[0]["row"].numpy() for b in ds])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 7, 37, 50])
+def test_every_row_once_per_epoch(shuffle, batch_size):
+    n = 37
+    x = {"row": np.arange(n), "tags": np.arange(2 * n).reshape(n, 2)}
+    ds = make_dataset(x, np.zeros(n, np.float32), batch_size=batch_size, shuffle=shuffle, seed=3)
+    assert len(ds) == -(-n // batch_size)
+    for _ in range(3):  # every iteration is a full epoch
+        batches = list(ds)
+        assert [len(b[1]) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+        rows = _epoch_rows(batches)
+        np.testing.assert_array_equal(np.sort(rows), np.arange(n))
+        # Features of one row stay together whatever the order.
+        tags = np.concatenate([b[0]["tags"].numpy() for b in batches])
+        np.testing.assert_array_equal(tags, x["tags"][rows])
+        if not shuffle:
+            np.testing.assert_array_equal(rows, np.arange(n))
+
+
+def test_shuffle_differs_across_epochs_and_is_reproducible():
+    n = 200
+    x = {"row": np.arange(n)}
+
+    def epochs(seed, count=3):
+        ds = make_dataset(x, np.zeros(n, np.float32), batch_size=32, shuffle=True, seed=seed)
+        return [_epoch_rows(ds) for _ in range(count)]
+
+    a, b, c = epochs(1), epochs(1), epochs(2)
+    for first, second in zip(a, b):
+        np.testing.assert_array_equal(first, second)  # same seed, same sequence of epoch orders
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[1], a[2])  # reshuffled every epoch
+    assert not np.array_equal(a[0], c[0])
+    assert all(not np.array_equal(rows, np.arange(n)) for rows in a)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_repeat_streams_whole_epochs_in_full_batches(shuffle):
+    n, batch_size = 23, 10
+    x = {"row": np.arange(n)}
+    ds = make_dataset(x, np.zeros(n, np.float32), batch_size=batch_size, shuffle=shuffle, seed=0, repeat=True)
+    batches = list(ds.take(7))
+    assert all(len(b[1]) == batch_size for b in batches)  # batches run across epoch boundaries
+    stream = _epoch_rows(batches)
+    epochs = [stream[i * n:(i + 1) * n] for i in range(3)]
+    for rows in epochs:
+        np.testing.assert_array_equal(np.sort(rows), np.arange(n))
+    assert np.array_equal(epochs[0], epochs[1]) != shuffle
+
+
 def test_dataset_trains_a_keras_model():
     x, y = _encoded(n=64)
     inputs = {"user": keras.Input(shape=(), dtype="int64", name="user"),
