@@ -5,6 +5,7 @@ table shows. Nothing here creates a tensor at import time: tests/test_layers_dis
 file in the same process, must still be able to split the CPU into logical devices.
 """
 
+import json
 import math
 
 import numpy as np
@@ -430,3 +431,39 @@ def test_double_hashing_schema_order_needs_no_remap():
     shared = layer.shared_embeddings.numpy()
     r1, r2 = [universal_hash_np(np.array([0]), a, b, 4)[0] for a, b in layer._hash_params]
     np.testing.assert_allclose(layer(tf.constant([0])).numpy()[0], shared[r1] + shared[r2], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ base-class internals
+def test_frequencies_are_kept_as_an_array_and_listed_in_the_config():
+    counts = FREQS.copy()
+    layer = DoubleHashingEmbedding(V, 6, HOT, BUCKETS, frequencies=counts)
+    # An array (a list of 1.48M Criteo counts took 68 MB), copied and read-only.
+    assert isinstance(layer.frequencies, np.ndarray) and layer.frequencies.dtype == np.float64
+    assert not layer.frequencies.flags.writeable and layer.frequencies_array() is layer.frequencies
+    counts[:] = 0.0
+    np.testing.assert_array_equal(layer.frequencies, FREQS)
+    config = layer.get_config()
+    assert isinstance(config["frequencies"], list) and config["frequencies"] == FREQS.tolist()
+    json.dumps(config)
+    clone = DoubleHashingEmbedding.from_config(config)
+    np.testing.assert_array_equal(clone.frequencies, FREQS)
+    np.testing.assert_array_equal(clone.hot_ids(), FREQ_HOT)
+    assert FixedEmbedding(V, 3).frequencies is None and FixedEmbedding(V, 3).get_config()["frequencies"] is None
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gather_rows_reads_rows_sparsely(case):
+    """Tables are read row by row (ResourceGather, never a whole-table read) and their gradients are row-sparse."""
+    layer, _ = CASES[case]()
+    ids = tf.constant([[1, 5, 5, 22]], tf.int64)
+
+    @tf.function
+    def grads(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids))
+        return tape.gradient(loss, layer.sparse_tables())
+
+    graph = grads.get_concrete_function(ids).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "ResourceGather" in ops and "ReadVariableOp" not in ops, sorted(ops)
+    assert all(isinstance(g, tf.IndexedSlices) for g in grads(ids))

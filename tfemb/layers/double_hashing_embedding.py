@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
 from tfemb.layers.qr_embedding import fresh_initializer
@@ -175,7 +175,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         if self.hot_rows is None:
             hot_row = ids - self._hot_offset
         else:
-            hot_row = tf.cast(tf.gather(self.hot_rows, ids), tf.int64)
+            hot_row = tf.cast(sparse_gather(self.hot_rows, ids), tf.int64)
         is_hot = (hot_row >= 0) & (hot_row < self.num_hot)
         hot = self.gather_rows(self.hot_embeddings, tf.where(is_hot, hot_row, tf.zeros_like(hot_row)))
         return tf.where(is_hot[..., tf.newaxis], hot, cold)
