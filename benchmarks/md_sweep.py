@@ -149,6 +149,10 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-execution", type=int, default=8, help="Keras steps per call (speed only)")
     p.add_argument("--throughput-repeats", type=int, default=3, help="timed epochs per model (0: skip)")
     p.add_argument("--throughput-alpha", type=float, default=0.3, help="alpha of the MD throughput model")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="no quality sweep: measure only the training throughput of each dataset (its first task "
+                        "among --tasks) and replace the throughput section of an existing <out>/md_sweep.json "
+                        "(quality runs, findings and plots are kept; --findings replaces the findings)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--findings", help="a Markdown file: its text becomes the 'Findings' section of md_sweep.md")
     p.add_argument("--replot", action="store_true",
@@ -177,6 +181,10 @@ def parse_args(argv=None):
     args.budgets = sorted({parse_fraction(b) for b in args.budgets.split(",") if b.strip()})
     if not args.budgets or not args.alphas:
         p.error("--budgets and --alphas need at least one value each")
+    if args.throughput_only and args.throughput_repeats < 1:
+        p.error("--throughput-only needs --throughput-repeats >= 1")
+    if args.throughput_only and args.replot:
+        p.error("--throughput-only and --replot exclude each other")
     return args
 
 
@@ -323,18 +331,35 @@ def smallest_field_factory(schema, d0):
     return build
 
 
+class TablePartL2(keras.regularizers.Regularizer):
+    """``l2 * sum(x[:entries] ** 2)``: the recipe's table L2 on the block tables at the front of an MD layer's
+    flat parameter buffer, not on its projections (as when the tables were separate variables)."""
+
+    def __init__(self, l2, entries):
+        self.l2, self.entries = float(l2), int(entries)
+
+    def __call__(self, x):
+        return self.l2 * tf.reduce_sum(tf.square(x[:self.entries]))
+
+    def get_config(self):
+        return {"l2": self.l2, "entries": self.entries}
+
+
 def _attach_table_l2(model, reg_config):
     """The recipe's whole-table L2 on every embedding table: FixedEmbedding tables and MD block tables."""
     if not reg_config:
         return
     for layer in model.embedding_list:
-        tables = layer.block_embeddings if isinstance(layer, MixedDimensionEmbedding) else [layer.embeddings]
-        for var in tables:
-            reg = keras.regularizers.get(dict(reg_config))
-            if IS_KERAS_3:
-                var.regularizer = reg
-            else:  # tf-keras: the same callable-loss mechanism add_weight(regularizer=) uses
-                layer.add_loss(lambda v=var, r=reg: r(v))
+        if isinstance(layer, MixedDimensionEmbedding):
+            base = keras.regularizers.get(dict(reg_config))
+            l2 = float(base.get_config()["l2"])
+            var, reg = layer.flat_parameters, TablePartL2(l2, layer._layout.table_size)
+        else:
+            var, reg = layer.embeddings, keras.regularizers.get(dict(reg_config))
+        if IS_KERAS_3:
+            var.regularizer = reg
+        else:  # tf-keras: the same callable-loss mechanism add_weight(regularizer=) uses
+            layer.add_loss(lambda v=var, r=reg: r(v))
 
 
 def build_model(spec, prepared, factory, embedding_dim, settings, seed, steps_per_execution):
@@ -696,6 +721,13 @@ def write_markdown(path, payload, runs_by_key):
                   "Examples/s of one training epoch (best of the timed repeats; tracing and a warm-up epoch "
                   "excluded; no validation). MD at a 4× smaller budget vs fixed at the full budget; target: "
                   "ratio ≥ 1.", ""]
+        tr = meta.get("throughput_run")
+        if tr:
+            lines += [f"Measured apart from the quality sweep: `python benchmarks/md_sweep.py {tr['argv']}` "
+                      f"({tr['date']}, {tr['repeats']} timed epochs per model, {tr['total_seconds'] / 60:.1f} min "
+                      f"wall, load average at the end "
+                      f"{', '.join(f'{x:.1f}' for x in tr.get('load_average') or [])}, TF {tr['tensorflow']}, "
+                      f"{tr['keras']}).", ""]
         rows = []
         for dataset, t in payload["throughput"].items():
             for r in t["runs"]:
@@ -884,9 +916,67 @@ def replot(args):
     return payload
 
 
+def run_throughput_only(args):
+    """``--throughput-only``: the throughput of every dataset, merged into ``<out>/md_sweep.json`` (when present)
+    in place of its throughput section; the quality runs, dims and findings of that file are kept."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "md_sweep.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            payload = json.load(fh)
+    else:
+        payload = {"meta": {}, "settings": {}, "runs": [], "throughput": {}, "dims": {}, "skipped": []}
+    for dataset in args.datasets:
+        spec = DATASETS[dataset]
+        ok, folder = data_available(spec)
+        if not ok:
+            log(f"SKIP {dataset}: data folder {folder} is absent")
+            continue
+        task = next((t for t in args.tasks if t in spec["tasks"]), spec["tasks"][0])
+        d0 = base_dim(spec, args)
+        settings = settings_for(spec, args)
+        payload.setdefault("settings", {}).setdefault(dataset, settings)
+        prepared = prepare(spec, task, settings)
+        log(f"   throughput on {dataset}/{task}: fixed d0={d0} vs MD at 4x smaller budget "
+            f"({args.throughput_repeats} timed epochs each, interleaved) ...")
+        t = measure_throughput(spec, prepared, d0, settings, args)
+        t["task"] = task
+        payload["throughput"][dataset] = t
+        log("   " + "; ".join(f"{r['variant']}: {r['examples_per_second']:,.0f} ex/s, "
+                              f"{r['cpu_seconds_per_epoch']:.3f} CPU s/epoch" for r in t["runs"])
+            + f" -> MD/fixed = {t['md_over_fixed']:.2f} (median {t['md_over_fixed_median']:.2f}, "
+              f"CPU {t['md_over_fixed_cpu']:.2f}; {'met' if t['target_met'] else 'NOT met'})")
+    payload.setdefault("meta", {})["throughput_run"] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+        "datasets": args.datasets, "repeats": args.throughput_repeats, "alpha": args.throughput_alpha,
+        "steps_per_execution": args.steps_per_execution, "total_seconds": time.perf_counter() - t_start,
+        "cpu_seconds": time.process_time() - cpu_start, "tensorflow": tf.__version__, "keras": keras_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if args.findings:
+        payload["findings"] = pathlib.Path(args.findings).read_text().strip()
+    if payload.get("meta", {}).get("date"):  # a quality sweep is there: rewrite its Markdown (plots unchanged)
+        _write_tables(args, payload)
+    else:  # no quality sweep to report beside it: the JSON only
+        report.write_json(path, payload)
+        log(f"wrote {path}")
+    return payload
+
+
+def _write_tables(args, payload):
+    runs_by_key = runs_by_key_of(payload)
+    report.write_json(os.path.join(args.out, "md_sweep.json"), payload)
+    write_markdown(os.path.join(args.out, "md_sweep.md"), payload, runs_by_key)
+    log(f"wrote {args.out}/md_sweep.json, md_sweep.md")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    return replot(args) if args.replot else run(args)
+    if args.replot:
+        return replot(args)
+    return run_throughput_only(args) if args.throughput_only else run(args)
 
 
 if __name__ == "__main__":

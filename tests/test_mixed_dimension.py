@@ -77,10 +77,7 @@ def md_case(kind="identity", **kw):
     extra = {"identity": {}, "oov_rank": {"oov_rank": SCHEMA_OOV_RANK}, "permutation": {"permutation": PERM}}[kind]
     layer = MixedDimensionEmbedding(V, D0, SIZES, DIMS, **extra, **kw)
     layer.build()
-    for i in range(3):
-        layer.block_embeddings[i].assign(TABLES[i])
-        if PROJECTIONS[i] is not None:
-            layer.projections[i].assign(PROJECTIONS[i])
+    layer.set_block_weights(TABLES, PROJECTIONS)
     ranks = _ranks(kind)
 
     def reference(ids):
@@ -149,40 +146,111 @@ def test_one_block_and_all_base_dim_layers():
     single = MixedDimensionEmbedding(V, D0, [V], [4])
     single.build()
     table, projection = _values(V, 4), _values(4, D0, -0.3)
-    single.block_embeddings[0].assign(table)
-    single.projections[0].assign(projection)
+    single.set_block_weights([table], [projection])
     np.testing.assert_allclose(single(tf.constant(IDS)).numpy(), table[IDS] @ projection, rtol=1e-5, atol=1e-6)
-    assert single.parameter_count() == V * 4 + 4 * D0
+    assert single.parameter_count() == V * 4 + 4 * D0 == single.flat_parameters.shape[0]
+    np.testing.assert_array_equal(single.block_tables()[0], table)
+    np.testing.assert_array_equal(single.block_projections()[0], projection)
     uniform = MixedDimensionEmbedding(V, D0, SIZES, [D0] * 3)  # identity projections: a split fixed table
     uniform.build()
     assert all(p is None for p in uniform.projections) and uniform.parameter_count() == V * D0
+    tables = [_values(n, D0, float(i)) for i, n in enumerate(SIZES)]
+    uniform.set_block_weights(tables)
+    np.testing.assert_allclose(uniform(tf.constant(IDS)).numpy(), np.concatenate(tables)[IDS], rtol=1e-6)
 
 
-def test_gradients_reach_tables_and_projections():
-    layer, _ = md_case("permutation")
-    ids = np.array([0, 3, 3, 9, 17])  # ranks 5, 22, 22, 11, 10: blocks 1, 2, 2, 2, 2 (block 0 untouched)
-    ranks = np.asarray(PERM)[ids]
+def _block_entries(block, row=None):
+    """Positions in ``flat_parameters`` of block ``block``'s table (or of one of its rows), from the layout the
+    docstring states: tables 3x7 | 5x5 | 15x3 row-major (offsets 0, 21, 46), then P_1 (5x7, at 91), P_2 (3x7, at
+    126)."""
+    start = [0, 21, 46][block]
+    if row is None:
+        return np.arange(start, start + SIZES[block] * DIMS[block])
+    return start + row * DIMS[block] + np.arange(DIMS[block])
+
+
+PROJECTION_ENTRIES = {1: np.arange(91, 126), 2: np.arange(126, 147)}
+
+
+def test_flat_layout_by_hand():
+    layer, _ = md_case("identity")
+    lay = layer._layout
+    assert lay.size == 147 and lay.table_size == 91 and layer.flat_parameters.shape == (147,)
+    assert lay.table_offsets.tolist() == [0, 21, 46] and lay.projection_offsets.tolist() == [-1, 91, 126]
+    flat = tf.convert_to_tensor(layer.flat_parameters).numpy()
+    for b in range(3):
+        np.testing.assert_array_equal(flat[_block_entries(b)], TABLES[b].reshape(-1))
+    np.testing.assert_array_equal(flat[PROJECTION_ENTRIES[1]], PROJECTIONS[1].reshape(-1))
+    np.testing.assert_array_equal(flat[PROJECTION_ENTRIES[2]], PROJECTIONS[2].reshape(-1))
+    # Wide columns: the projected blocks 1 (5 columns) and 2 (3), then block 0 (7, identity).
+    assert lay.column_block.tolist() == [1] * 5 + [2] * 3 + [0] * 7 and lay.uniform_dim == 0
+    # Rank 4 (block 1, row 1) reads entries 21 + 5 + 0..4 in columns 0..4: base + 4 * 5.
+    np.testing.assert_array_equal(lay.column_base[:5] + 4 * lay.column_dim[:5], _block_entries(1, 1))
+    for b in range(3):
+        for p, got in ((None, layer.block_tables()[b]), (b, layer.block_projections()[b])):
+            want = TABLES[b] if p is None else PROJECTIONS[b]
+            assert (got is None and want is None) or np.array_equal(got, want)
+        np.testing.assert_array_equal(layer.block_embeddings[b].numpy(), TABLES[b])
+    assert MixedDimensionEmbedding(V, D0, [V], [3])._layout.uniform_dim == 3
+    assert MixedDimensionEmbedding(V, D0, SIZES, [D0] * 3)._layout.uniform_dim == D0
+
+
+def _expected_flat_gradient(ids, weights, ranks):
+    """d sum(out * weights) / d flat_parameters, from the per-block formulas."""
+    expected = np.zeros(147)
+    for pos, r in enumerate(ranks[ids]):
+        b = np.searchsorted(OFFSETS, r, side="right") - 1
+        row = r - OFFSETS[b]
+        if PROJECTIONS[b] is None:
+            expected[_block_entries(b, row)] += weights[pos]
+        else:
+            expected[_block_entries(b, row)] += weights[pos] @ PROJECTIONS[b].T  # d loss / d E_b[row]
+            expected[PROJECTION_ENTRIES[b]] += np.outer(TABLES[b][row], weights[pos]).reshape(-1)  # d / d P_b
+    return expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_tables_and_projections(kind):
+    layer, _ = md_case(kind)
+    ids = np.array([0, 3, 3, 9, 17, 22])
     weights = _values(len(ids), D0, -0.4)  # loss = sum(out * weights)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(tf.constant(ids)) * weights)
-    variables = layer.block_embeddings + [layer.projections[1], layer.projections[2]]
-    grads = tape.gradient(loss, variables)
-    dense = [tf.convert_to_tensor(g).numpy() if g is not None else None for g in grads]
-    assert isinstance(grads[1], tf.IndexedSlices) and isinstance(grads[2], tf.IndexedSlices)  # row-sparse
-    assert grads[0] is None or not np.any(dense[0])  # no id of block 0 in the batch
-    expected = [np.zeros((n, d)) for n, d in zip(SIZES, DIMS)]
-    expected_p = {1: np.zeros((5, D0)), 2: np.zeros((3, D0))}
-    for pos, r in enumerate(ranks):
+    (grad,) = tape.gradient(loss, [layer.flat_parameters])
+    assert isinstance(grad, tf.IndexedSlices)  # row-sparse
+    np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), _expected_flat_gradient(ids, weights, _ranks(kind)),
+                               rtol=1e-5, atol=1e-6)
+    # The gradient lists exactly the looked-up table entries and the projections, nothing else: a lazy optimizer
+    # must not move entries of rows that were not looked up (with Adam a zero gradient still moves them).
+    looked_up = set()
+    for r in _ranks(kind)[ids]:
         b = np.searchsorted(OFFSETS, r, side="right") - 1
-        row = r - OFFSETS[b]
-        expected[b][row] += weights[pos] @ PROJECTIONS[b].T  # d loss / d E_b[row]
-        expected_p[b] += np.outer(TABLES[b][row], weights[pos])  # d loss / d P_b
-    np.testing.assert_allclose(dense[1], expected[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dense[2], expected[2], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dense[3], expected_p[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dense[4], expected_p[2], rtol=1e-5, atol=1e-6)
-    assert layer.sparse_tables() == layer.block_embeddings
-    assert {v.name for v in layer.trainable_weights} == {v.name for v in variables}
+        looked_up.update(_block_entries(b, r - OFFSETS[b]).tolist())
+    projections = set(PROJECTION_ENTRIES[1].tolist()) | set(PROJECTION_ENTRIES[2].tolist())
+    assert set(grad.indices.numpy().tolist()) == looked_up | projections
+    assert layer.sparse_tables() == [layer.flat_parameters]
+    assert [v.name for v in layer.trainable_weights] == [layer.flat_parameters.name]
+
+
+def test_lazy_adam_leaves_rows_not_looked_up_alone():
+    from tfemb.optimizers import SparseAdam
+
+    layer, _ = md_case("identity")
+    optimizer = SparseAdam(learning_rate=0.1)
+    before = tf.convert_to_tensor(layer.flat_parameters).numpy().copy()
+    for ids in ([0, 4, 9], [1, 10]):  # ranks 0, 4, 9 then 1, 10: blocks 0, 1, 2 then 0, 2
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer(tf.constant(ids)) - 1.0))
+        grads = tape.gradient(loss, layer.sparse_tables())
+        optimizer.apply(zip(grads, layer.sparse_tables()))
+    after = tf.convert_to_tensor(layer.flat_parameters).numpy()
+    moved = set(np.flatnonzero(after != before).tolist())
+    touched = set()
+    for r in (0, 4, 9, 1, 10):
+        b = np.searchsorted(OFFSETS, r, side="right") - 1
+        touched.update(_block_entries(b, r - OFFSETS[b]).tolist())
+    touched |= set(PROJECTION_ENTRIES[1].tolist()) | set(PROJECTION_ENTRIES[2].tolist())
+    assert moved == touched
 
 
 # ------------------------------------------------------------------------------------------- Algorithm 2 (CF)
@@ -414,22 +482,26 @@ def test_md_schemes_train_in_a_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- tf.distribute
-def test_fixed_size_gathers_match_the_partitioned_lookup():
-    # The lookup used under multi-replica strategies gives the same vectors and table gradients.
+def test_fixed_size_gathers_match_the_exact_lookup():
+    # The lookup used under multi-replica strategies gives the same vectors and the same (dense) gradient.
     layer, reference = md_case("permutation")
-    ids = tf.constant(IDS)
-    flat = layer.ranks(ids)
-    block = tf.add_n([tf.cast(flat >= t, tf.int32) for t in OFFSETS[1:]])
-    rows = flat - tf.gather(tf.constant(OFFSETS, tf.int64), block)
-    weights = _values(V, D0, -0.4)
+    ranks = layer.ranks(tf.constant(IDS))
+    weights = _values(V, 15, -0.4)  # [n, W]
     with tf.GradientTape(persistent=True) as tape:
-        fixed = layer._lookup_fixed_size_gathers(block, rows)
+        fixed = layer._wide_fixed_size(ranks)
+        exact = layer._wide_exact(ranks)
         loss_fixed = tf.reduce_sum(fixed * weights)
-        loss_partitioned = tf.reduce_sum(layer(ids) * weights)
-    np.testing.assert_allclose(fixed.numpy(), reference(IDS), rtol=1e-5, atol=1e-6)
-    for a, b in zip(tape.gradient(loss_fixed, layer.trainable_weights),
-                    tape.gradient(loss_partitioned, layer.trainable_weights)):
-        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-5)
+        loss_exact = tf.reduce_sum(exact * weights)
+    np.testing.assert_array_equal(fixed.numpy(), exact.numpy())
+    out = tf.matmul(fixed, layer._stacked_projections())
+    np.testing.assert_allclose(out.numpy(), reference(IDS), rtol=1e-5, atol=1e-6)
+    g_fixed = tape.gradient(loss_fixed, layer.flat_parameters)
+    g_exact = tape.gradient(loss_exact, layer.flat_parameters)
+    np.testing.assert_allclose(tf.convert_to_tensor(g_fixed).numpy(), tf.convert_to_tensor(g_exact).numpy(),
+                               atol=1e-6)
+    # Fixed size: n x W entries whatever the blocks of the batch; exact: sum of the ids' block dims.
+    assert g_fixed.indices.shape[0] == V * 15
+    assert g_exact.indices.shape[0] == int(np.sum(np.asarray(DIMS)[layer.blocks_array()[IDS]]))
 
 
 MIRRORED_SCRIPT = textwrap.dedent("""
@@ -530,7 +602,8 @@ def test_size_accounting_by_hand():
         assert layer.parameter_count() == 147 and layer.storage_bytes() == nbytes
         floats = [w for w in layer.weights if tf.as_dtype(w.dtype).is_floating]
         assert sum(int(np.prod(w.shape)) for w in floats) == 147
-        assert sum(int(np.prod(w.shape)) for w in layer.sparse_tables()) == 91
+        assert sum(int(np.prod(w.shape)) for w in layer.sparse_tables()) == 147  # the one flat buffer
+        assert layer._layout.table_size == 91
         blocks = np.searchsorted(OFFSETS, _ranks(kind), side="right") - 1
         np.testing.assert_array_equal(layer.dims_per_id(), np.asarray(DIMS)[blocks])
     assert md_case("identity")[0].dims_per_id().tolist() == [7] * 3 + [5] * 5 + [3] * 15
@@ -573,6 +646,24 @@ CONTRACT = [
 def test_run_scheme_test(kwargs, ids, shape):
     trained = run_scheme_test(MixedDimensionEmbedding, kwargs, ids, shape)
     assert isinstance(trained, MixedDimensionEmbedding)
+
+
+def test_loads_weights_of_the_per_block_layout():
+    # .keras files written before the flat buffer hold one variable per block table and projection (then id_ranks).
+    layer, reference = md_case("permutation")
+    fresh = MixedDimensionEmbedding(V, D0, SIZES, DIMS, permutation=PERM)
+    fresh.build()
+    legacy = [TABLES[0], TABLES[1], PROJECTIONS[1], TABLES[2], PROJECTIONS[2], np.asarray(PERM, np.int32)]
+    fresh.load_own_variables({str(i): v for i, v in enumerate(legacy)})
+    np.testing.assert_allclose(fresh(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-5, atol=1e-6)
+    # The current layout loads as it is; a wrong number of variables is refused with the expected names.
+    again = MixedDimensionEmbedding(V, D0, SIZES, DIMS, permutation=PERM)
+    again.build()
+    again.load_own_variables({"0": tf.convert_to_tensor(layer.flat_parameters).numpy(),
+                              "1": np.asarray(PERM, np.int32)})
+    np.testing.assert_allclose(again(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"flat_parameters, id_ranks.*Received: 3 variables"):
+        again.load_own_variables({str(i): v for i, v in enumerate(legacy[:3])})
 
 
 def test_config_round_trip_keeps_the_blocks():

@@ -1,5 +1,7 @@
 """MixedDimensionEmbedding: blocks of rows with their own dims, projected to the base dim (Ginart et al.)."""
 
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -13,10 +15,62 @@ PERMUTATION_BYTES = 4
 
 PREMULTIPLY = (False, True, "auto")
 
+#: Ranks up to this many are found with ``Bucketize`` (float32 boundaries: exact for integers below 2**24).
+_BUCKETIZE_LIMIT = 2**24
+
 
 def _multi_replica():
     """True inside a ``tf.distribute`` strategy with more than one replica."""
     return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
+class Layout(NamedTuple):
+    """Where every number of an MD layer lives in its one flat parameter buffer, and the constants of the lookup.
+
+    The buffer holds the block tables ``E_0 .. E_k`` (row-major, block after block: ``table_offsets``), then the
+    projections ``P_i`` of the blocks with ``d_i < d0`` (row-major ``d_i x d0``: ``projection_offsets``, -1 for
+    a block without one). The lookup works on a "wide" row of ``W = sum_i d_i`` columns, one group of ``d_i``
+    columns per block, projected blocks first (in block order), then the blocks of dim ``d0``. An id of rank
+    ``r`` in block ``b`` fills only its block's columns: column ``c`` of block ``b`` (``j``-th of the group) holds
+    buffer entry ``table_offsets[b] + (r - t_b) d_b + j = column_base[c] + r * column_dim[c]``. The wide row
+    times ``[P_stacked; I; ...; I]`` (``W x d0``) is ``E_b[r - t_b] @ P_b``.
+    """
+
+    size: int  # parameter_count(): tables + projections
+    table_size: int
+    table_offsets: np.ndarray  # [K] start of each block table
+    projection_offsets: np.ndarray  # [K] start of each projection, -1 when d_i = d0
+    uniform_dim: int  # > 0: every id reads d consecutive entries at rank * d (one block, or every block at d0)
+    column_block: np.ndarray  # [W] int32: block of each wide column
+    column_base: np.ndarray  # [W] int64
+    column_dim: np.ndarray  # [W] int64
+    projection_positions: np.ndarray  # [Wp, d0] int64: the stacked projections' entries in the buffer
+    identity_rows: np.ndarray  # [W - Wp, d0] float: identities of the blocks of dim d0 (after the projections)
+
+
+def md_layout(block_sizes, block_dims, output_dim):
+    """The ``Layout`` of an MD layer (pure NumPy)."""
+    sizes = np.asarray(block_sizes, dtype=np.int64)
+    dims = np.asarray(block_dims, dtype=np.int64)
+    d0 = int(output_dim)
+    rank_offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    table_offsets = np.concatenate([[0], np.cumsum(sizes * dims)[:-1]])
+    table_size = int(np.sum(sizes * dims))
+    projected = dims != d0
+    projection_offsets = np.full(dims.shape, -1, dtype=np.int64)
+    projection_offsets[projected] = table_size + np.concatenate([[0], np.cumsum(dims[projected] * d0)[:-1]])
+    size = table_size + int(np.sum(dims[projected] * d0))
+    uniform = int(dims[0]) if (len(dims) == 1 or np.all(dims == d0)) else 0
+    order = list(np.flatnonzero(projected)) + list(np.flatnonzero(~projected))
+    column_block = np.concatenate([np.full(dims[b], b) for b in order]).astype(np.int32)
+    within = np.concatenate([np.arange(dims[b]) for b in order])
+    column_dim = dims[column_block]
+    column_base = table_offsets[column_block] - rank_offsets[column_block] * column_dim + within
+    wp = int(np.sum(dims[projected]))
+    projection_positions = (table_size + np.arange(wp * d0, dtype=np.int64)).reshape(wp, d0)
+    identity_rows = np.tile(np.eye(d0, dtype=np.float32), (int(np.sum(~projected)), 1))
+    return Layout(size, table_size, table_offsets, projection_offsets, uniform, column_block,
+                  column_base.astype(np.int64), column_dim.astype(np.int64), projection_positions, identity_rows)
 
 
 @register
@@ -31,12 +85,20 @@ class MixedDimensionEmbedding(EmbeddingScheme):
 
         e(id) = E_i[r - t_i] @ P_i          (a ``d0`` vector; ``E_i[r - t_i]`` when ``d_i = d0``).
 
-    Everything is differentiable: tables (row-sparse gradients, listed in ``sparse_tables()``) and
-    projections (dense variables) train together. The batch is split by block with ``tf.dynamic_partition``,
-    so each id is gathered and projected once (one gather and one matmul per block over that block's ids
-    only), and reassembled with ``tf.dynamic_stitch``; multi-hot lists are pooled by the base class's combiner.
-    Under a multi-replica ``tf.distribute`` strategy every table is gathered at all ids instead (same outputs
-    and gradients; see ``_lookup_fixed_size_gathers`` for the TensorFlow crash this avoids).
+    **Storage.** All tables and projections live in ONE flat variable ``flat_parameters`` of exactly
+    ``parameter_count()`` floats (the tables row-major block after block, then the projections; ``md_layout``),
+    so an optimizer, a regulariser or a checkpoint sees one variable per layer, as for a fixed table.
+    ``block_tables()`` / ``block_projections()`` give the per-block arrays, ``set_block_weights`` assigns them.
+
+    **Lookup** (a fixed number of ops, whatever ``K``): the block of each rank by one ``Bucketize``; every id's
+    ``d_b`` entries gathered into its block's columns of a ``[n, sum_i d_i]`` matrix (zeros elsewhere; ids never
+    gather entries of other blocks); one matmul with the projections stacked vertically (identities for blocks
+    of dim ``d0``). With one block, or every block at ``d0``, the ids read ``d`` consecutive entries and the
+    projection (if any) follows. Everything is differentiable: the gradient of ``flat_parameters`` is row-sparse
+    (``tf.IndexedSlices``) over exactly the table entries the batch looked up plus the projections' entries, so
+    tfemb's lazy optimizers (``sparse_tables()``) update nothing else. Under a multi-replica ``tf.distribute``
+    strategy the gather has a fixed size instead (entries of other blocks are read at position 0 and masked to
+    zero, so each replica's gradient has the same number of entries; see ``_wide_fixed_size``).
 
     Rank of an id: ``rank = id`` by default (ids already in descending popularity); ``oov_rank = r0`` for a
     ``tfemb.data.Schema``'s numbering, where only the OOV id 0 is out of place (``rank(0) = r0``, ids
@@ -47,10 +109,10 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     ``md_field_factory`` gives each CTR field one block (the paper's CTR setting, dlrm's per-table rule);
     ``tfemb.layers.md_dims`` has the rules themselves.
 
-    Initialisation: tables ``embeddings_initializer`` (default ``"uniform"``, U(-0.05, 0.05) as tfemb's other
-    tables), projections ``projections_initializer`` (default ``"glorot_uniform"``, the xavier_uniform of
-    dlrm's ``PrEmbeddingBag``). dlrm draws its tables from U(-sqrt(1/n), sqrt(1/n)); pass
-    ``embeddings_initializer`` to match.
+    Initialisation: each block table by ``embeddings_initializer`` (default ``"uniform"``, U(-0.05, 0.05) as
+    tfemb's other tables) with its own shape ``(n_i, d_i)``, each projection by ``projections_initializer``
+    (default ``"glorot_uniform"``, the xavier_uniform of dlrm's ``PrEmbeddingBag``) with shape ``(d_i, d0)``.
+    dlrm draws its tables from U(-sqrt(1/n), sqrt(1/n)); pass ``embeddings_initializer`` to match.
 
     Args:
         vocabulary_size: int, number of ids (OOV id 0 included); ``sum(block_sizes)`` must equal it.
@@ -76,6 +138,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     TensorShape([3, 7])
     >>> layer.parameter_count()  # tables 3*7 + 5*5 + 15*3, projections 5*7 + 3*7
     147
+    >>> layer.flat_parameters.shape  # all of them in one variable
+    TensorShape([147])
     >>> layer.dims_per_id()[[0, 3, 8]].tolist()
     [7, 5, 3]
 
@@ -116,6 +180,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.projections_initializer = keras.initializers.get(projections_initializer)
         self._offsets = [int(t) for t in np.concatenate([[0], np.cumsum(sizes)[:-1]])]
+        # A plain attribute (a tuple of NumPy arrays) that Keras does not track.
+        object.__setattr__(self, "_layout", md_layout(self.block_sizes, self.block_dims, self.output_dim))
 
     def _check_permutation(self, permutation):
         if permutation is None:
@@ -187,25 +253,26 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     def num_blocks(self):
         return len(self.block_sizes)
 
+    def _projected(self, i):
+        return self.block_dims[i] != self.output_dim
+
+    def _flat_initializer(self, shape, dtype=None):
+        """Every block table drawn by ``embeddings_initializer`` with its own shape ``(n_i, d_i)`` and every
+        projection by ``projections_initializer`` with shape ``(d_i, d0)``, laid out as ``md_layout`` says."""
+        dtype = dtype or "float32"
+        parts = [tf.reshape(fresh_initializer(self.embeddings_initializer)((n, d), dtype=dtype), [-1])
+                 for n, d in zip(self.block_sizes, self.block_dims)]
+        parts += [tf.reshape(fresh_initializer(self.projections_initializer)((d, self.output_dim), dtype=dtype), [-1])
+                  for i, d in enumerate(self.block_dims) if self._projected(i)]
+        return tf.reshape(tf.concat(parts, axis=0), shape)
+
     def build(self, input_shape=None):
-        self.block_embeddings = []
-        self.projections = []
-        for i, (rows, dim) in enumerate(zip(self.block_sizes, self.block_dims)):
-            self.block_embeddings.append(self.add_weight(
-                name=f"embeddings_{i}",
-                shape=(rows, dim),
-                initializer=fresh_initializer(self.embeddings_initializer),
-                trainable=True,
-            ))
-            projection = None
-            if dim != self.output_dim:
-                projection = self.add_weight(
-                    name=f"projection_{i}",
-                    shape=(dim, self.output_dim),
-                    initializer=fresh_initializer(self.projections_initializer),
-                    trainable=True,
-                )
-            self.projections.append(projection)
+        self.flat_parameters = self.add_weight(
+            name="flat_parameters",
+            shape=(self._layout.size,),
+            initializer=self._flat_initializer,
+            trainable=True,
+        )
         self.id_ranks = None
         if self.permutation is not None:
             ranks = np.asarray(self.permutation, dtype=np.int32)
@@ -222,6 +289,89 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             )
         self.built = True
 
+    def _flat_numpy(self):
+        if not self.built:
+            self.build()
+        return np.asarray(tf.convert_to_tensor(self.flat_parameters))
+
+    def block_tables(self):
+        """The block tables ``E_i`` as NumPy arrays ``[n_i, d_i]`` (copies)."""
+        flat, lay = self._flat_numpy(), self._layout
+        return [flat[s:s + n * d].reshape(n, d).copy()
+                for s, n, d in zip(lay.table_offsets, self.block_sizes, self.block_dims)]
+
+    def block_projections(self):
+        """The projections ``P_i`` as NumPy arrays ``[d_i, d0]`` (copies), None for a block of dim ``d0``."""
+        flat, lay = self._flat_numpy(), self._layout
+        return [None if s < 0 else flat[s:s + d * self.output_dim].reshape(d, self.output_dim).copy()
+                for s, d in zip(lay.projection_offsets, self.block_dims)]
+
+    def set_block_weights(self, tables, projections=None):
+        """Assigns per-block tables ``[n_i, d_i]`` and projections ``[d_i, d0]`` (None, or None entries, for the
+        blocks of dim ``d0``; ``projections=None`` keeps the current ones) to ``flat_parameters``."""
+        if not self.built:
+            self.build()
+        flat, lay = self._flat_numpy().copy(), self._layout
+        if len(tables) != self.num_blocks:
+            raise ValueError(f"{self.name}: expected {self.num_blocks} block tables. Received: {len(tables)}")
+        for i, (table, s) in enumerate(zip(tables, lay.table_offsets)):
+            shape = (self.block_sizes[i], self.block_dims[i])
+            table = np.asarray(table)
+            if table.shape != shape:
+                raise ValueError(f"{self.name}: block table {i} must have shape {shape}. Received: {table.shape}")
+            flat[s:s + table.size] = table.reshape(-1)
+        for i, s in enumerate(lay.projection_offsets):
+            p = None if projections is None else projections[i]
+            if s < 0 or p is None:
+                if s >= 0 and projections is not None:
+                    raise ValueError(f"{self.name}: block {i} (dim {self.block_dims[i]}) needs a projection")
+                continue
+            shape = (self.block_dims[i], self.output_dim)
+            p = np.asarray(p)
+            if p.shape != shape:
+                raise ValueError(f"{self.name}: projection {i} must have shape {shape}. Received: {p.shape}")
+            flat[s:s + p.size] = p.reshape(-1)
+        self.flat_parameters.assign(flat)
+
+    @property
+    def block_embeddings(self):
+        """Read-only views of the block tables (tensors ``[n_i, d_i]``); assign with ``set_block_weights``."""
+        lay = self._layout
+        return [tf.reshape(self.flat_parameters[s:s + n * d], (n, d))
+                for s, n, d in zip(lay.table_offsets, self.block_sizes, self.block_dims)]
+
+    @property
+    def projections(self):
+        """Read-only views of the projections (tensors ``[d_i, d0]``, None for blocks of dim ``d0``)."""
+        d0 = self.output_dim
+        return [None if s < 0 else tf.reshape(self.flat_parameters[s:s + d * d0], (d, d0))
+                for s, d in zip(self._layout.projection_offsets, self.block_dims)]
+
+    def load_own_variables(self, store):
+        """Loads ``.keras`` weights: this layout (one flat buffer), or the per-block variables of tfemb <= 0.x
+        (``embeddings_i`` and ``projection_i`` for each block, then ``id_ranks``), converted."""
+        first = store["0"]
+        if len(first.shape) == 1 and int(first.shape[0]) == self._layout.size:
+            return super().load_own_variables(store)
+        values = [np.asarray(store[str(i)]) for i in range(len(store.keys()))]
+        legacy = self.num_blocks + sum(self._projected(i) for i in range(self.num_blocks)) + (
+            self.permutation is not None)
+        if len(values) != legacy:
+            raise ValueError(
+                f"{self.name}: expected {1 + (self.permutation is not None)} variables (flat_parameters"
+                f"{', id_ranks' if self.permutation is not None else ''}) or the {legacy} per-block variables of "
+                f"the earlier layout. Received: {len(values)} variables of shapes {[v.shape for v in values]}"
+            )
+        tables, projections, k = [], [], 0
+        for i in range(self.num_blocks):
+            tables.append(values[k])
+            k += 1
+            projections.append(values[k] if self._projected(i) else None)
+            k += self._projected(i)
+        self.set_block_weights(tables, projections)
+        if self.id_ranks is not None:
+            self.id_ranks.assign(values[k])
+
     # ----------------------------------------------------------------------------------------------- forward
     def ranks(self, ids):
         """Rank of each id (its row in the stacked blocks): int64 tensor of the shape of ``ids``."""
@@ -232,43 +382,63 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             return tf.where(tf.equal(ids, 0), tf.constant(self.oov_rank, tf.int64), moved)
         return ids
 
-    def _block_vectors(self, i, rows):
-        vectors = self.gather_rows(self.block_embeddings[i], rows)  # [n, d_i]
-        if self.projections[i] is None:
-            return vectors
-        return tf.matmul(vectors, self.projections[i])  # [n, d0]
+    def block_of(self, ranks):
+        """Block of each rank (int32, the shape of ``ranks``): the number of offsets ``t_1..t_k`` it reaches."""
+        boundaries = self._offsets[1:]
+        if self.vocabulary_size <= _BUCKETIZE_LIMIT:
+            return tf.raw_ops.Bucketize(input=ranks, boundaries=[float(t) for t in boundaries])
+        flat = tf.reshape(ranks, [1, -1])
+        block = tf.searchsorted(tf.constant([boundaries], tf.int64), flat, side="right", out_type=tf.int32)
+        return tf.reshape(block, tf.shape(ranks))
 
-    def _lookup_fixed_size_gathers(self, block, rows):
-        """The lookup for multi-replica ``tf.distribute`` strategies: every table is gathered at ``n`` rows (the
-        ids of other blocks at a clipped, unused row) so that each replica's row-sparse table gradient has a fixed
-        number of rows. Table gradients whose row count varies between replicas (and may be 0) crash TensorFlow's
-        cross-replica aggregation (a segfault under MirroredStrategy, Keras 3 and 2, TF 2.21; compare
-        tensorflow/tensorflow#42500). Projections still see only their block's ids."""
-        parts, positions = [], []
-        for i, table in enumerate(self.block_embeddings):
-            where = tf.where(tf.equal(block, i))[:, 0]  # positions of block i's ids
-            vectors = self.gather_rows(table, tf.clip_by_value(rows, 0, self.block_sizes[i] - 1))  # [n, d_i]
-            vectors = tf.gather(vectors, where)
-            parts.append(vectors if self.projections[i] is None else tf.matmul(vectors, self.projections[i]))
-            positions.append(tf.cast(where, tf.int32))
-        return tf.dynamic_stitch(positions, parts)  # [n, d0]
+    def _stacked_projections(self):
+        """``[W, d0]``: the projections stacked vertically (read from the buffer), then identities."""
+        lay = self._layout
+        stacked = self.gather_rows(self.flat_parameters, tf.constant(lay.projection_positions))
+        if lay.identity_rows.shape[0]:
+            stacked = tf.concat([stacked, tf.constant(lay.identity_rows, dtype=stacked.dtype)], axis=0)
+        return stacked
+
+    def _wide_positions(self, ranks):
+        """``(valid, positions)``, both ``[n, W]``: which wide columns each rank fills, and their buffer entries."""
+        lay = self._layout
+        block = self.block_of(ranks)  # [n]
+        valid = tf.equal(block[:, tf.newaxis], tf.constant(lay.column_block)[tf.newaxis, :])
+        positions = tf.constant(lay.column_base)[tf.newaxis, :] + ranks[:, tf.newaxis] * tf.constant(
+            lay.column_dim)[tf.newaxis, :]
+        return valid, positions
+
+    def _wide_exact(self, ranks):
+        """``[n, W]``: each id's entries in its block's columns, zeros elsewhere; only its own entries are
+        gathered, so the buffer's gradient lists exactly the looked-up entries."""
+        valid, positions = self._wide_positions(ranks)
+        where = tf.where(valid)  # [m, 2], m = sum of the ids' block dims
+        values = self.gather_rows(self.flat_parameters, tf.gather_nd(positions, where))  # [m]
+        return tf.scatter_nd(where, values, tf.shape(positions, out_type=tf.int64))
+
+    def _wide_fixed_size(self, ranks):
+        """The same ``[n, W]`` with a gather of fixed size ``n x W`` (other blocks' columns read entry 0 and are
+        masked to zero). Used under multi-replica ``tf.distribute`` strategies: table gradients whose number of
+        entries varies between replicas crash TensorFlow's cross-replica aggregation (a segfault under
+        MirroredStrategy, Keras 3 and 2, TF 2.21; compare tensorflow/tensorflow#42500). The masked reads add zero
+        gradients at entry 0, which dense optimizers (the only ones allowed there) treat as no gradient."""
+        valid, positions = self._wide_positions(ranks)
+        values = self.gather_rows(self.flat_parameters, tf.where(valid, positions, tf.zeros_like(positions)))
+        return tf.where(valid, values, tf.zeros_like(values))
 
     def lookup(self, ids):
         flat = tf.reshape(self.ranks(ids), [-1])  # [n]
-        if self.num_blocks == 1:
-            out = self._block_vectors(0, flat)
+        lay = self._layout
+        if lay.uniform_dim:
+            # One block (or every block at d0): id of rank r reads entries r*d .. r*d + d - 1.
+            d = lay.uniform_dim
+            positions = flat[:, tf.newaxis] * d + tf.range(d, dtype=tf.int64)[tf.newaxis, :]
+            out = self.gather_rows(self.flat_parameters, positions)  # [n, d]
+            if d != self.output_dim:
+                out = tf.matmul(out, self._stacked_projections())
         else:
-            # Block of each rank: the number of offsets t_1..t_k it reaches (k comparisons, no table).
-            block = tf.add_n([tf.cast(flat >= t, tf.int32) for t in self._offsets[1:]])  # [n]
-            rows = flat - tf.gather(tf.constant(self._offsets, tf.int64), block)  # row inside the block
-            if _multi_replica():
-                out = self._lookup_fixed_size_gathers(block, rows)
-            else:
-                row_parts = tf.dynamic_partition(rows, block, self.num_blocks)
-                positions = tf.dynamic_partition(tf.range(tf.size(flat)), block, self.num_blocks)
-                out = tf.dynamic_stitch(
-                    positions, [self._block_vectors(i, part) for i, part in enumerate(row_parts)]
-                )  # [n, d0]
+            wide = self._wide_fixed_size(flat) if _multi_replica() else self._wide_exact(flat)
+            out = tf.matmul(wide, self._stacked_projections())  # [n, d0]
         if ids.shape.rank is None:
             return tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
         # Known dims stay static (Flatten / Dense after the layer need them in a functional model).
@@ -315,12 +485,12 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         return report
 
     def compact(self, premultiply=False):
-        """A frozen copy (stock ops: gather, matmul, dynamic_partition / dynamic_stitch), same outputs.
+        """A frozen copy (the same flat layout and lookup, stock ops: Bucketize, gather, matmul), same outputs.
 
         Args:
             premultiply: False (default): block tables and projections as trained, the smallest form for any
                 block with more than ``d_i d0 / (d0 - d_i)`` rows. True: every projected block stored as
-                ``E_i @ P_i`` (``n_i x d0``, no matmul at lookup; for a whole vocabulary this is the size of the
+                ``E_i @ P_i`` (``n_i x d0``, no projection; for a whole vocabulary this is the size of the
                 uniform table). ``"auto"``: only the blocks where that is smaller (``premultiply_report``).
                 A premultiplied block reports ``d0`` in ``dims_per_id`` and ``parameter_count``: it is what the
                 compact layer stores.
@@ -330,23 +500,23 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         if not self.built:
             self.build()
         report = self.premultiply_report()
-        tables, dims = [], []
-        for i, table in enumerate(self.block_embeddings):
-            merge = self.projections[i] is not None and (premultiply is True or (
+        tables, projections, dims = self.block_tables(), self.block_projections(), []
+        for i in range(self.num_blocks):
+            merge = projections[i] is not None and (premultiply is True or (
                 premultiply == "auto" and report[i]["smaller"]))
-            tables.append(tf.matmul(table, self.projections[i]) if merge else tf.convert_to_tensor(table))
+            if merge:
+                tables[i] = tf.matmul(tables[i], projections[i]).numpy()
+                projections[i] = None
             dims.append(self.output_dim if merge else self.block_dims[i])
         config = {**self.get_config(), "block_dims": dims, "trainable": False, "frequencies": None}
         layer = MixedDimensionEmbedding.from_config(config)
         layer.build()
-        for i in range(self.num_blocks):
-            layer.block_embeddings[i].assign(tables[i])
-            if layer.projections[i] is not None:
-                layer.projections[i].assign(self.projections[i])
+        layer.set_block_weights(tables, projections)
         return layer
 
     def sparse_tables(self):
-        return list(self.block_embeddings)
+        """``[flat_parameters]``: its gradient lists the looked-up table entries and the projections' entries."""
+        return [self.flat_parameters]
 
     def get_config(self):
         config = super().get_config()
