@@ -86,6 +86,65 @@ def soft_threshold(values, threshold):
     return tf.sign(values) * tf.nn.relu(tf.abs(values) - threshold)
 
 
+def _sum_to(grad, s, values):
+    """Sums ``grad`` (shaped like ``values``) down to the shape of ``s``, which broadcasts to ``values``: ``s`` of
+    the same shape (gathered per entry), ``[..., 1]`` (one threshold per row), ``[d]`` (per dimension) or ``()``."""
+    s_rank, v_rank = s.shape.rank, values.shape.rank
+    if s_rank is not None and v_rank is not None:
+        if s_rank == 0:
+            return tf.reduce_sum(grad)
+        if s_rank == v_rank:
+            if s.shape[-1] == 1 and values.shape[-1] != 1:
+                return tf.reduce_sum(grad, axis=-1, keepdims=True)
+            if s.shape[-1] is not None and s.shape[-1] == values.shape[-1]:
+                return grad
+        elif s_rank == 1 and values.shape[-1] is not None:
+            return tf.reduce_sum(tf.reshape(grad, [-1, values.shape[-1]]), axis=0)
+    # Anything else: the general broadcast reduction (as TensorFlow's own binary-op gradients do).
+    axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(s), s1=tf.shape(values))
+    return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(s))
+
+
+def pruned_values(values, s, g_scale=1.0):
+    """``sign(v) * ReLU(|v| - g_scale * g(s))`` with one hand-written gradient: the training-time hot path.
+
+    The value is computed exactly as ``soft_threshold(values, g_scale * threshold_sigmoid(s))`` (the same ops in
+    the same order, so the outputs, ``pruned_table()``, the masks and ``compact()`` agree bit for bit). The
+    gradient is the same function's (``d/dv = 1`` where the entry is kept, else 0; ``d/dt = -sign(v)`` where
+    kept; ``dg/ds = sigmoid(s) (1 - sigmoid(s))`` exactly, as ``threshold_sigmoid``), written as a handful of ops
+    instead of the chain of broadcasting binary-op gradients (sign, abs, relu, the sigmoid's custom gradient, the
+    g_scale product), which on a model with many small tables is what made the search step slower than it needs
+    to be.
+
+    Args:
+        values: float tensor ``[..., d]`` (gathered rows or the whole table).
+        s: the thresholds' logits, broadcastable to ``values``: the same shape, ``[..., 1]``, ``[d]`` or ``()``.
+        g_scale: Python float >= 0, the scale of g(s).
+    """
+    g_scale = float(g_scale)
+
+    @tf.custom_gradient
+    def forward(v, logits):
+        t = 0.5 * tf.tanh(0.5 * logits) + 0.5  # threshold_sigmoid's value
+        if g_scale != 1.0:  # x * 1.0 == x: skipping it changes no bit
+            t = g_scale * t
+        t = tf.cast(t, v.dtype)
+        sign = tf.sign(v)
+        diff = tf.abs(v) - t
+        out = sign * tf.nn.relu(diff)
+
+        def grad(upstream):
+            grad_v = tf.where(diff > 0, upstream, tf.zeros_like(upstream))
+            grad_t = _sum_to(-sign * grad_v, logits, v)
+            p = tf.sigmoid(logits)
+            scale = p * (1.0 - p) if g_scale == 1.0 else g_scale * p * (1.0 - p)
+            return grad_v, tf.cast(grad_t, logits.dtype) * scale
+
+        return out, grad
+
+    return forward(values, s)
+
+
 def _check_threshold_init(threshold_init):
     if isinstance(threshold_init, str):
         if threshold_init not in OFFICIAL_PRESETS:
@@ -296,8 +355,9 @@ class PEPEmbedding(EmbeddingScheme):
         field = tf.searchsorted(offsets, flat, side="right") - 1
         return tf.reshape(field, tf.shape(ids))
 
-    def _thresholds(self, ids=None):
-        """``g_scale * g(s)`` broadcastable to the rows of ``ids`` (``[..., d]``), or to the whole table."""
+    def _threshold_logits(self, ids=None):
+        """``s`` broadcastable to the rows of ``ids`` (``[..., d]``), or to the whole table: gathered per id
+        (``feature``, ``feature_dim``) or per field (stacked ``field``, ``field_dim``), else the small variable."""
         s = tf.convert_to_tensor(self.threshold)
         kind = self.threshold_type
         if kind in ROW_INDEXED:
@@ -309,13 +369,17 @@ class PEPEmbedding(EmbeddingScheme):
             else:
                 rows = tf.range(self.vocabulary_size, dtype=tf.int64) if ids is None else ids
                 s = tf.gather(s, self._field_index(rows))  # [..., 1] / [..., d]
-        return self.g_scale * threshold_sigmoid(s)
+        return s
+
+    def _thresholds(self, ids=None):
+        """``g_scale * g(s)`` broadcastable to the rows of ``ids`` (``[..., d]``), or to the whole table."""
+        return self.g_scale * threshold_sigmoid(self._threshold_logits(ids))
 
     def lookup(self, ids):
         rows = tf.gather(self.embeddings, ids)  # [..., d]
         if self.retrain:
             return rows * tf.cast(tf.gather(self.mask, ids), rows.dtype)
-        return soft_threshold(rows, tf.cast(self._thresholds(ids), rows.dtype))
+        return pruned_values(rows, self._threshold_logits(ids), self.g_scale)
 
     def pruned_table(self):
         """The whole table the layer looks up, a ``[vocabulary_size, output_dim]`` tensor (search: V̂, retrain:
@@ -324,7 +388,7 @@ class PEPEmbedding(EmbeddingScheme):
         table = tf.convert_to_tensor(self.embeddings)
         if self.retrain:
             return table * tf.cast(self.mask, table.dtype)
-        return soft_threshold(table, tf.cast(self._thresholds(), table.dtype))
+        return pruned_values(table, self._threshold_logits(), self.g_scale)
 
     # ------------------------------------------------------------------------------------------------ masks
     def current_mask(self):
@@ -337,9 +401,14 @@ class PEPEmbedding(EmbeddingScheme):
 
     def nonzero_count(self):
         """Number of kept entries (a Python int), computed in TensorFlow without copying the table out."""
+        return int(self.nonzero_count_tensor())
+
+    def nonzero_count_tensor(self):
+        """Number of kept entries as an int64 scalar tensor (traceable: ``PEPSnapshots`` sums every layer's in
+        one ``tf.function``)."""
         self._ensure_built()
         kept = self.mask if self.retrain else self.pruned_table()
-        return int(tf.math.count_nonzero(tf.convert_to_tensor(kept), dtype=tf.int64))
+        return tf.math.count_nonzero(tf.convert_to_tensor(kept), dtype=tf.int64)
 
     def threshold_values(self):
         """NumPy ``g_scale * g(s)`` in the shape of ``s`` (None in retrain mode)."""
