@@ -339,7 +339,7 @@ class TablePartL2(keras.regularizers.Regularizer):
         self.l2, self.entries = float(l2), int(entries)
 
     def __call__(self, x):
-        return self.l2 * tf.reduce_sum(tf.square(x[:self.entries]))
+        return self.l2 * tf.reduce_sum(tf.square(tf.reshape(x, [-1])[:self.entries]))
 
     def get_config(self):
         return {"l2": self.l2, "entries": self.entries}

@@ -71,9 +71,11 @@ VOCAB_CAP = 200_000
 NUM_NUMERIC = 13
 ZIPF_EXPONENT = 1.05
 TARGET_CTR = 0.25
-SCHEMES = ("fixed", "hashing", "qr", "double_hashing")
+SCHEMES = ("fixed", "hashing", "qr", "double_hashing", "md", "md_field")
 OPTIMIZERS = ("adam", "lazy_adam")
 COMPRESSION = 4.0
+#: Temperature of the MD schemes (dlrm's --md-temperature default).
+MD_ALPHA = 0.3
 EMBEDDING_DIM = 16
 LEARNING_RATE = 1e-3
 #: Field pairs whose ids interact in the planted signal.
@@ -328,7 +330,13 @@ def _build_tfemb(config, schema):
         kwargs["compression"] = COMPRESSION
     if not config.get("validate_ids", True):
         kwargs["validate_ids"] = False
-    embeddings = None if scheme == "fixed" and len(kwargs) == 1 else scheme_factory(scheme, **kwargs)
+    if scheme == "md_field":  # the paper's CTR setting: one block per field, dims from the field sizes
+        from tfemb.layers import md_field_factory
+
+        kwargs.pop("output_dim")
+        embeddings = md_field_factory(schema, EMBEDDING_DIM, alpha=MD_ALPHA, round_pow2=True, **kwargs)
+    else:
+        embeddings = None if scheme == "fixed" and len(kwargs) == 1 else scheme_factory(scheme, **kwargs)
     model_kwargs = dict(config.get("model_kwargs", {}))
     model_cls = DeepFM
     if config.get("sparse_read"):

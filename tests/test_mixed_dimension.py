@@ -232,6 +232,117 @@ def test_gradients_reach_tables_and_projections(kind):
     assert [v.name for v in layer.trainable_weights] == [layer.flat_parameters.name]
 
 
+# Row width g = gcd(block dims, d0) > 1: the buffer is [size / g, g] and lookups move whole rows of g entries.
+ROW_WIDTH_CASES = {
+    "three blocks, g=2": ([3, 5, 15], [8, 4, 2], 8),
+    "one projected block, g=4": ([23], [4], 8),
+    "one block at d0, g=8": ([23], [8], 8),
+    "two blocks at d0, g=8": ([3, 20], [8, 8], 8),
+    "dims 12/6, g=6": ([4, 19], [12, 6], 12),
+}
+
+
+def _row_width_case(sizes, dims, d0):
+    rng = np.random.default_rng(7)
+    v = sum(sizes)
+    perm = rng.permutation(v)
+    layer = MixedDimensionEmbedding(v, d0, sizes, dims, permutation=perm.tolist())
+    layer.build()
+    tables = [rng.normal(size=(n, d)).astype(np.float32) for n, d in zip(sizes, dims)]
+    projections = [None if d == d0 else rng.normal(size=(d, d0)).astype(np.float32) for d in dims]
+    layer.set_block_weights(tables, projections)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def reference(ids):
+        out = np.zeros(np.shape(ids) + (d0,))
+        for idx in np.ndindex(np.shape(ids)):
+            r = perm[ids[idx]]
+            b = np.searchsorted(offsets, r, side="right") - 1
+            row = tables[b][r - offsets[b]]
+            out[idx] = row if projections[b] is None else row @ projections[b]
+        return out
+
+    def entries(ids):
+        """Buffer entries (layout order) an id batch reads: its rows' entries plus every projection's."""
+        lay = layer._layout
+        out = set()
+        for r in perm[np.asarray(ids).reshape(-1)]:
+            b = np.searchsorted(offsets, r, side="right") - 1
+            start = lay.table_offsets[b] + (r - offsets[b]) * dims[b]
+            out.update(range(start, start + dims[b]))
+        for b, s in enumerate(lay.projection_offsets):
+            if s >= 0:
+                out.update(range(s, s + dims[b] * d0))
+        return out
+
+    return layer, tables, projections, reference, entries
+
+
+@pytest.mark.parametrize("case", sorted(ROW_WIDTH_CASES))
+def test_row_width_buffer_lookup_and_gradient(case):
+    sizes, dims, d0 = ROW_WIDTH_CASES[case]
+    g = math.gcd(*dims, d0)
+    layer, tables, projections, reference, entries = _row_width_case(sizes, dims, d0)
+    assert layer._layout.row_width == g > 1
+    assert tuple(layer.flat_parameters.shape) == (layer.parameter_count() // g, g)
+    for got, want in zip(layer.block_tables(), tables):
+        np.testing.assert_array_equal(got, want)
+    ids = np.array([[0, 5, 5], [22, 9, 1], [13, 17, 3]])
+    np.testing.assert_allclose(layer(tf.constant(ids)).numpy(), reference(ids), rtol=1e-5, atol=1e-5)
+    weights = np.random.default_rng(1).normal(size=ids.shape + (d0,)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(tf.constant(ids)) * weights)
+    (grad,) = tape.gradient(loss, [layer.flat_parameters])
+    assert isinstance(grad, tf.IndexedSlices) and tuple(grad.values.shape[1:]) == (g,)  # whole rows of g
+    rows = set(grad.indices.numpy().tolist())
+    assert rows == {e // g for e in entries(ids)}  # exactly the looked-up rows and the projections' rows
+    # Gradient values against finite differences of the NumPy reference are linear here: d loss / d entry.
+    dense = tf.convert_to_tensor(grad).numpy().reshape(-1)
+    flat = layer._flat_numpy()
+    for entry in sorted(entries(ids))[:: max(1, len(entries(ids)) // 7)]:
+        bumped = flat.copy()
+        bumped[entry] += 1.0
+        layer.flat_parameters.assign(bumped.reshape(layer.flat_parameters.shape))
+        plus = float(tf.reduce_sum(layer(tf.constant(ids)) * weights))
+        layer.flat_parameters.assign(flat.reshape(layer.flat_parameters.shape))
+        base = float(tf.reduce_sum(layer(tf.constant(ids)) * weights))
+        # Linear in each entry, up to float32 rounding on sums of a few dozen products.
+        np.testing.assert_allclose(plus - base, dense[entry], rtol=1e-3, atol=1e-3)
+    compact = layer.compact()
+    np.testing.assert_allclose(compact(tf.constant(ids)).numpy(), reference(ids), rtol=1e-5, atol=1e-5)
+    assert tuple(compact.flat_parameters.shape) == tuple(layer.flat_parameters.shape)
+
+
+def test_row_width_fixed_size_gathers_and_layout_loading():
+    layer, _, _, reference, _ = _row_width_case([3, 5, 15], [8, 4, 2], 8)
+    ids = tf.constant([0, 22, 5, 11, 3])
+    ranks = layer.ranks(ids)
+    exact, fixed = layer._wide_exact(ranks), layer._wide_fixed_size(ranks)
+    np.testing.assert_array_equal(exact.numpy(), fixed.numpy())
+    np.testing.assert_allclose(tf.matmul(fixed, layer._stacked_projections()).numpy(), reference(ids.numpy()),
+                               rtol=1e-5, atol=1e-5)
+    # A buffer saved by the 1-D layout (row width 1) loads into the [size / 2, 2] one.
+    again = MixedDimensionEmbedding(layer.vocabulary_size, 8, [3, 5, 15], [8, 4, 2], permutation=layer.permutation)
+    again.build()
+    again.load_own_variables({"0": layer._flat_numpy(), "1": np.asarray(layer.permutation, np.int32)})
+    np.testing.assert_allclose(again(ids).numpy(), reference(ids.numpy()), rtol=1e-5, atol=1e-5)
+
+
+def test_row_width_lazy_adam_moves_only_looked_up_rows():
+    from tfemb.optimizers import SparseAdam
+
+    layer, _, _, _, entries = _row_width_case([23], [4], 8)
+    optimizer = SparseAdam(learning_rate=0.1)
+    before = layer._flat_numpy().copy()
+    for ids in ([0, 4, 9], [1, 10]):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer(tf.constant(ids)) - 1.0))
+        grads = tape.gradient(loss, layer.sparse_tables())
+        optimizer.apply(zip(grads, layer.sparse_tables()))
+    moved = set(np.flatnonzero(layer._flat_numpy() != before).tolist())
+    assert moved == entries([0, 4, 9, 1, 10])
+
+
 def test_lazy_adam_leaves_rows_not_looked_up_alone():
     from tfemb.optimizers import SparseAdam
 

@@ -34,6 +34,12 @@ class Layout(NamedTuple):
     ``r`` in block ``b`` fills only its block's columns: column ``c`` of block ``b`` (``j``-th of the group) holds
     buffer entry ``table_offsets[b] + (r - t_b) d_b + j = column_base[c] + r * column_dim[c]``. The wide row
     times ``[P_stacked; I; ...; I]`` (``W x d0``) is ``E_b[r - t_b] @ P_b``.
+
+    Row width ``g = gcd(d_0, ..., d_k, d0)``: every block dim, every table offset and every projection offset is a
+    multiple of ``g``, so the buffer is stored as ``[size / g, g]`` (``[size]`` when ``g = 1``) and the lookup
+    gathers whole rows of ``g`` entries: ``g`` times fewer indices in the gather and in its row-sparse gradient,
+    which is what a lazy optimizer's cost scales with (a CTR field of dim 16 reads one row of 16, like a fixed
+    table). The ``group_*`` arrays are the ``column_*`` ones per group of ``g`` columns, in row units.
     """
 
     size: int  # parameter_count(): tables + projections
@@ -46,6 +52,11 @@ class Layout(NamedTuple):
     column_dim: np.ndarray  # [W] int64
     projection_positions: np.ndarray  # [Wp, d0] int64: the stacked projections' entries in the buffer
     identity_rows: np.ndarray  # [W - Wp, d0] float: identities of the blocks of dim d0 (after the projections)
+    row_width: int  # g
+    group_block: np.ndarray  # [W / g] int32
+    group_base: np.ndarray  # [W / g] int64, in rows of g
+    group_dim: np.ndarray  # [W / g] int64, in rows of g
+    projection_rows: np.ndarray  # [Wp, d0 / g] int64: the stacked projections' buffer rows
 
 
 def md_layout(block_sizes, block_dims, output_dim):
@@ -69,8 +80,13 @@ def md_layout(block_sizes, block_dims, output_dim):
     wp = int(np.sum(dims[projected]))
     projection_positions = (table_size + np.arange(wp * d0, dtype=np.int64)).reshape(wp, d0)
     identity_rows = np.tile(np.eye(d0, dtype=np.float32), (int(np.sum(~projected)), 1))
+    g = int(np.gcd.reduce(np.concatenate([dims, [d0]])))
+    group_block, group_base, group_dim = column_block[::g], column_base[::g] // g, column_dim[::g] // g
+    projection_rows = projection_positions[:, ::g] // g
     return Layout(size, table_size, table_offsets, projection_offsets, uniform, column_block,
-                  column_base.astype(np.int64), column_dim.astype(np.int64), projection_positions, identity_rows)
+                  column_base.astype(np.int64), column_dim.astype(np.int64), projection_positions, identity_rows,
+                  g, group_block.astype(np.int32), group_base.astype(np.int64), group_dim.astype(np.int64),
+                  projection_rows.astype(np.int64))
 
 
 @register
@@ -87,7 +103,9 @@ class MixedDimensionEmbedding(EmbeddingScheme):
 
     **Storage.** All tables and projections live in ONE flat variable ``flat_parameters`` of exactly
     ``parameter_count()`` floats (the tables row-major block after block, then the projections; ``md_layout``),
-    so an optimizer, a regulariser or a checkpoint sees one variable per layer, as for a fixed table.
+    so an optimizer, a regulariser or a checkpoint sees one variable per layer, as for a fixed table. It is
+    shaped ``[parameter_count() / g, g]`` with the row width ``g = gcd(block dims, d0)`` (``[parameter_count()]``
+    when ``g = 1``), so lookups and their sparse gradients move whole rows of ``g`` entries.
     ``block_tables()`` / ``block_projections()`` give the per-block arrays, ``set_block_weights`` assigns them.
 
     **Lookup** (a fixed number of ops, whatever ``K``): the block of each rank by one ``Bucketize``; every id's
@@ -269,7 +287,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     def build(self, input_shape=None):
         self.flat_parameters = self.add_weight(
             name="flat_parameters",
-            shape=(self._layout.size,),
+            shape=self._buffer_shape(),
             initializer=self._flat_initializer,
             trainable=True,
         )
@@ -289,10 +307,20 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             )
         self.built = True
 
+    def _buffer_shape(self):
+        """``(size,)`` for row width 1, else ``(size / g, g)``."""
+        g, size = self._layout.row_width, self._layout.size
+        return (size,) if g == 1 else (size // g, g)
+
     def _flat_numpy(self):
+        """The buffer as a 1-D NumPy array (``parameter_count()`` entries in layout order)."""
         if not self.built:
             self.build()
-        return np.asarray(tf.convert_to_tensor(self.flat_parameters))
+        return np.asarray(tf.convert_to_tensor(self.flat_parameters)).reshape(-1)
+
+    def _flat_tensor(self):
+        """The buffer as a 1-D tensor (a read of the whole variable: for views and regularisers, not lookups)."""
+        return tf.reshape(tf.convert_to_tensor(self.flat_parameters), [-1])
 
     def block_tables(self):
         """The block tables ``E_i`` as NumPy arrays ``[n_i, d_i]`` (copies)."""
@@ -331,28 +359,33 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             if p.shape != shape:
                 raise ValueError(f"{self.name}: projection {i} must have shape {shape}. Received: {p.shape}")
             flat[s:s + p.size] = p.reshape(-1)
-        self.flat_parameters.assign(flat)
+        self.flat_parameters.assign(flat.reshape(self._buffer_shape()))
 
     @property
     def block_embeddings(self):
         """Read-only views of the block tables (tensors ``[n_i, d_i]``); assign with ``set_block_weights``."""
-        lay = self._layout
-        return [tf.reshape(self.flat_parameters[s:s + n * d], (n, d))
+        lay, flat = self._layout, self._flat_tensor()
+        return [tf.reshape(flat[s:s + n * d], (n, d))
                 for s, n, d in zip(lay.table_offsets, self.block_sizes, self.block_dims)]
 
     @property
     def projections(self):
         """Read-only views of the projections (tensors ``[d_i, d0]``, None for blocks of dim ``d0``)."""
-        d0 = self.output_dim
-        return [None if s < 0 else tf.reshape(self.flat_parameters[s:s + d * d0], (d, d0))
+        d0, flat = self.output_dim, self._flat_tensor()
+        return [None if s < 0 else tf.reshape(flat[s:s + d * d0], (d, d0))
                 for s, d in zip(self._layout.projection_offsets, self.block_dims)]
 
     def load_own_variables(self, store):
         """Loads ``.keras`` weights: this layout (one flat buffer), or the per-block variables of tfemb <= 0.x
         (``embeddings_i`` and ``projection_i`` for each block, then ``id_ranks``), converted."""
         first = store["0"]
-        if len(first.shape) == 1 and int(first.shape[0]) == self._layout.size:
+        if tuple(int(n) for n in first.shape) == self._buffer_shape():
             return super().load_own_variables(store)
+        if len(first.shape) == 1 and int(first.shape[0]) == self._layout.size:  # the flat layout of row width 1
+            self.flat_parameters.assign(np.asarray(first).reshape(self._buffer_shape()))
+            if self.id_ranks is not None:
+                self.id_ranks.assign(np.asarray(store["1"]))
+            return None
         values = [np.asarray(store[str(i)]) for i in range(len(store.keys()))]
         legacy = self.num_blocks + sum(self._projected(i) for i in range(self.num_blocks)) + (
             self.permutation is not None)
@@ -391,30 +424,46 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         block = tf.searchsorted(tf.constant([boundaries], tf.int64), flat, side="right", out_type=tf.int32)
         return tf.reshape(block, tf.shape(ranks))
 
+    def _gather_groups(self, rows):
+        """Buffer rows ``rows`` (int64, any shape ``S``) as ``[*S, g]`` entries, or ``[*S]`` when ``g = 1``."""
+        return self.gather_rows(self.flat_parameters, rows)
+
     def _stacked_projections(self):
         """``[W, d0]``: the projections stacked vertically (read from the buffer), then identities."""
         lay = self._layout
-        stacked = self.gather_rows(self.flat_parameters, tf.constant(lay.projection_positions))
+        stacked = self._gather_groups(tf.constant(lay.projection_rows))  # [Wp, d0 / g(, g)]
+        if lay.row_width > 1:
+            stacked = tf.reshape(stacked, [lay.projection_rows.shape[0], self.output_dim])
         if lay.identity_rows.shape[0]:
             stacked = tf.concat([stacked, tf.constant(lay.identity_rows, dtype=stacked.dtype)], axis=0)
         return stacked
 
     def _wide_positions(self, ranks):
-        """``(valid, positions)``, both ``[n, W]``: which wide columns each rank fills, and their buffer entries."""
+        """``(valid, positions)``, both ``[n, W / g]``: which groups of ``g`` wide columns each rank fills, and
+        their buffer rows."""
         lay = self._layout
         block = self.block_of(ranks)  # [n]
-        valid = tf.equal(block[:, tf.newaxis], tf.constant(lay.column_block)[tf.newaxis, :])
-        positions = tf.constant(lay.column_base)[tf.newaxis, :] + ranks[:, tf.newaxis] * tf.constant(
-            lay.column_dim)[tf.newaxis, :]
+        valid = tf.equal(block[:, tf.newaxis], tf.constant(lay.group_block)[tf.newaxis, :])
+        positions = tf.constant(lay.group_base)[tf.newaxis, :] + ranks[:, tf.newaxis] * tf.constant(
+            lay.group_dim)[tf.newaxis, :]
         return valid, positions
 
+    def _to_wide(self, grouped):
+        """``[n, W / g, g]`` -> ``[n, W]`` (no-op for ``g = 1``)."""
+        if self._layout.row_width == 1:
+            return grouped
+        return tf.reshape(grouped, [-1, self._layout.column_block.shape[0]])
+
     def _wide_exact(self, ranks):
-        """``[n, W]``: each id's entries in its block's columns, zeros elsewhere; only its own entries are
-        gathered, so the buffer's gradient lists exactly the looked-up entries."""
+        """``[n, W]``: each id's entries in its block's columns, zeros elsewhere; only its own buffer rows are
+        gathered, so the buffer's gradient lists exactly the looked-up rows."""
         valid, positions = self._wide_positions(ranks)
-        where = tf.where(valid)  # [m, 2], m = sum of the ids' block dims
-        values = self.gather_rows(self.flat_parameters, tf.gather_nd(positions, where))  # [m]
-        return tf.scatter_nd(where, values, tf.shape(positions, out_type=tf.int64))
+        where = tf.where(valid)  # [m, 2], m = sum of the ids' block dims / g
+        values = self._gather_groups(tf.gather_nd(positions, where))  # [m(, g)]
+        shape = tf.shape(positions, out_type=tf.int64)
+        if self._layout.row_width > 1:
+            shape = tf.concat([shape, [self._layout.row_width]], axis=0)
+        return self._to_wide(tf.scatter_nd(where, values, shape))
 
     def _wide_fixed_size(self, ranks):
         """The same ``[n, W]`` with a gather of fixed size ``n x W`` (other blocks' columns read entry 0 and are
@@ -423,17 +472,22 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         MirroredStrategy, Keras 3 and 2, TF 2.21; compare tensorflow/tensorflow#42500). The masked reads add zero
         gradients at entry 0, which dense optimizers (the only ones allowed there) treat as no gradient."""
         valid, positions = self._wide_positions(ranks)
-        values = self.gather_rows(self.flat_parameters, tf.where(valid, positions, tf.zeros_like(positions)))
-        return tf.where(valid, values, tf.zeros_like(values))
+        values = self._gather_groups(tf.where(valid, positions, tf.zeros_like(positions)))  # [n, W / g(, g)]
+        if self._layout.row_width > 1:
+            valid = tf.broadcast_to(valid[:, :, tf.newaxis], tf.shape(values))
+        return self._to_wide(tf.where(valid, values, tf.zeros_like(values)))
 
     def lookup(self, ids):
         flat = tf.reshape(self.ranks(ids), [-1])  # [n]
         lay = self._layout
         if lay.uniform_dim:
             # One block (or every block at d0): id of rank r reads entries r*d .. r*d + d - 1.
-            d = lay.uniform_dim
-            positions = flat[:, tf.newaxis] * d + tf.range(d, dtype=tf.int64)[tf.newaxis, :]
-            out = self.gather_rows(self.flat_parameters, positions)  # [n, d]
+            d, g = lay.uniform_dim, lay.row_width
+            if d == g and g > 1:  # one buffer row per id, as a fixed table
+                out = self._gather_groups(flat)  # [n, d]
+            else:
+                positions = flat[:, tf.newaxis] * (d // g) + tf.range(d // g, dtype=tf.int64)[tf.newaxis, :]
+                out = tf.reshape(self._gather_groups(positions), [-1, d])  # [n, d]
             if d != self.output_dim:
                 out = tf.matmul(out, self._stacked_projections())
         else:
