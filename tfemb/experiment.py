@@ -13,6 +13,7 @@ A config is a dict (usually a YAML recipe in ``models/``)::
     train: {epochs: 5, batch_size: 1024, optimizer: adam, learning_rate: 0.001,
             embedding_optimizer: adam, early_stopping: {monitor: val_auc, patience: 2}}
     pep: {targets: [0.25], retrain: rewind, search_epochs: 8}   # optional, with scheme: pep (see run)
+    autoemb: {mode: bilevel, validation: val}   # optional, with scheme: autoemb (tfemb.autoemb.fit_experiment)
 """
 
 import copy
@@ -51,6 +52,7 @@ DEFAULTS = {
         "jit_compile": False,
     },
     "pep": None,
+    "autoemb": None,
 }
 
 
@@ -294,6 +296,14 @@ def run(cfg, prepared=None, out_dir=None, log=None):
     start = time.perf_counter()
     if pep is not None and not pep["reached"]:
         history = pep.pop("_history")  # no snapshot to retrain: the searched model is reported, flagged
+    elif cfg.get("autoemb"):  # AutoEmb / DARTS / SAM: the alternating search is the training
+        from tfemb.autoemb import autoemb_layers, fit_experiment
+
+        if not autoemb_layers(model):
+            raise ValueError("config 'autoemb' needs embedding.scheme 'autoemb'. Received: "
+                             f"scheme={cfg['embedding']['scheme']!r}")
+        history = fit_experiment(model, cfg, train_ds, val_ds, callbacks=_callbacks(train_cfg, out_dir, has_val, log),
+                                 verbose=train_cfg.get("verbose", 1))
     else:
         history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
                             callbacks=_callbacks(train_cfg, out_dir, has_val, log),

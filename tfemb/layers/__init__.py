@@ -1,5 +1,7 @@
 """Embedding schemes: every method is a Keras layer following the EmbeddingScheme contract."""
 
+from tfemb.layers.autoemb_controller import AutoEmbController, popularity_buckets
+from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.embedding_scheme import COMBINERS, PADDING_ID, EmbeddingScheme
 from tfemb.layers.factory import SCHEMES, get_scheme_class, scheme_factory
@@ -17,6 +19,7 @@ from tfemb.layers.md_dims import (
     stacked_md_blocks,
 )
 from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_field_factory
+from tfemb.layers.multi_dim_embedding import MultiDimEmbedding
 from tfemb.layers.packed_embedding import PackedEmbedding
 from tfemb.layers.pep_embedding import PEPEmbedding, pep_preset
 from tfemb.layers.qr_embedding import QREmbedding

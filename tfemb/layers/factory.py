@@ -8,6 +8,7 @@
 
 import math
 
+from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing_embedding import HashingEmbedding
@@ -23,6 +24,7 @@ SCHEMES = {
     "double_hashing": DoubleHashingEmbedding,
     "md": MixedDimensionEmbedding,
     "pep": PEPEmbedding,
+    "autoemb": AutoEmbEmbedding,
 }
 
 #: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
@@ -108,7 +110,9 @@ def scheme_factory(name, **kwargs):
 
     Args:
         name: ``"fixed"``, ``"hashing"``, ``"qr"``, ``"double_hashing"``, ``"md"`` or ``"pep"`` (``PEPEmbedding``:
-            ``threshold_type``, ``threshold_init``, ``g_scale``, ...; sized by its search, no ``compression``).
+            ``threshold_type``, ``threshold_init``, ``g_scale``, ...; sized by its search, no ``compression``), or
+            ``"autoemb"`` (``AutoEmbEmbedding``: ``candidate_dims``, ``selection``, ...; sized by its search and
+            trained with ``tfemb.autoemb``; gets the feature's counts only with ``popularity="frequencies"``).
         **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
             ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
             replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer
@@ -163,7 +167,7 @@ def scheme_factory(name, **kwargs):
                 args["num_hot"], args["num_buckets"] = double_hashing_sizes(
                     vocabulary_size, dim, compression, args.get("combine", "sum")
                 )
-        if name in USES_FREQUENCIES:
+        if name in USES_FREQUENCIES or (name == "autoemb" and args.get("popularity") == "frequencies"):
             args["frequencies"] = frequencies
         args["name"] = f"{feature_name}_embedding"
         return cls(vocabulary_size=vocabulary_size, **args)

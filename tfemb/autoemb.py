@@ -1,0 +1,581 @@
+"""AutoEmb's training procedure: the bilevel DARTS search (AutoEmb, DARTS), the joint one (SAM), streaming.
+
+The layer, ``tfemb.layers.AutoEmbEmbedding``, holds the candidate tables, the transforms and the architecture
+parameters θ (a controller network, or DARTS logits). This module trains a model that uses it:
+
+- ``AutoEmbSearch(model, validation_stream, mode)``: a Keras model wrapping any ``RecModel``; ``fit`` runs
+  the paper's alternating optimisation (Zhao et al., arXiv 2002.11252, Algorithm 1, first-order DARTS)::
+
+      per training batch:  θ-step: θ ← θ - η_θ ∇_θ L_val(W, θ)    on the next validation batch (W fixed)
+                           W-step: W ← W - η_W ∇_W L_train(W, θ)  on the training batch (θ fixed)
+
+  (``mode="bilevel"``, AutoEmb and DARTS), or one step on the training loss for W and θ together
+  (``mode="joint"``, the paper's SAM baseline). Validation batches come from a second dataset, or
+  ``"previous_batch"``: the training batch before the current one (the stream's most recent data, as the
+  authors' group's code, github.com/zgahhblhc/ESAPN ``Val_Type="last_batch"``). The W-step writes each id's
+  loss into the layers' context (``AutoEmbEmbedding.record_losses``); the θ-step freezes the stream state.
+- ``stream_fit(model, x, y, batch_size)``: the streaming protocol: time-ordered batches, each one first
+  predicted (the forward pass of its W-step, before the update), then trained on; one pass; per-batch metrics,
+  a test-period summary and the training speed. Works for any compiled tfemb model (a fixed-size baseline goes
+  through the same step, without θ).
+- ``hard_soft_difference``, ``set_inference_selection``: compare and switch the hard and soft exports.
+- ``fit_experiment``: what ``tfemb.experiment.run`` calls for configs with an ``autoemb`` section.
+"""
+
+import contextlib
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tfemb._keras import IS_KERAS_3, keras
+from tfemb.layers.autoemb_embedding import INFERENCE_SELECTIONS, AutoEmbEmbedding
+
+#: ``"bilevel"``: θ on validation batches, W on training batches, alternating (AutoEmb, DARTS);
+#: ``"joint"``: W and θ together on the training loss (SAM).
+MODES = ("bilevel", "joint")
+
+#: ``validation_stream`` value: the previous training batch is the θ-step's validation batch.
+PREVIOUS_BATCH = "previous_batch"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _unwrap(model):
+    return model.rec_model if isinstance(model, AutoEmbSearch) else model
+
+
+def autoemb_layers(model):
+    """``{feature: AutoEmbEmbedding}`` of a ``RecModel`` (or of the model an ``AutoEmbSearch`` wraps)."""
+    model = _unwrap(model)
+    layers = getattr(model, "embedding_layers", None)
+    if layers is None:
+        raise TypeError(f"expected a tfemb RecModel (embedding_layers by feature). Received: {type(model).__name__}")
+    return {name: layers[name] for name in model.embedding_names if isinstance(layers[name], AutoEmbEmbedding)}
+
+
+def architecture_variables(model):
+    """θ: the controllers' (or DARTS logits') trainable variables of every AutoEmb layer of ``model``."""
+    out = []
+    for layer in autoemb_layers(model).values():
+        out.extend(layer.architecture_variables())
+    return out
+
+
+def model_variables(model):
+    """W: every trainable variable of ``model`` that is not in θ."""
+    theta = {id(v) for v in architecture_variables(model)}
+    return [v for v in _unwrap(model).trainable_variables if id(v) not in theta]
+
+
+@contextlib.contextmanager
+def frozen_stream_state(model):
+    """Within the block, training calls of ``model``'s AutoEmb layers leave counts and previous weights alone."""
+    layers = list(autoemb_layers(model).values())
+    before = [layer.state_frozen for layer in layers]
+    for layer in layers:
+        object.__setattr__(layer, "state_frozen", True)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            object.__setattr__(layer, "state_frozen", state)
+
+
+def set_inference_selection(model, selection):
+    """Sets ``inference_selection`` (``"hard"`` / ``"soft"``) of every AutoEmb layer of ``model``; the model's
+    traced predict / evaluate functions are dropped so the next call uses it."""
+    if selection not in INFERENCE_SELECTIONS:
+        raise ValueError(f"selection must be one of {INFERENCE_SELECTIONS}. Received: selection={selection!r}")
+    for layer in autoemb_layers(model).values():
+        layer.inference_selection = selection
+    _drop_inference_functions(model)
+
+
+def _drop_inference_functions(model):
+    """Drops the traced predict / evaluate functions, which captured the layers' ``inference_selection``."""
+    for m in {id(model): model, id(_unwrap(model)): _unwrap(model)}.values():
+        for attr in ("predict_function", "test_function"):
+            if hasattr(m, attr):
+                setattr(m, attr, None)
+
+
+def _tf_variable(variable):
+    """The ``tf.Variable`` behind a Keras 3 variable (Keras 2 variables are ``tf.Variable`` already)."""
+    inner = getattr(variable, "value", None)
+    return inner if isinstance(inner, tf.Variable) else variable
+
+
+def _loss_function(loss):
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call
+    if isinstance(loss, str):
+        return keras.losses.get(loss)
+    if callable(loss):
+        return loss
+    raise ValueError(f"the compiled loss must be one Keras loss (object, name or function). Received: {loss!r}")
+
+
+def per_example_loss(loss, y_true, y_pred):
+    """Unreduced per-example values ``[batch]`` of a compiled Keras loss (object, name or function).
+
+    Rank-1 predictions (binary / regression heads) are given a trailing axis first, because Keras losses
+    average over the last axis.
+    """
+    fn = _loss_function(loss)
+    y_pred = tf.convert_to_tensor(y_pred)
+    y_true = tf.convert_to_tensor(y_true)
+    if y_pred.shape.rank == 1:
+        y_pred = y_pred[:, tf.newaxis]
+        y_true = tf.reshape(y_true, [-1, 1])
+    if y_true.dtype != y_pred.dtype and not (y_pred.shape.rank == 2 and y_true.shape.rank == 1):
+        y_true = tf.cast(y_true, y_pred.dtype)
+    values = fn(y_true, y_pred)
+    return tf.reshape(values, [-1])
+
+
+def _iter_validation(stream):
+    """``(xv, yv, has_validation)`` elements of a validation dataset (``(x, y)`` or ``(x, y, w)`` batches)."""
+    if not isinstance(stream, tf.data.Dataset):
+        raise TypeError(
+            f"validation_stream must be a tf.data.Dataset of (x, y) batches or {PREVIOUS_BATCH!r}. "
+            f"Received: {type(stream).__name__}"
+        )
+    return stream.map(lambda *batch: (batch[0], batch[1], tf.constant(True)))
+
+
+def previous_batch_stream(dataset, repeat=True):
+    """The validation stream of ``"previous_batch"``: element ``t`` is training batch ``t - 1`` (batch 0 for
+    ``t = 0``, flagged so that its θ-step is skipped: a batch's labels must not reach θ before it is predicted).
+
+    ``dataset`` must give the same batches in the same order each time it is iterated (a time-ordered stream,
+    not a reshuffling one: then the "previous" batch is a random training batch). With ``repeat`` the stream
+    restarts in step with every epoch of ``dataset`` (its cardinality must be finite).
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(f"validation_stream={PREVIOUS_BATCH!r} needs a tf.data.Dataset to fit on. "
+                        f"Received: {type(dataset).__name__}")
+    pairs = dataset.map(lambda *batch: (batch[0], batch[1]))
+    first = pairs.take(1).map(lambda x, y: (x, y, tf.constant(False)))
+    stream = first.concatenate(pairs.map(lambda x, y: (x, y, tf.constant(True))))
+    if not repeat:
+        return stream
+    steps = int(dataset.cardinality())
+    if steps == tf.data.INFINITE_CARDINALITY:
+        return stream
+    if steps < 0:  # unknown: count once
+        steps = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+    if steps == 0:
+        raise ValueError("the training dataset is empty: no batch to stream")
+    return stream.take(steps).repeat()
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------- the search
+class AutoEmbSearch(keras.Model):
+    """Trains a ``RecModel`` whose embeddings include ``AutoEmbEmbedding`` layers: ``fit`` alternates θ and W.
+
+    ``train_step`` (Keras ``fit``): in ``"bilevel"`` mode, a θ-step on the next validation batch (gradient of the
+    validation loss w.r.t. θ only, W held; first-order DARTS, ``W*(θ) ≈ W``; the layers' stream state is frozen),
+    then a W-step on the training batch (gradient w.r.t. W only; θ held; counts, previous weights and per-id
+    losses updated). In ``"joint"`` mode (SAM) one step on the training loss updates W and θ. A model without
+    AutoEmb layers (a fixed-size baseline) trains with the plain W-step, so it can share ``stream_fit``.
+
+    Metrics and losses are the compiled ones; the wrapped model's row-sparse ``embedding_optimizer`` (when set)
+    updates the candidate tables as it updates any scheme's. Save and export the wrapped model
+    (``search.rec_model``): the wrapper only carries the procedure.
+
+    Args:
+        model: a tfemb ``RecModel``.
+        validation_stream: ``"previous_batch"`` (default; needs ``fit`` on a ``tf.data.Dataset``) or a
+            ``tf.data.Dataset`` of ``(x, y)`` batches, read one batch per θ-step from its start at every ``fit``
+            (``.repeat()`` it for several epochs: a stream that runs out stops ``fit`` with an error naming it).
+            Unused in ``"joint"`` mode and when the model has no θ.
+        mode: ``"bilevel"`` (default) or ``"joint"``.
+
+    ``compile(optimizer, controller_optimizer=None, loss=None, metrics=None, ...)``: ``optimizer`` updates W;
+    ``controller_optimizer`` θ (default: Adam at 1e-4 in bilevel mode, the authors' ``LR_darts``; in joint mode
+    the W optimizer updates θ too, in the same call, as the authors' SAM); loss and metrics default to the
+    task's (``tfemb.tasks``).
+
+    Example::
+
+        model = CFNetwork(schema, embeddings=scheme_factory("autoemb", candidate_dims=(2, 16, 128)),
+                          embedding_dim=128)
+        search = AutoEmbSearch(model, validation_stream="previous_batch")
+        search.compile(optimizer=keras.optimizers.Adam(1e-3), controller_optimizer=keras.optimizers.Adam(1e-4))
+        search.fit(train_ds, epochs=1)            # time-ordered, unshuffled batches
+        export_saved_model(model, "exports/autoemb")   # hard selection
+    """
+
+    def __init__(self, model, validation_stream=PREVIOUS_BATCH, mode="bilevel", **kwargs):
+        super().__init__(**kwargs)
+        from tfemb.models.rec_model import RecModel
+
+        if not isinstance(model, RecModel):
+            raise TypeError(f"model must be a tfemb RecModel. Received: {type(model).__name__}")
+        self.rec_model = model
+        self.mode = _check_mode(mode)
+        if not (isinstance(validation_stream, tf.data.Dataset) or validation_stream == PREVIOUS_BATCH):
+            raise TypeError(
+                f"validation_stream must be a tf.data.Dataset of (x, y) batches or {PREVIOUS_BATCH!r}. "
+                f"Received: {type(validation_stream).__name__}"
+            )
+        self.validation_stream = validation_stream
+        self.controller_optimizer = None
+        if not model.built:
+            model.build()
+        # Plain attributes (not tracked): the partition of the variables and the validation iterator.
+        object.__setattr__(self, "_theta", architecture_variables(model))
+        object.__setattr__(self, "_validation_iterator", None)
+        object.__setattr__(self, "_stream_functions", {})
+        self.built = True
+
+    @property
+    def uses_validation(self):
+        """Whether a step reads a validation batch: bilevel mode and a model with θ."""
+        return self.mode == "bilevel" and bool(self._theta)
+
+    def call(self, inputs, training=None):
+        return self.rec_model(inputs, training=training)
+
+    def build(self, input_shape=None):
+        if not self.rec_model.built:
+            self.rec_model.build()
+        self.built = True
+
+    def compile(self, optimizer="adam", controller_optimizer=None, loss=None, metrics=None, **kwargs):
+        from tfemb.tasks import task_loss, task_metrics
+
+        task = self.rec_model.task
+        super().compile(optimizer=optimizer, loss=task_loss(task) if loss is None else loss,
+                        metrics=task_metrics(task) if metrics is None else metrics, **kwargs)
+        if controller_optimizer is None and self.mode == "bilevel":
+            controller_optimizer = keras.optimizers.Adam(learning_rate=1e-4)
+        elif isinstance(controller_optimizer, str):
+            controller_optimizer = keras.optimizers.get(controller_optimizer)
+        self.controller_optimizer = controller_optimizer
+        self._stream_functions.clear()
+
+    def _w_variables(self):
+        if self.mode == "joint":
+            return list(self.rec_model.trainable_variables)
+        return model_variables(self.rec_model)
+
+    def _build_optimizers(self):
+        """Creates the optimizers' slots eagerly (never inside a traced step or a ``tf.cond`` branch)."""
+        # Keras 3 models have no ``optimizer`` attribute before compile() (Keras 2: None).
+        if getattr(self, "optimizer", None) is None:
+            raise RuntimeError("compile() the AutoEmbSearch before training it")
+        with tf.init_scope():
+            variables = self.rec_model.trainable_variables
+            if self.mode == "bilevel" or self.controller_optimizer is not None:
+                variables = model_variables(self.rec_model)
+            if not getattr(self.optimizer, "built", False) or not IS_KERAS_3:
+                self.optimizer.build(variables)
+            if self._theta and self.controller_optimizer is not None and (
+                    not getattr(self.controller_optimizer, "built", False) or not IS_KERAS_3):
+                self.controller_optimizer.build(self._theta)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def _theta_step(self, x, y):
+        """One first-order DARTS step of θ on a validation batch; returns the validation loss."""
+        theta = self._theta
+        watched = [_tf_variable(v) for v in theta]  # Keras 3 variables wrap the tf.Variable the tape sees
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(watched)
+            with frozen_stream_state(self.rec_model):
+                y_pred = self.rec_model(x, training=True)
+            loss = tf.reduce_mean(per_example_loss(self.loss, y, y_pred))
+        grads = tape.gradient(loss, watched)
+        self.controller_optimizer.apply_gradients(
+            [(g, v) for g, v in zip(grads, theta) if g is not None])
+        return loss
+
+    def _w_step(self, x, y, sample_weight=None):
+        """One step of W (and θ in joint mode) on a training batch; ``(y_pred, loss, per-example losses)``.
+
+        ``y_pred`` is computed before the update: in a stream, the batch's test prediction."""
+        variables = self._w_variables()
+        with tf.GradientTape() as tape:
+            y_pred = self.rec_model(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        grads = tape.gradient(loss, variables)
+        theta_ids = {id(v) for v in self._theta}
+        sparse = self.rec_model.embedding_optimizer
+        sparse_ids = {id(v) for v in self.rec_model.sparse_variables()} if sparse is not None else set()
+        dense_pairs, sparse_pairs, theta_pairs = [], [], []
+        for g, v in zip(grads, variables):
+            if g is None:
+                continue
+            if id(v) in theta_ids and self.controller_optimizer is not None:
+                theta_pairs.append((g, v))
+            elif id(v) in sparse_ids:
+                sparse_pairs.append((g, v))
+            else:
+                dense_pairs.append((g, v))
+        if dense_pairs:
+            self.optimizer.apply_gradients(dense_pairs)
+        if sparse_pairs:
+            sparse.apply(sparse_pairs)
+        if theta_pairs:
+            self.controller_optimizer.apply_gradients(theta_pairs)
+        per_example = tf.stop_gradient(per_example_loss(self.loss, y, y_pred))
+        for name, layer in autoemb_layers(self.rec_model).items():
+            layer.record_losses(x[name], per_example)
+        return y_pred, loss, per_example
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.uses_validation:
+            iterator = self._validation_iterator
+            if iterator is None:
+                raise RuntimeError("AutoEmbSearch.train_step runs inside fit(), which opens the validation stream")
+            element = iterator.get_next_as_optional()
+            check = tf.debugging.assert_equal(
+                element.has_value(), True,
+                message="AutoEmbSearch: the validation stream ran out of batches (one is read per training step); "
+                        "give a longer stream, or .repeat() it",
+            )
+            with tf.control_dependencies([check]):
+                x_val, y_val, has_validation = element.get_value()
+            tf.cond(has_validation, lambda: self._theta_step(x_val, y_val), lambda: tf.constant(0.0))
+        y_pred, loss, _ = self._w_step(x, y, sample_weight)
+        if IS_KERAS_3:
+            self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def fit(self, x=None, y=None, **kwargs):
+        """Keras ``fit``; opens the validation stream first (``"previous_batch"`` needs ``x`` a dataset)."""
+        self._build_optimizers()
+        if self.uses_validation:
+            if self.validation_stream == PREVIOUS_BATCH:
+                stream = previous_batch_stream(x)
+            else:
+                stream = _iter_validation(self.validation_stream)
+            object.__setattr__(self, "_validation_iterator", iter(stream))
+        self.train_function = None  # the traced step captures the iterator: trace again for the new one
+        return super().fit(x, y, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- streaming
+    def stream_step(self, x, y, x_val=None, y_val=None):
+        """One test-then-train step of the stream (used by ``stream_fit``): the θ-step on ``(x_val, y_val)``
+        when given (bilevel mode), then the W-step; returns ``(y_pred, per-example losses)`` as tensors."""
+        key = x_val is not None and self.uses_validation
+        fn = self._stream_functions.get(key)
+        if fn is None:
+            self._build_optimizers()
+
+            def step(x, y, x_val, y_val):
+                if key:
+                    self._theta_step(x_val, y_val)
+                y_pred, _, per_example = self._w_step(x, y)
+                return y_pred, per_example
+
+            fn = tf.function(step, reduce_retracing=True)
+            self._stream_functions[key] = fn
+        if not key:
+            x_val, y_val = x, y  # unused placeholders with the same structure
+        return fn(x, y, x_val, y_val)
+
+    def get_config(self):
+        return {"name": self.name, "mode": self.mode,
+                "model": keras.utils.serialize_keras_object(self.rec_model)}
+
+
+# ------------------------------------------------------------------------------------------------ stream
+def _batch_metrics(task, y, p):
+    """Per-batch quality of predictions ``p`` against labels ``y`` (NumPy), as the paper reports them."""
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    if task == "binary":
+        clipped = np.clip(p, 1e-7, 1 - 1e-7)
+        return {"accuracy": float(np.mean((p > 0.5) == (y > 0.5))), "mse": float(np.mean((p - y) ** 2)),
+                "logloss": float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))}
+    if task == "multiclass":
+        labels = y.astype(np.int64).reshape(-1)
+        chosen = np.clip(p[np.arange(len(labels)), labels], 1e-7, 1.0)
+        return {"accuracy": float(np.mean(np.argmax(p, axis=-1) == labels)),
+                "cross_entropy": float(-np.mean(np.log(chosen)))}
+    return {"mse": float(np.mean((p - y) ** 2)), "mae": float(np.mean(np.abs(p - y)))}
+
+
+def _cpu_seconds():
+    return time.process_time()
+
+
+def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_from=0.0, log=None,
+               log_every=50, warmup_batches=2):
+    """The streaming protocol: one pass over time-ordered batches, each predicted first, then trained on.
+
+    For each batch ``t`` (rows in the order given: sort by time first): the bilevel θ-step on the validation batch
+    (batch ``t - 1`` with ``validation="previous_batch"``, none for ``t = 0``), then the W-step on batch ``t``,
+    whose forward pass, made before the update, is the batch's test prediction (the paper's "generate
+    predictions, evaluate, then update W"). Batch normalisation uses the batch's statistics in that pass, as in
+    training.
+
+    Args:
+        model: an ``AutoEmbSearch`` (compiled), or a compiled tfemb ``RecModel``: it is wrapped in an
+            ``AutoEmbSearch`` with its optimizer and loss (a model without AutoEmb layers trains by the W-step
+            alone; with AutoEmb layers the wrapper's default bilevel mode and θ optimizer apply).
+        x: dict of encoded feature arrays (``Schema.transform``), rows in time order.
+        y: labels.
+        batch_size: rows per batch. Default 500 (the authors' code).
+        validation: ``"previous_batch"`` or None (no θ-step).
+        evaluate_from: where the test period starts, as a fraction of the rows (``0.0 <= f < 1``) or a row index
+            (int); the summary ``test`` covers the batches starting at or after it (the paper: the later part of
+            the stream), ``all`` the whole stream.
+        log: optional callable for progress lines, every ``log_every`` batches.
+        warmup_batches: first batches left out of the speed figures (tracing).
+
+    Returns:
+        dict: ``batches`` (per batch: ``start``, ``size``, ``loss`` and the task's metrics), ``all`` and ``test``
+        (example-weighted means), ``seconds`` / ``cpu_seconds`` (whole stream), ``examples_per_second`` and
+        ``cpu_ms_per_example`` (after the warm-up batches), ``evaluate_from`` (row index).
+    """
+    from tfemb.data.splits import stream_batches
+
+    if isinstance(model, AutoEmbSearch):
+        search = model
+        if getattr(search, "optimizer", None) is None:  # Keras 3: no attribute before compile()
+            raise RuntimeError("compile() the AutoEmbSearch before stream_fit")
+    else:
+        if getattr(model, "optimizer", None) is None:
+            raise RuntimeError("stream_fit needs a compiled model (tfemb.tasks.compile_model)")
+        search = AutoEmbSearch(model)
+        search.compile(optimizer=model.optimizer, loss=model.loss, metrics=[])
+    if validation not in (PREVIOUS_BATCH, None):
+        raise ValueError(f"validation must be {PREVIOUS_BATCH!r} or None. Received: validation={validation!r}")
+    n = len(next(iter(x.values())))
+    if isinstance(evaluate_from, (float, np.floating)):
+        if not 0.0 <= evaluate_from < 1.0:
+            raise ValueError(f"evaluate_from as a fraction must be in [0, 1). Received: evaluate_from={evaluate_from!r}")
+        start_test = int(round(evaluate_from * n))
+    else:
+        start_test = int(evaluate_from)
+        if not 0 <= start_test < n:
+            raise ValueError(f"evaluate_from as a row index must be in [0, {n}). Received: evaluate_from={evaluate_from!r}")
+    task = search.rec_model.task
+    records, previous = [], None
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    timed_rows, timed_wall, timed_cpu = 0, 0.0, 0.0
+    start = 0
+    for t, (xb, yb) in enumerate(stream_batches(x, y, batch_size=batch_size)):
+        b_wall, b_cpu = time.perf_counter(), _cpu_seconds()
+        xt = {k: tf.convert_to_tensor(v) for k, v in xb.items()}
+        yt = tf.convert_to_tensor(yb)
+        if validation == PREVIOUS_BATCH and previous is not None:
+            y_pred, losses = search.stream_step(xt, yt, *previous)
+        else:
+            y_pred, losses = search.stream_step(xt, yt)
+        p = y_pred.numpy()
+        loss = float(np.mean(losses.numpy()))
+        if t >= warmup_batches:
+            timed_rows += len(yb)
+            timed_wall += time.perf_counter() - b_wall
+            timed_cpu += _cpu_seconds() - b_cpu
+        record = {"start": start, "size": len(yb), "loss": loss}
+        record.update(_batch_metrics(task, yb, p))
+        records.append(record)
+        previous = (xt, yt)
+        start += len(yb)
+        if log is not None and log_every and (t + 1) % log_every == 0:
+            log(f"    batch {t + 1}: rows {start:,}/{n:,}, loss={loss:.4f}, "
+                + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("start", "size", "loss")))
+    seconds, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+
+    def summary(rows):
+        total = sum(r["size"] for r in rows)
+        keys = [k for k in rows[0] if k not in ("start", "size")] if rows else []
+        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in keys}}
+
+    return {
+        "batches": records,
+        "all": summary(records),
+        "test": summary([r for r in records if r["start"] >= start_test]),
+        "evaluate_from": start_test,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "examples_per_second": timed_rows / timed_wall if timed_wall > 0 else float("nan"),
+        "cpu_ms_per_example": 1000.0 * timed_cpu / timed_rows if timed_rows else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ export
+def hard_soft_difference(model, x, y=None, batch_size=4096):
+    """How the hard export's outputs differ from the soft model's, on inputs ``x`` (inference mode).
+
+    Returns a dict: ``max_abs`` / ``mean_abs`` difference of the model outputs, ``agreement`` (share of rows
+    whose predicted class is the same; binary: the 0.5 cut), and with labels ``y`` the task metrics of both
+    (``hard``, ``soft``). The layers' ``inference_selection`` is restored afterwards.
+    """
+    rec = _unwrap(model)
+    layers = autoemb_layers(rec)
+    saved = {name: layer.inference_selection for name, layer in layers.items()}
+    outputs = {}
+    try:
+        for selection in INFERENCE_SELECTIONS:
+            for layer in layers.values():
+                layer.inference_selection = selection
+            n = len(next(iter(x.values())))
+            parts = [rec({k: tf.convert_to_tensor(v[s:s + batch_size]) for k, v in x.items()}, training=False).numpy()
+                     for s in range(0, n, batch_size)]
+            outputs[selection] = np.concatenate(parts, axis=0)
+    finally:
+        # Each layer gets its own selection back (layers of one model may differ: user hard, item soft).
+        for name, layer in layers.items():
+            layer.inference_selection = saved[name]
+        _drop_inference_functions(rec)
+    hard, soft = outputs["hard"].astype(np.float64), outputs["soft"].astype(np.float64)
+    diff = np.abs(hard - soft)
+    if rec.task == "multiclass":
+        agreement = float(np.mean(np.argmax(hard, -1) == np.argmax(soft, -1)))
+    elif rec.task == "binary":
+        agreement = float(np.mean((hard > 0.5) == (soft > 0.5)))
+    else:
+        agreement = float("nan")
+    out = {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0,
+           "agreement": agreement}
+    if y is not None:
+        out["hard"] = _batch_metrics(rec.task, y, hard)
+        out["soft"] = _batch_metrics(rec.task, y, soft)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- experiments
+def fit_experiment(model, cfg, train_ds, val_ds=None, callbacks=None, verbose=0):
+    """Trains ``model`` as ``tfemb.experiment.run`` does for a config with an ``autoemb`` section.
+
+    ``cfg["autoemb"]``: ``mode`` (``"bilevel"``, ``"joint"``), ``validation`` (``"val"``: the validation split,
+    repeated; ``"previous_batch"``), ``controller_optimizer`` (name, default ``"adam"``),
+    ``controller_learning_rate`` (default 1e-4; in joint mode unset means "the W optimizer"). W uses
+    ``train.optimizer`` / ``train.learning_rate``; epochs, early stopping and callbacks as for any model.
+    Returns the Keras ``History``.
+    """
+    from tfemb.tasks import make_optimizer
+
+    spec = dict(cfg.get("autoemb") or {})
+    train_cfg = cfg["train"]
+    mode = _check_mode(spec.get("mode", "bilevel"))
+    source = spec.get("validation", "val")
+    if source == "val":
+        if val_ds is None:
+            raise ValueError("autoemb.validation='val' needs a validation split")
+        stream = val_ds.repeat()
+    elif source == PREVIOUS_BATCH:
+        stream = PREVIOUS_BATCH
+    else:
+        raise ValueError(f"autoemb.validation must be 'val' or {PREVIOUS_BATCH!r}. Received: {source!r}")
+    lr = spec.get("controller_learning_rate")
+    controller = None
+    if mode == "bilevel" or lr is not None:
+        controller = make_optimizer(spec.get("controller_optimizer", "adam"), float(1e-4 if lr is None else lr))
+    search = AutoEmbSearch(model, validation_stream=stream, mode=mode)
+    search.compile(optimizer=make_optimizer(train_cfg["optimizer"], train_cfg["learning_rate"]),
+                   controller_optimizer=controller, jit_compile=False)
+    return search.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
+                      callbacks=callbacks or [], verbose=verbose)
