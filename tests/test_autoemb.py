@@ -985,7 +985,7 @@ def streamed():
         second = np.asarray(model(rows(40, 80)[0], training=True))
     counts = {k: np_value(l.counts) for k, l in autoemb_layers(model).items()}
     theta = snapshot(architecture_variables(model))
-    result = stream_fit(model, x, y, batch_size=40, evaluate_from=0.5)
+    result = stream_fit(model, x, y, batch_size=40, evaluate_from=0.5, keep_predictions=True)
     return {"model": model, "result": result, "first": first, "second": second, "counts": counts, "theta": theta}
 
 
@@ -1011,6 +1011,12 @@ def test_stream_fit_is_test_then_train(streamed):
         np.testing.assert_array_equal(np_value(layer.counts) - streamed["counts"][name],
                                       bincount(x[name], layer.vocabulary_size))
     assert any(np.abs(a - b).max() > 0 for a, b in zip(snapshot(architecture_variables(model)), streamed["theta"]))
+    # keep_predictions: every row's test prediction and loss, in stream order, consistent with the batch records.
+    assert result["predictions"].shape == (120,) and result["row_losses"].shape == (120,)
+    np.testing.assert_allclose(result["predictions"][:40], first, atol=1e-6)
+    for b in batches:
+        rows = slice(b["start"], b["start"] + b["size"])
+        assert float(np.mean(result["row_losses"][rows])) == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_stream_fit_without_validation_leaves_theta_and_checks_arguments():

@@ -409,7 +409,7 @@ def _cpu_seconds():
 
 
 def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_from=0.0, log=None,
-               log_every=50, warmup_batches=2):
+               log_every=50, warmup_batches=2, keep_predictions=False):
     """The streaming protocol: one pass over time-ordered batches, each predicted first, then trained on.
 
     For each batch ``t`` (rows in the order given: sort by time first): the bilevel θ-step on the validation batch
@@ -431,11 +431,14 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
             the stream), ``all`` the whole stream.
         log: optional callable for progress lines, every ``log_every`` batches.
         warmup_batches: first batches left out of the speed figures (tracing).
+        keep_predictions: also return every row's test prediction (``predictions``, ``[rows(, classes)]``) and
+            per-example loss (``row_losses``), in stream order, e.g. for ``tfemb.esapn.frequency_report``.
 
     Returns:
         dict: ``batches`` (per batch: ``start``, ``size``, ``loss`` and the task's metrics), ``all`` and ``test``
         (example-weighted means), ``seconds`` / ``cpu_seconds`` (whole stream), ``examples_per_second`` and
-        ``cpu_ms_per_example`` (after the warm-up batches), ``evaluate_from`` (row index).
+        ``cpu_ms_per_example`` (after the warm-up batches), ``evaluate_from`` (row index); with
+        ``keep_predictions``, ``predictions`` and ``row_losses``.
     """
     from tfemb.data.splits import stream_batches
 
@@ -460,7 +463,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         if not 0 <= start_test < n:
             raise ValueError(f"evaluate_from as a row index must be in [0, {n}). Received: evaluate_from={evaluate_from!r}")
     task = search.rec_model.task
-    records, previous = [], None
+    records, previous, kept = [], None, []
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     timed_rows, timed_wall, timed_cpu = 0, 0.0, 0.0
     start = 0
@@ -473,7 +476,10 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         else:
             y_pred, losses = search.stream_step(xt, yt)
         p = y_pred.numpy()
-        loss = float(np.mean(losses.numpy()))
+        row_losses = losses.numpy()
+        loss = float(np.mean(row_losses))
+        if keep_predictions:
+            kept.append((p, row_losses))
         if t >= warmup_batches:
             timed_rows += len(yb)
             timed_wall += time.perf_counter() - b_wall
@@ -493,7 +499,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         keys = [k for k in rows[0] if k not in ("start", "size")] if rows else []
         return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in keys}}
 
-    return {
+    out = {
         "batches": records,
         "all": summary(records),
         "test": summary([r for r in records if r["start"] >= start_test]),
@@ -503,6 +509,10 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         "examples_per_second": timed_rows / timed_wall if timed_wall > 0 else float("nan"),
         "cpu_ms_per_example": 1000.0 * timed_cpu / timed_rows if timed_rows else float("nan"),
     }
+    if keep_predictions:
+        out["predictions"] = np.concatenate([p for p, _ in kept], axis=0)
+        out["row_losses"] = np.concatenate([l for _, l in kept], axis=0)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ export
