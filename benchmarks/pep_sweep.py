@@ -699,6 +699,86 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
     return payload
 
 
+def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, settings=None):
+    """``--timing-only``: the search step's time vs the fixed step's, interleaved in one process, without the
+    quality sweep. Per dataset / model / seed: the fixed and PEP models of ``run_one`` (same settings, same
+    initial weights), one warm-up epoch of ``TIMING_STEPS`` steps each, then ``interleaved_timing``. Writes
+    ``<out>/pep_timing.json`` and ``.md``; returns the payload."""
+    import tensorflow as tf
+
+    from tfemb import experiment
+
+    settings = copy.deepcopy(settings or SETTINGS)
+    start = time.perf_counter()
+    payload = {"benchmark": "pep_sweep --timing-only", "created": datetime.datetime.now().isoformat(timespec="seconds"),
+               "platform": {"python": platform.python_version(), "machine": platform.machine(),
+                            "cpus": os.cpu_count()}, "tensorflow": tf.__version__,
+               "keras": "2 (tf-keras)" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "3",
+               "rounds": TIMING_ROUNDS, "steps_per_round": TIMING_STEPS, "skipped": [], "runs": []}
+    for ds_name in datasets:
+        setting = apply_recipe(settings[ds_name])
+        ok, path = _dataset_available(setting)
+        if not ok:
+            payload["skipped"].append(f"{ds_name}: data folder {path} is absent")
+            log(payload["skipped"][-1])
+            continue
+        prep = experiment.prepare_data(setting["data"])
+        train, search, d0 = dict(setting["train"]), dict(setting["search"]), int(setting["embedding_dim"])
+        table_params = dict(setting.get("embedding_params") or {})
+        for model_name in (setting["models"] if (models is None or ds_name != "criteo") else models):
+            model_cfg = {"name": model_name, "embedding_dim": d0, "params": model_params(setting, model_name)}
+            for seed in range(seeds):
+                tf.keras.utils.set_random_seed(seed)
+                fixed = compile_for(experiment.build_model(prep.schema, model_cfg,
+                                                           {"scheme": "fixed", "params": table_params}), train)
+                fixed.build()
+                pressure = threshold_pressure(search["threshold_l2"])
+                search_train = dict(train, learning_rate=float(search.get("learning_rate") or train["learning_rate"]))
+                pep = compile_for(experiment.build_model(prep.schema, model_cfg, pep_embedding_cfg(search, d0, pressure)),
+                                  search_train)
+                pep.build()
+                copy_initial_weights(initial_weights(fixed), pep)
+                warm = prep.dataset("train", int(train["batch_size"]), shuffle=True, seed=seed).take(TIMING_STEPS)
+                fixed.fit(warm, epochs=1, verbose=0)
+                pep.fit(warm, epochs=1, verbose=0)
+                bursts = interleaved_timing(fixed, pep, prep, train, int(search["check_every"]), seed)
+                med = {k: v.get("median_step_ms", float("nan")) for k, v in bursts.items()}
+                cpu = {k: v.get("median_cpu_ms", float("nan")) for k, v in bursts.items()}
+                run = {"dataset": ds_name, "model": model_name, "seed": seed, "interleaved": bursts,
+                       "ratio_median_step": med["pep"] / med["fixed"], "ratio_cpu": cpu["pep"] / cpu["fixed"],
+                       "ratio_without_counts": med["pep_without_counts"] / med["fixed"]}
+                payload["runs"].append(run)
+                log(f"[{ds_name}/{model_name}/seed {seed}] search/fixed per step: {run['ratio_median_step']:.2f}x "
+                    f"(CPU {run['ratio_cpu']:.2f}x; without the snapshot counts {run['ratio_without_counts']:.2f}x); "
+                    f"fixed {med['fixed']:.2f} ms, search {med['pep']:.2f} ms")
+                del fixed, pep
+                tf.keras.backend.clear_session()
+    payload["seconds"] = time.perf_counter() - start
+    payload["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "pep_timing.json"), "w") as fh:
+            json.dump(payload, fh, indent=1)
+        lines = ["# PEP search step vs fixed step (interleaved, one process)", "",
+                 f"`python benchmarks/pep_sweep.py --timing-only` ({payload['created']}, Keras {payload['keras']}, TF "
+                 f"{payload['tensorflow']}, {payload['seconds'] / 60:.1f} min, load average at the end "
+                 f"{', '.join(f'{x:.1f}' for x in payload['load_average'] or [])}). {TIMING_ROUNDS} rounds of "
+                 f"{TIMING_STEPS} steps per model, alternating on the same batches; medians per step. The search step "
+                 "includes the snapshot callback's non-zero counts (every `check_every` steps); the last column is "
+                 "the train step alone. Target: search/fixed ≤ 1.3.", "",
+                 "| dataset | model | seed | fixed ms/step | search ms/step | search/fixed | CPU ratio | "
+                 "without counts | target met |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in payload["runs"]:
+            b = r["interleaved"]
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {b['fixed']['median_step_ms']:.2f} | "
+                         f"{b['pep']['median_step_ms']:.2f} | {r['ratio_median_step']:.2f} | {r['ratio_cpu']:.2f} | "
+                         f"{r['ratio_without_counts']:.2f} | {'yes' if r['ratio_median_step'] <= 1.3 else 'no'} |")
+        with open(os.path.join(out, "pep_timing.md"), "w") as fh:
+            fh.write("\n".join(lines + [""]) + "\n")
+        log(f"wrote {out}/pep_timing.json, pep_timing.md")
+    return payload
+
+
 # --------------------------------------------------------------------------------------------- outputs
 def _mean(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -959,6 +1039,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="ml100k, two targets, fewer epochs (< 3 min)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the search-vs-fixed step time (interleaved), to <out>/pep_timing.{json,md}")
     args = parser.parse_args(argv)
 
     def split(text):
@@ -968,6 +1050,8 @@ def main(argv=None):
     targets = [float(t) for t in split(args.targets)] if args.targets else list(QUICK_TARGETS if args.quick
                                                                               else TARGETS)
     models = split(args.models) if args.models else None
+    if args.timing_only:
+        return run_timing(datasets, models=models, seeds=args.seeds, out=args.out)
     run_sweep(datasets, models=models, targets=targets, seeds=args.seeds, quick=args.quick, out=args.out)
 
 

@@ -4,6 +4,7 @@ from tfemb.layers.autoemb_controller import AutoEmbController, popularity_bucket
 from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.embedding_scheme import COMBINERS, PADDING_ID, EmbeddingScheme
+from tfemb.layers.esapn_embedding import ESAPNCompactEmbedding, ESAPNEmbedding
 from tfemb.layers.factory import SCHEMES, get_scheme_class, scheme_factory
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing import universal_hash_np, universal_hash_params, universal_hash_tf

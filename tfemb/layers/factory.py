@@ -10,6 +10,7 @@ import math
 
 from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
+from tfemb.layers.esapn_embedding import ESAPNEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing_embedding import HashingEmbedding
 from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_scheme
@@ -25,6 +26,7 @@ SCHEMES = {
     "md": MixedDimensionEmbedding,
     "pep": PEPEmbedding,
     "autoemb": AutoEmbEmbedding,
+    "esapn": ESAPNEmbedding,
 }
 
 #: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
@@ -112,7 +114,9 @@ def scheme_factory(name, **kwargs):
         name: ``"fixed"``, ``"hashing"``, ``"qr"``, ``"double_hashing"``, ``"md"`` or ``"pep"`` (``PEPEmbedding``:
             ``threshold_type``, ``threshold_init``, ``g_scale``, ...; sized by its search, no ``compression``), or
             ``"autoemb"`` (``AutoEmbEmbedding``: ``candidate_dims``, ``selection``, ...; sized by its search and
-            trained with ``tfemb.autoemb``; gets the feature's counts only with ``popularity="frequencies"``).
+            trained with ``tfemb.autoemb``; gets the feature's counts only with ``popularity="frequencies"``), or
+            ``"esapn"`` (``ESAPNEmbedding``: ``candidate_dims``, ``history_length``, ...; ``output_dim`` must be
+            ``max(candidate_dims)``; sized by its policies, trained with ``tfemb.esapn``).
         **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
             ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
             replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer
@@ -167,7 +171,7 @@ def scheme_factory(name, **kwargs):
                 args["num_hot"], args["num_buckets"] = double_hashing_sizes(
                     vocabulary_size, dim, compression, args.get("combine", "sum")
                 )
-        if name in USES_FREQUENCIES or (name == "autoemb" and args.get("popularity") == "frequencies"):
+        if name in USES_FREQUENCIES or (name in ("autoemb", "esapn") and args.get("popularity") == "frequencies"):
             args["frequencies"] = frequencies
         args["name"] = f"{feature_name}_embedding"
         return cls(vocabulary_size=vocabulary_size, **args)

@@ -1,0 +1,482 @@
+"""Streaming embedding-size search on MovieLens: FSE, SAM, DARTS, AutoEmb and ESAPN, test-then-train.
+
+The protocol of the AutoEmb and ESAPN papers and of their authors' code (github.com/zgahhblhc/ESAPN,
+``baselines/{Fixed,Darts,AutoEmb}``, ``model/train.py``):
+
+- **Data**: MovieLens-100K and MovieLens latest-small (the papers use ml-20m and ml-latest; ours are the small
+  sets in ``../shared/data``), every rating sorted by timestamp (stable), ids encoded by a Schema fitted on the
+  whole stream (the authors' code also knows every id up front). Tasks: **binary** (rating >= 4, the papers'
+  "high or low"), reporting accuracy and MSE, and **5-class** (the rating), accuracy and cross-entropy.
+- **One pass**, batches of 500 in time order; every batch is first predicted (the forward pass of its training
+  step, before the update), then trained on (``tfemb.autoemb.stream_fit`` / ``tfemb.esapn.stream_fit``). The
+  quality figures are over the **test period**, the last ``--test-fraction`` (default 0.25: the code trains on
+  15M of ml-20m's 20M rows, then tests on the rest, still updating) of the stream; the whole stream is reported
+  too.
+- **Network**: ``CFNetwork`` with the authors' defaults (BN on the concatenated embeddings, one 512-unit hidden
+  layer with BN and tanh, a linear output). Adam 1e-3 for the model (``LR_model``), Adam 1e-4 for the
+  architecture / policy parameters (``LR_darts``). Binary loss: MSE of the sigmoid output (the code's default
+  ``Loss_Type="MSE_sigmoid"``; ``--binary-loss bce`` for log loss); 5-class: cross-entropy.
+- **Methods** (candidate dims ``--candidates``, default ESAPN's {2, 4, 8, 16, 64, 128}):
+  - ``fse``: one fixed table per side at the **sum** of the candidates (222; the papers' FSE / FIXED, as the
+    code's ``fixed_emb_size = sum(Emb_Size)``); ``fse_max``: at the largest candidate (128), for reference.
+  - ``sam``: AutoEmb's layer and controller, W and θ trained together on the training loss.
+  - ``darts``: per-id learnable architecture logits, bilevel (θ on the previous batch, then W).
+  - ``autoemb``: the controller (popularity one-hot, last weights, last loss), bilevel first-order DARTS.
+  - ``esapn``: hard sizes per id grown by the two policy networks (``tfemb.esapn``; when available).
+  Inference (and the exported model) of AutoEmb / SAM / DARTS keeps each id's highest-weighted candidate
+  (``hard``); the stream's predictions are the soft training-mode ones, as in the papers.
+- **Memory**: each method's exported embedding parameters (``embedding_parameter_count()``: hard selection,
+  ESAPN's final sizes) against FSE; ESAPN's memory table as the paper's (ids per final size, total dims, FIXED,
+  ratio).
+- **Speed**: examples/s and CPU ms per example of the whole streaming step (θ / policy steps included), every
+  method in the same process; ratio to FSE. Targets: AutoEmb and ESAPN <= 2x FSE's time per example.
+- **By frequency** (the ESAPN paper's figure): test-period quality per bucket of the user's / item's running
+  interaction count (1, 2-3, 4-7, ...), for every method.
+
+Outputs (``--out``, default ``benchmarks/results``): ``streaming.json``, ``streaming.md``,
+``streaming_quality.png`` (test quality per method and task, mean ± std over seeds), ``streaming_dims.png``
+(selected dim vs popularity for AutoEmb and ESAPN) and ``streaming_by_frequency.png``. Datasets whose folder is
+absent are skipped with the reason; ``--datasets synthetic`` uses the embedded generator (tests).
+
+    python benchmarks/streaming.py                 # 2 datasets x 2 tasks x 6 methods x 3 seeds
+    python benchmarks/streaming.py --quick         # ml100k binary, 1 seed, fse/autoemb/esapn on 20k rows
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")
+
+from tfemb import experiment, report  # noqa: E402
+from tfemb._keras import IS_KERAS_3, keras  # noqa: E402
+from tfemb.data import readers  # noqa: E402
+from tfemb.data.splits import sort_by_time  # noqa: E402
+from tfemb.layers import AutoEmbEmbedding, FixedEmbedding  # noqa: E402
+from tfemb.models import CFNetwork  # noqa: E402
+
+try:  # ESAPN (issue 7) joins when its module is there
+    from tfemb import esapn as esapn_module  # noqa: E402
+    from tfemb.layers.esapn_embedding import ESAPNEmbedding  # noqa: E402
+except ImportError:  # pragma: no cover - the module ships with tfemb
+    esapn_module, ESAPNEmbedding = None, None
+
+DATASETS = {
+    "ml100k": {"source": "movielens_100k", "folder": "movielens-100k"},
+    "ml-latest-small": {"source": "movielens_latest_small", "folder": "movielens-latest-small"},
+    "synthetic": {"source": "synthetic_cf", "folder": None,
+                  "params": {"num_users": 300, "num_items": 200, "num_rows": 6000, "seed": 0}},
+}
+METHODS = ("fse", "fse_max", "sam", "darts", "autoemb", "esapn")
+DEFAULT_METHODS = ("fse", "sam", "darts", "autoemb", "esapn")
+ESAPN_CANDIDATES = (2, 4, 8, 16, 64, 128)
+LR_MODEL, LR_ARCH, BATCH = 1e-3, 1e-4, 500
+QUALITY = {"binary": ("accuracy", "mse"), "multiclass": ("accuracy", "cross_entropy")}
+LABELS = {"fse": "FSE (sum)", "fse_max": "FSE (max)", "sam": "SAM", "darts": "DARTS", "autoemb": "AutoEmb",
+          "esapn": "ESAPN"}
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_stream(dataset, task, max_rows=None):
+    """``(schema, x, y, info)``: every rating of ``dataset`` in time order, encoded."""
+    spec = DATASETS[dataset]
+    params = dict(spec.get("params") or {}, task=task)
+    df, schema = experiment._source_frame(spec["source"], params)
+    df = sort_by_time(df, "timestamp").reset_index(drop=True)
+    if max_rows:
+        df = df.iloc[:max_rows]
+    schema.fit(df)
+    x, y = schema.transform(df)
+    x = {k: v for k, v in x.items() if k in ("user_id", "item_id")}
+    info = {"rows": int(len(df)), "users": int(schema.vocabulary_size("user_id")),
+            "items": int(schema.vocabulary_size("item_id")),
+            "positive_rate" if task == "binary" else "classes": float(np.mean(y)) if task == "binary" else 5}
+    return schema, x, y, info
+
+
+def data_available(dataset):
+    folder = DATASETS[dataset]["folder"]
+    if folder is None:
+        return True, None
+    path = readers.data_dir() / folder
+    return path.exists(), path
+
+
+# ------------------------------------------------------------------------------------------------ models
+def scheme(method, candidates):
+    """A factory ``(feature, vocabulary_size, frequencies) -> layer`` and the model's embedding dim."""
+    if method in ("fse", "fse_max"):
+        dim = sum(candidates) if method == "fse" else max(candidates)
+        return (lambda name, v, f=None: FixedEmbedding(v, dim, name=f"{name}_embedding")), dim
+    if method == "esapn":
+        return (lambda name, v, f=None: ESAPNEmbedding(v, candidate_dims=candidates, name=f"{name}_embedding")), \
+            max(candidates)
+    selection = "darts" if method == "darts" else "controller"
+    return (lambda name, v, f=None: AutoEmbEmbedding(v, candidate_dims=candidates, selection=selection,
+                                                     name=f"{name}_embedding")), max(candidates)
+
+
+def binary_loss(name):
+    return keras.losses.MeanSquaredError() if name == "mse" else keras.losses.BinaryCrossentropy()
+
+
+def build(method, schema, task, candidates, seed, args):
+    """``(search wrapper, model, stream_fit function)`` for one method, compiled."""
+    from tfemb import autoemb
+    from tfemb.tasks import task_loss
+
+    keras.utils.set_random_seed(seed)
+    factory, dim = scheme(method, candidates)
+    model = CFNetwork(schema, embeddings=factory, embedding_dim=dim)
+    model.build()
+    loss = binary_loss(args.binary_loss) if task == "binary" else task_loss(task)
+    if method == "esapn":
+        search = esapn_module.ESAPNSearch(model, seed=seed)
+        search.compile(optimizer=keras.optimizers.Adam(LR_MODEL), policy_optimizer=keras.optimizers.Adam(LR_ARCH),
+                       loss=loss, metrics=[])
+        return search, model, esapn_module.stream_fit
+    mode = "joint" if method == "sam" else "bilevel"
+    search = autoemb.AutoEmbSearch(model, validation_stream=autoemb.PREVIOUS_BATCH, mode=mode)
+    # SAM: θ with the model's optimizer in the same step (the authors' SAM); bilevel: θ at LR_darts.
+    controller = None if method == "sam" else keras.optimizers.Adam(LR_ARCH)
+    search.compile(optimizer=keras.optimizers.Adam(LR_MODEL), controller_optimizer=controller, loss=loss, metrics=[])
+    return search, model, autoemb.stream_fit
+
+
+def selection_dims(model):
+    """``{feature: (final counts, selected dim per id)}`` of AutoEmb / ESAPN layers (None for fixed tables)."""
+    out = {}
+    for name in ("user_id", "item_id"):
+        layer = model.embedding_layers[name]
+        if isinstance(layer, AutoEmbEmbedding) or (ESAPNEmbedding is not None and isinstance(layer, ESAPNEmbedding)):
+            counts = np.asarray(tf.convert_to_tensor(layer.counts)).astype(np.int64)
+            out[name] = (counts, np.asarray(layer.dims_per_id(), np.int64))
+    return out
+
+
+def run_one(dataset, task, method, seed, stream, candidates, args):
+    schema, x, y, _ = stream
+    search, model, fit = build(method, schema, task, candidates, seed, args)
+    test_from = 1.0 - args.test_fraction
+    start = time.perf_counter()
+    if method == "esapn":
+        res = fit(search, x, y, batch_size=BATCH, evaluate_from=test_from)
+        by_frequency = res.get("by_frequency")
+    else:
+        res = fit(search, x, y, batch_size=BATCH, evaluate_from=test_from, keep_predictions=True)
+        start_row = res["evaluate_from"]
+        # Running counts from the start of the stream (history), buckets over the test period, as ESAPN's.
+        by_frequency = esapn_module.frequency_report(
+            {n: x[n][start_row:] for n in ("user_id", "item_id")}, y[start_row:], res["predictions"][start_row:],
+            res["row_losses"][start_row:], task,
+            history={n: x[n][:start_row] for n in ("user_id", "item_id")}) if esapn_module is not None else None
+    seconds = time.perf_counter() - start
+    dims = selection_dims(model)
+    out = {
+        "dataset": dataset, "task": task, "method": method, "seed": seed,
+        "test": res["test"], "all": res["all"], "seconds": seconds,
+        "examples_per_second": res["examples_per_second"], "cpu_ms_per_example": res["cpu_ms_per_example"],
+        "embedding_parameters": int(model.embedding_parameter_count()),
+        "embedding_bytes": int(model.embedding_storage_bytes()),
+        "mean_dim": {n: float(np.mean(d)) for n, (_, d) in dims.items()},
+        "by_frequency": by_frequency,
+    }
+    if method == "esapn":
+        out["memory"] = res.get("memory") or esapn_module.memory_report(model)
+    if method in ("autoemb", "sam", "darts"):
+        from tfemb.autoemb import hard_soft_difference
+
+        tail = slice(res["evaluate_from"], None)
+        diff = hard_soft_difference(model, {k: v[tail] for k, v in x.items()}, y[tail])
+        out["hard_vs_soft"] = {k: diff[k] for k in ("max_abs", "mean_abs", "agreement")}
+        out["hard_test"], out["soft_test"] = diff.get("hard"), diff.get("soft")
+    if dims and seed == 0:
+        out["dims_by_popularity"] = {n: {"counts": c.tolist(), "dims": d.tolist()} for n, (c, d) in dims.items()}
+    del search, model
+    keras.backend.clear_session()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def aggregate(runs):
+    """Per (dataset, task, method): mean and std over seeds of the test metrics, params, speed."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["task"], r["method"]), []).append(r)
+    rows = []
+    for (dataset, task, method), rs in groups.items():
+        row = {"dataset": dataset, "task": task, "method": method, "seeds": len(rs)}
+        for m in QUALITY[task]:
+            vals = [r["test"][m] for r in rs]
+            row[m], row[m + "_std"] = float(np.mean(vals)), float(np.std(vals))
+        row["embedding_parameters"] = float(np.mean([r["embedding_parameters"] for r in rs]))
+        row["examples_per_second"] = float(np.mean([r["examples_per_second"] for r in rs]))
+        row["cpu_ms_per_example"] = float(np.mean([r["cpu_ms_per_example"] for r in rs]))
+        row["mean_dim"] = {n: float(np.mean([r["mean_dim"][n] for r in rs])) for n in rs[0]["mean_dim"]}
+        rows.append(row)
+    # Ratios to FSE of the same dataset / task (same process, same data).
+    for row in rows:
+        fse = next((r for r in rows if r["dataset"] == row["dataset"] and r["task"] == row["task"]
+                    and r["method"] == "fse"), None)
+        if fse:
+            row["params_vs_fse"] = row["embedding_parameters"] / fse["embedding_parameters"]
+            row["time_per_example_vs_fse"] = fse["examples_per_second"] / row["examples_per_second"]
+            row["cpu_vs_fse"] = row["cpu_ms_per_example"] / fse["cpu_ms_per_example"]
+    return rows
+
+
+def markdown(payload):
+    meta, rows = payload["meta"], payload["summary"]
+    lines = ["# Streaming embedding-size search (test-then-train, one pass)", "",
+             f"`python benchmarks/streaming.py {meta['argv']}` ({meta['date']}, {meta['total_seconds'] / 60:.1f} min, "
+             f"load average at the end {', '.join(f'{v:.1f}' for v in meta['load_average'] or [])}, TF "
+             f"{meta['tensorflow']}, Keras {meta['keras']}). Candidates {meta['candidates']}; batch {BATCH}; Adam "
+             f"{LR_MODEL} (model), {LR_ARCH} (θ / policies); binary loss {meta['binary_loss']}; {meta['seeds']} "
+             f"seed(s), mean ± std. Quality over the test period (the last {meta['test_fraction']:.0%} of the "
+             "stream, still trained on as it streams); params: exported embedding parameters (hard selection / final "
+             "sizes); time per example vs FSE: the whole step, θ / policy steps included, same process.", ""]
+    for msg in payload["skipped"]:
+        lines += [f"- skipped: {msg}"]
+    for (dataset, task) in sorted({(r["dataset"], r["task"]) for r in rows}):
+        q1, q2 = QUALITY[task]
+        info = payload["data"].get(dataset, {}).get(task, {})
+        lines += ["", f"## {dataset} / {task}", "",
+                  f"{info.get('rows', 0):,} ratings, {info.get('users', 0):,} user ids, {info.get('items', 0):,} item "
+                  "ids (OOV included).", "",
+                  f"| method | test {q1} | test {q2} | embedding params | params vs FSE | mean dim (users / items) | "
+                  "examples/s | time/example vs FSE | CPU vs FSE |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in [r for r in rows if r["dataset"] == dataset and r["task"] == task]:
+            md = r["mean_dim"]
+            dims = f"{md.get('user_id', float('nan')):.1f} / {md.get('item_id', float('nan')):.1f}" if md else "fixed"
+            lines.append(f"| {LABELS[r['method']]} | {r[q1]:.4f} ± {r[q1 + '_std']:.4f} | {r[q2]:.4f} ± "
+                         f"{r[q2 + '_std']:.4f} | {r['embedding_parameters']:,.0f} | {r.get('params_vs_fse', 1):.3f} | "
+                         f"{dims} | {r['examples_per_second']:,.0f} | {r.get('time_per_example_vs_fse', 1):.2f}× | "
+                         f"{r.get('cpu_vs_fse', 1):.2f}× |")
+        hs = [x for x in payload["runs"] if x["dataset"] == dataset and x["task"] == task and "hard_vs_soft" in x]
+        if hs:
+            lines += ["", "Hard export vs the soft model on the test period (mean over seeds): "
+                      + "; ".join(f"{LABELS[m]}: prediction agreement "
+                                  f"{np.mean([x['hard_vs_soft']['agreement'] for x in hs if x['method'] == m]):.3f}, "
+                                  f"mean |Δ| {np.mean([x['hard_vs_soft']['mean_abs'] for x in hs if x['method'] == m]):.4f}"
+                                  for m in sorted({x['method'] for x in hs}))]
+        mem = [x for x in payload["runs"] if x["dataset"] == dataset and x["task"] == task and x.get("memory")]
+        if mem and esapn_module is not None:
+            lines += ["", "ESAPN memory (seed 0; ids per final size, as the paper's table):", "",
+                      esapn_module.memory_table(mem[0]["memory"])]
+    if payload.get("findings"):
+        lines += ["", "## Findings", "", payload["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def quality_plot(path, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["dataset"], r["task"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    for ax, (dataset, task) in zip(axes[0], keys):
+        group = [r for r in rows if r["dataset"] == dataset and r["task"] == task]
+        q = QUALITY[task][0]
+        xs = np.arange(len(group))
+        ax.bar(xs, [r[q] for r in group], yerr=[r[q + "_std"] for r in group], color="tab:blue", alpha=0.8)
+        lo = min(r[q] - r[q + "_std"] for r in group)
+        hi = max(r[q] + r[q + "_std"] for r in group)
+        ax.set_ylim(lo - 0.3 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3))
+        ax.set_xticks(xs, [LABELS[r["method"]] for r in group], rotation=30, fontsize=8)
+        for x_, r in zip(xs, group):
+            ax.annotate(f"{r['embedding_parameters'] / 1e3:,.0f}k", (x_, lo - 0.25 * (hi - lo + 1e-3)), ha="center",
+                        fontsize=7, color="0.3")
+        ax.set_ylabel(f"test-period {q}")
+        ax.set_title(f"{dataset} / {task} (grey: embedding params)", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def dims_plot(path, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [r for r in runs if r.get("dims_by_popularity") and r["task"] == "binary"]
+    if not panels:
+        return
+    keys = sorted({(r["dataset"], n) for r in panels for n in r["dims_by_popularity"]})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False)
+    for ax, (dataset, feature) in zip(axes[0], keys):
+        for r in [r for r in panels if r["dataset"] == dataset and feature in r["dims_by_popularity"]]:
+            d = r["dims_by_popularity"][feature]
+            counts, dims = np.asarray(d["counts"]), np.asarray(d["dims"])
+            seen = counts > 0
+            edges = 2 ** np.arange(0, int(np.log2(max(counts.max(), 1))) + 2)
+            b = np.searchsorted(edges, counts[seen], side="right") - 1
+            mean = [dims[seen][b == i].mean() if np.any(b == i) else np.nan for i in range(len(edges))]
+            ax.plot(edges, mean, "o-", ms=3, label=LABELS[r["method"]])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel(f"{feature} interactions in the stream (bucket start)")
+        ax.set_ylabel("mean selected dim")
+        ax.set_title(f"{dataset}: selected dim vs popularity", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frequency_plot(path, runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dataset"], r["task"], f) for r in runs if r.get("by_frequency") for f in r["by_frequency"]})
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (dataset, task, feature) in zip(axes.flat, panels):
+        q = QUALITY[task][0]
+        for method in METHODS:
+            rs = [r for r in runs if r["dataset"] == dataset and r["task"] == task and r["method"] == method
+                  and r.get("by_frequency")]
+            if not rs:
+                continue
+            buckets = rs[0]["by_frequency"][feature]
+            labels = [b["frequency"] for b in buckets]
+            vals = [np.mean([next((x[q] for x in r["by_frequency"][feature] if x["frequency"] == lab), np.nan)
+                             for r in rs]) for lab in labels]
+            ax.plot(range(len(labels)), vals, "o-", ms=3, label=LABELS[method])
+            ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+        ax.set_xlabel(f"{feature} running frequency")
+        ax.set_ylabel(f"test-period {q}")
+        ax.set_title(f"{dataset} / {task}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="ml100k,ml-latest-small", help=f"comma list of {', '.join(DATASETS)}")
+    p.add_argument("--tasks", default="binary,multiclass")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--candidates", default=",".join(map(str, ESAPN_CANDIDATES)))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--binary-loss", choices=("mse", "bce"), default="mse")
+    p.add_argument("--max-rows", type=int, default=None, help="first rows of each stream only")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--findings", default=None, help="a Markdown file: its text becomes the Findings section")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.tasks, args.seeds = "ml100k", "binary", 1
+        args.methods, args.max_rows = "fse,autoemb,esapn", args.max_rows or 20000
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for name, values, allowed in (("datasets", args.datasets, DATASETS), ("tasks", args.tasks, QUALITY),
+                                  ("methods", args.methods, METHODS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"--{name} must be among {', '.join(allowed)}. Received: {bad[0]!r}")
+    if "esapn" in args.methods and esapn_module is None:
+        p.error("--methods esapn needs tfemb.esapn")
+    args.candidates = tuple(int(c) for c in args.candidates.split(","))
+    if not 0.0 < args.test_fraction < 1.0:
+        p.error(f"--test-fraction must be in (0, 1). Received: {args.test_fraction}")
+    return args
+
+
+def run(args):
+    t0 = time.perf_counter()
+    payload = {"meta": {}, "data": {}, "runs": [], "skipped": []}
+    plan = [(d, t) for d in args.datasets for t in args.tasks]
+    total = len(plan) * len(args.methods) * args.seeds
+    done = 0
+    for dataset, task in plan:
+        ok, folder = data_available(dataset)
+        if not ok:
+            msg = f"{dataset}: data folder {folder} is absent (set TFEMB_DATA_DIR to the folder holding it)"
+            if msg not in payload["skipped"]:
+                payload["skipped"].append(msg)
+                log("SKIP " + msg)
+            continue
+        stream = load_stream(dataset, task, args.max_rows)
+        payload["data"].setdefault(dataset, {})[task] = stream[3]
+        log(f"== {dataset} / {task}: {stream[3]['rows']:,} ratings in time order, {stream[3]['users']:,} users, "
+            f"{stream[3]['items']:,} items")
+        for seed in range(args.seeds):
+            for method in args.methods:  # methods take turns within a seed: load drifts hit all of them
+                r = run_one(dataset, task, method, seed, stream, args.candidates, args)
+                payload["runs"].append(r)
+                done += 1
+                q1, q2 = QUALITY[task]
+                log(f"[{done}/{total}] {dataset}/{task} {LABELS[method]} seed {seed}: test {q1}={r['test'][q1]:.4f} "
+                    f"{q2}={r['test'][q2]:.4f}, {r['embedding_parameters']:,} params, "
+                    f"{r['examples_per_second']:,.0f} ex/s ({r['cpu_ms_per_example']:.3f} CPU ms/ex), "
+                    f"{r['seconds']:.0f}s; elapsed {(time.perf_counter() - t0) / 60:.1f} min")
+    payload["summary"] = aggregate(payload["runs"])
+    payload["meta"] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+        "candidates": list(args.candidates), "seeds": args.seeds, "test_fraction": args.test_fraction,
+        "binary_loss": args.binary_loss, "max_rows": args.max_rows, "total_seconds": time.perf_counter() - t0,
+        "tensorflow": tf.__version__, "keras": "3" if IS_KERAS_3 else "2 (tf-keras)",
+        "python": platform.python_version(), "cpus": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if args.findings:
+        payload["findings"] = pathlib.Path(args.findings).read_text().strip()
+    write_outputs(args.out, payload)
+    return payload
+
+
+def write_outputs(out, payload):
+    os.makedirs(out, exist_ok=True)
+    report.write_json(os.path.join(out, "streaming.json"), payload)
+    with open(os.path.join(out, "streaming.md"), "w") as fh:
+        fh.write(markdown(payload))
+    if payload["summary"]:
+        quality_plot(os.path.join(out, "streaming_quality.png"), payload["summary"])
+        dims_plot(os.path.join(out, "streaming_dims.png"), payload["runs"])
+        frequency_plot(os.path.join(out, "streaming_by_frequency.png"), payload["runs"])
+    log(f"wrote {out}/streaming.json, streaming.md and the plots")
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
