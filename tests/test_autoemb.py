@@ -74,9 +74,16 @@ def bn_values(seed, width):
             r.uniform(0.3, 2.0, width))
 
 
-def assign_bn(norm, values):
+def assign_bn(norm, values, part=None):
+    """Assigns ``(gamma, beta, moving mean, moving variance)`` to ``norm`` (a Keras BatchNormalization), or to the
+    columns ``part`` of it (a candidate's slice of AutoEmbEmbedding's shared ``norm``)."""
     for variable, value in zip((norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance), values):
-        variable.assign(np.asarray(value, np.float32))
+        if part is None:
+            variable.assign(np.asarray(value, np.float32))
+        else:
+            full = np.asarray(tf.convert_to_tensor(variable)).copy()
+            full[part] = value
+            variable.assign(full)
     return tuple(np.asarray(v, np.float64) for v in values) + (float(norm.epsilon),)
 
 
@@ -92,7 +99,8 @@ def assign_candidates(layer, seed=0):
         layer.tables[i].assign(table)
         layer.kernels[i].assign(kernel)
         layer.biases[i].assign(bias)
-        bn = assign_bn(layer.norms[i], bn_values(seed * 10 + i, layer.output_dim))
+        d = layer.output_dim
+        bn = assign_bn(layer.norm, bn_values(seed * 10 + i, d), part=slice(i * d, (i + 1) * d))
         params.append((table.astype(np.float64), kernel.astype(np.float64), bias.astype(np.float64), bn))
     return params
 
@@ -629,7 +637,7 @@ def test_layer_config_round_trip_keeps_the_outputs():
     clone.build()
     clone.set_weights(layer.get_weights())
     close(clone(tf.constant(MULTI)).numpy(), layer(tf.constant(MULTI)).numpy(), atol=1e-6)
-    assert clone.norms[0].momentum == 0.8 and clone.controller.batch_norm_momentum == 0.8
+    assert clone.norm.momentum == 0.8 and clone.controller.batch_norm_momentum == 0.8
     from tfemb._keras import deserialize, serialize
 
     again = deserialize(serialize(layer))
