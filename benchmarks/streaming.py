@@ -44,7 +44,6 @@ absent are skipped with the reason; ``--datasets synthetic`` uses the embedded g
 
 import argparse
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -63,18 +62,13 @@ import tensorflow as tf  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 
-from tfemb import experiment, report  # noqa: E402
+from tfemb import esapn as esapn_module  # noqa: E402
+from tfemb import report  # noqa: E402
 from tfemb._keras import IS_KERAS_3, keras  # noqa: E402
 from tfemb.data import readers  # noqa: E402
-from tfemb.data.splits import sort_by_time  # noqa: E402
-from tfemb.layers import AutoEmbEmbedding, FixedEmbedding  # noqa: E402
-from tfemb.models import CFNetwork  # noqa: E402
-
-try:  # ESAPN (issue 7) joins when its module is there
-    from tfemb import esapn as esapn_module  # noqa: E402
-    from tfemb.layers.esapn_embedding import ESAPNEmbedding  # noqa: E402
-except ImportError:  # pragma: no cover - the module ships with tfemb
-    esapn_module, ESAPNEmbedding = None, None
+from tfemb.streaming import (  # noqa: E402
+    BATCH, ESAPN_CANDIDATES, LABELS, LR_ARCH, LR_MODEL, METHODS, QUALITY, prepare_stream, run_method,
+)
 
 DATASETS = {
     "ml100k": {"source": "movielens_100k", "folder": "movielens-100k"},
@@ -82,13 +76,7 @@ DATASETS = {
     "synthetic": {"source": "synthetic_cf", "folder": None,
                   "params": {"num_users": 300, "num_items": 200, "num_rows": 6000, "seed": 0}},
 }
-METHODS = ("fse", "fse_max", "sam", "darts", "autoemb", "esapn")
 DEFAULT_METHODS = ("fse", "sam", "darts", "autoemb", "esapn")
-ESAPN_CANDIDATES = (2, 4, 8, 16, 64, 128)
-LR_MODEL, LR_ARCH, BATCH = 1e-3, 1e-4, 500
-QUALITY = {"binary": ("accuracy", "mse"), "multiclass": ("accuracy", "cross_entropy")}
-LABELS = {"fse": "FSE (sum)", "fse_max": "FSE (max)", "sam": "SAM", "darts": "DARTS", "autoemb": "AutoEmb",
-          "esapn": "ESAPN"}
 
 
 def log(msg=""):
@@ -97,20 +85,9 @@ def log(msg=""):
 
 # ------------------------------------------------------------------------------------------------ data
 def load_stream(dataset, task, max_rows=None):
-    """``(schema, x, y, info)``: every rating of ``dataset`` in time order, encoded."""
+    """``(schema, x, y, info)``: every rating of ``dataset`` in time order, encoded (``prepare_stream``)."""
     spec = DATASETS[dataset]
-    params = dict(spec.get("params") or {}, task=task)
-    df, schema = experiment._source_frame(spec["source"], params)
-    df = sort_by_time(df, "timestamp").reset_index(drop=True)
-    if max_rows:
-        df = df.iloc[:max_rows]
-    schema.fit(df)
-    x, y = schema.transform(df)
-    x = {k: v for k, v in x.items() if k in ("user_id", "item_id")}
-    info = {"rows": int(len(df)), "users": int(schema.vocabulary_size("user_id")),
-            "items": int(schema.vocabulary_size("item_id")),
-            "positive_rate" if task == "binary" else "classes": float(np.mean(y)) if task == "binary" else 5}
-    return schema, x, y, info
+    return prepare_stream(spec["source"], spec.get("params"), task, max_rows)
 
 
 def data_available(dataset):
@@ -121,99 +98,14 @@ def data_available(dataset):
     return path.exists(), path
 
 
-# ------------------------------------------------------------------------------------------------ models
-def scheme(method, candidates):
-    """A factory ``(feature, vocabulary_size, frequencies) -> layer`` and the model's embedding dim."""
-    if method in ("fse", "fse_max"):
-        dim = sum(candidates) if method == "fse" else max(candidates)
-        return (lambda name, v, f=None: FixedEmbedding(v, dim, name=f"{name}_embedding")), dim
-    if method == "esapn":
-        return (lambda name, v, f=None: ESAPNEmbedding(v, candidate_dims=candidates, name=f"{name}_embedding")), \
-            max(candidates)
-    selection = "darts" if method == "darts" else "controller"
-    return (lambda name, v, f=None: AutoEmbEmbedding(v, candidate_dims=candidates, selection=selection,
-                                                     name=f"{name}_embedding")), max(candidates)
-
-
-def binary_loss(name):
-    return keras.losses.MeanSquaredError() if name == "mse" else keras.losses.BinaryCrossentropy()
-
-
-def build(method, schema, task, candidates, seed, args):
-    """``(search wrapper, model, stream_fit function)`` for one method, compiled."""
-    from tfemb import autoemb
-    from tfemb.tasks import task_loss
-
-    keras.utils.set_random_seed(seed)
-    factory, dim = scheme(method, candidates)
-    model = CFNetwork(schema, embeddings=factory, embedding_dim=dim)
-    model.build()
-    loss = binary_loss(args.binary_loss) if task == "binary" else task_loss(task)
-    if method == "esapn":
-        search = esapn_module.ESAPNSearch(model, seed=seed)
-        search.compile(optimizer=keras.optimizers.Adam(LR_MODEL), policy_optimizer=keras.optimizers.Adam(LR_ARCH),
-                       loss=loss, metrics=[])
-        return search, model, esapn_module.stream_fit
-    mode = "joint" if method == "sam" else "bilevel"
-    search = autoemb.AutoEmbSearch(model, validation_stream=autoemb.PREVIOUS_BATCH, mode=mode)
-    # SAM: θ with the model's optimizer in the same step (the authors' SAM); bilevel: θ at LR_darts.
-    controller = None if method == "sam" else keras.optimizers.Adam(LR_ARCH)
-    search.compile(optimizer=keras.optimizers.Adam(LR_MODEL), controller_optimizer=controller, loss=loss, metrics=[])
-    return search, model, autoemb.stream_fit
-
-
-def selection_dims(model):
-    """``{feature: (final counts, selected dim per id)}`` of AutoEmb / ESAPN layers (None for fixed tables)."""
-    out = {}
-    for name in ("user_id", "item_id"):
-        layer = model.embedding_layers[name]
-        if isinstance(layer, AutoEmbEmbedding) or (ESAPNEmbedding is not None and isinstance(layer, ESAPNEmbedding)):
-            counts = np.asarray(tf.convert_to_tensor(layer.counts)).astype(np.int64)
-            out[name] = (counts, np.asarray(layer.dims_per_id(), np.int64))
-    return out
-
-
+# ------------------------------------------------------------------------------------------------ runs
 def run_one(dataset, task, method, seed, stream, candidates, args):
     schema, x, y, _ = stream
-    search, model, fit = build(method, schema, task, candidates, seed, args)
-    test_from = 1.0 - args.test_fraction
-    start = time.perf_counter()
-    if method == "esapn":
-        res = fit(search, x, y, batch_size=BATCH, evaluate_from=test_from)
-        by_frequency = res.get("by_frequency")
-    else:
-        res = fit(search, x, y, batch_size=BATCH, evaluate_from=test_from, keep_predictions=True)
-        start_row = res["evaluate_from"]
-        # Running counts from the start of the stream (history), buckets over the test period, as ESAPN's.
-        by_frequency = esapn_module.frequency_report(
-            {n: x[n][start_row:] for n in ("user_id", "item_id")}, y[start_row:], res["predictions"][start_row:],
-            res["row_losses"][start_row:], task,
-            history={n: x[n][:start_row] for n in ("user_id", "item_id")}) if esapn_module is not None else None
-    seconds = time.perf_counter() - start
-    dims = selection_dims(model)
-    out = {
-        "dataset": dataset, "task": task, "method": method, "seed": seed,
-        "test": res["test"], "all": res["all"], "seconds": seconds,
-        "examples_per_second": res["examples_per_second"], "cpu_ms_per_example": res["cpu_ms_per_example"],
-        "embedding_parameters": int(model.embedding_parameter_count()),
-        "embedding_bytes": int(model.embedding_storage_bytes()),
-        "mean_dim": {n: float(np.mean(d)) for n, (_, d) in dims.items()},
-        "by_frequency": by_frequency,
-    }
-    if method == "esapn":
-        out["memory"] = res.get("memory") or esapn_module.memory_report(model)
-    if method in ("autoemb", "sam", "darts"):
-        from tfemb.autoemb import hard_soft_difference
-
-        tail = slice(res["evaluate_from"], None)
-        diff = hard_soft_difference(model, {k: v[tail] for k, v in x.items()}, y[tail])
-        out["hard_vs_soft"] = {k: diff[k] for k in ("max_abs", "mean_abs", "agreement")}
-        out["hard_test"], out["soft_test"] = diff.get("hard"), diff.get("soft")
-    if dims and seed == 0:
-        out["dims_by_popularity"] = {n: {"counts": c.tolist(), "dims": d.tolist()} for n, (c, d) in dims.items()}
-    del search, model
+    out = run_method(method, schema, x, y, task, candidates=candidates, seed=seed, test_fraction=args.test_fraction,
+                     loss=args.binary_loss, keep_dims=seed == 0)
+    del out["model"]
     keras.backend.clear_session()
-    return out
+    return {"dataset": dataset, "task": task, **out}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -279,7 +171,7 @@ def markdown(payload):
                                   f"mean |Δ| {np.mean([x['hard_vs_soft']['mean_abs'] for x in hs if x['method'] == m]):.4f}"
                                   for m in sorted({x['method'] for x in hs}))]
         mem = [x for x in payload["runs"] if x["dataset"] == dataset and x["task"] == task and x.get("memory")]
-        if mem and esapn_module is not None:
+        if mem:
             lines += ["", "ESAPN memory (seed 0; ids per final size, as the paper's table):", "",
                       esapn_module.memory_table(mem[0]["memory"])]
     if payload.get("findings"):
@@ -410,8 +302,6 @@ def parse_args(argv=None):
         bad = [v for v in values if v not in allowed]
         if bad:
             p.error(f"--{name} must be among {', '.join(allowed)}. Received: {bad[0]!r}")
-    if "esapn" in args.methods and esapn_module is None:
-        p.error("--methods esapn needs tfemb.esapn")
     args.candidates = tuple(int(c) for c in args.candidates.split(","))
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1). Received: {args.test_fraction}")

@@ -42,7 +42,39 @@ def test_compare_writes_table_plot_and_json(tmp_path):
 
 def test_default_compare_covers_every_baseline_scheme():
     schemes = {v["embedding"]["scheme"] for v in compare.DEFAULT_COMPARE["variants"]}
-    assert {"fixed", "hashing", "qr", "double_hashing"} <= schemes
+    assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep"} <= schemes
+    assert {"fse", "darts", "sam", "autoemb", "esapn"} <= set(compare.DEFAULT_COMPARE["streaming"]["methods"])
+
+
+def test_compare_streaming_table(tmp_path):
+    """The streaming section of the main job: every method streamed over the same time-ordered rows, a table in
+    compare.md and compare.json, sizes that the methods chose (not the fixed tables')."""
+    spec = {
+        "base": SMALL_BASE,
+        "variants": [{"name": "fixed-8", "embedding": {"scheme": "fixed"}}],
+        "streaming": {"data": {"source": "synthetic_cf", "params": {"num_users": 60, "num_items": 40,
+                                                                    "num_rows": 2500, "seed": 3}},
+                      "task": "binary", "methods": ["fse", "autoemb", "esapn"], "candidates": [2, 4, 8],
+                      "test_fraction": 0.4},
+    }
+    lines = []
+    payload = compare.run_compare(spec, out_dir=str(tmp_path), log=lines.append, export_budget=None)
+    stream = payload["streaming"]
+    assert [r["method"] for r in stream["runs"]] == ["fse", "autoemb", "esapn"]
+    fse, auto, es = stream["runs"]
+    users, items = stream["data"]["users"], stream["data"]["items"]
+    assert fse["embedding_parameters"] == (users + items) * 14  # FSE at the sum of the candidates, 2 + 4 + 8
+    for r in (auto, es):  # exported at the sizes the search chose: every id at one of the candidates
+        assert set(r["mean_dim"]) == {"user_id", "item_id"}
+        assert all(2 <= d <= 8 for d in r["mean_dim"].values())
+    assert es["embedding_parameters"] < fse["embedding_parameters"]
+    for r in stream["runs"]:
+        assert r["test"]["rows"] == 1000 and 0.0 <= r["test"]["accuracy"] <= 1.0  # the last 40% of 2,500 rows
+    md = (tmp_path / "compare.md").read_text()
+    assert "## Streaming (synthetic_cf" in md and "| AutoEmb |" in md and "| ESAPN |" in md
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["streaming"]["runs"]) == 3
+    assert any("ESAPN: streaming" in line for line in lines)
 
 
 def test_train_then_inspect(tmp_path, capsys):

@@ -34,6 +34,17 @@ DEFAULT_COMPARE = {
              "threshold_regularizer": {"class_name": "L2", "config": {"l2": 1e-5}}}},
          "pep": {"targets": [0.25], "retrain": "rewind", "search_epochs": 6, "search_learning_rate": 0.01}},
     ],
+    # The streaming methods (AutoEmb and its baselines, ESAPN) size the user and item ids of a CF network as the
+    # stream arrives: a second table, on the embedded synthetic CF data in time order, test-then-train, one pass
+    # (tfemb.streaming; benchmarks/streaming.py runs the same on MovieLens).
+    "streaming": {
+        "data": {"source": "synthetic_cf", "params": {"num_users": 1500, "num_items": 1000, "num_rows": 40000,
+                                                      "seed": 0}},
+        "task": "binary",
+        "methods": ["fse", "darts", "sam", "autoemb", "esapn"],
+        "candidates": [2, 4, 8, 16, 64, 128],
+        "test_fraction": 0.25,
+    },
 }
 
 COLUMNS_BY_TASK = {
@@ -101,6 +112,12 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     log(report.console_table(rows))
     log("")
     log(f"wrote {out_dir}/compare.json, compare.md, compare.png")
+    if spec.get("streaming"):
+        payload["streaming"] = run_streaming(spec["streaming"], log=log)
+        with open(os.path.join(out_dir, "compare.md"), "a") as fh:
+            fh.write("\n" + payload["streaming"]["markdown"])
+        report.write_json(os.path.join(out_dir, "compare.json"), {k: v for k, v in payload.items() if not k.startswith("_")})
+        log(f"appended the streaming table to {out_dir}/compare.md and compare.json")
     if export_budget is not None:
         exported = export_best(kept, budget_fraction=export_budget, out_dir=out_dir, rows=prepared.frames["test"],
                                log=log)
@@ -111,6 +128,43 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
             report.write_json(os.path.join(out_dir, "compare.json"),
                               {k: v for k, v in payload.items() if not k.startswith("_")})
     return payload
+
+
+def run_streaming(spec, log=print):
+    """The streaming table of the main job: each method of ``spec["methods"]`` streamed once over the same
+    time-ordered CF data (``tfemb.streaming.run_method``). Returns ``{"rows", "runs", "markdown", "data"}``."""
+    from tfemb import streaming
+
+    task = spec.get("task", "binary")
+    data = spec["data"]
+    log("")
+    log(f"tfemb compare, streaming: preparing {data['source']} in time order ...")
+    schema, x, y, info = streaming.prepare_stream(data["source"], data.get("params"), task)
+    log(f"  {info['rows']:,} rows, {info['users']:,} users, {info['items']:,} items; test-then-train, one pass, "
+        f"quality over the last {spec.get('test_fraction', 0.25):.0%}")
+    q1, q2 = streaming.QUALITY[task]
+    rows, runs = [], []
+    for i, method in enumerate(spec["methods"], 1):
+        log(f"[{i}/{len(spec['methods'])}] {streaming.LABELS[method]}: streaming ...")
+        r = streaming.run_method(method, schema, x, y, task, candidates=spec.get("candidates", streaming.ESAPN_CANDIDATES),
+                                 test_fraction=spec.get("test_fraction", 0.25))
+        r.pop("model")
+        runs.append({k: v for k, v in r.items() if k != "by_frequency"})
+        log(f"        done in {r['seconds']:.1f}s: {q1}={r['test'][q1]:.4f}, {q2}={r['test'][q2]:.4f}, "
+            f"{r['embedding_parameters']:,} embedding parameters")
+        rows.append({"method": streaming.LABELS[method], f"test {q1}": r["test"][q1], f"test {q2}": r["test"][q2],
+                     "emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
+                     "mean dim (users/items)": " / ".join(f"{v:.1f}" for v in r["mean_dim"].values()) or "fixed",
+                     "examples/s": round(r["examples_per_second"]), "stream s": r["seconds"]})
+    fse = next((r for r in runs if r["method"] == "fse"), None)
+    if fse:
+        for row, r in zip(rows, runs):
+            row["time/example vs FSE"] = fse["examples_per_second"] / r["examples_per_second"]
+    log("")
+    log(report.console_table(rows))
+    md = (f"## Streaming ({data['source']}, CF network, {task}; test-then-train, one pass, quality over the last "
+          f"{spec.get('test_fraction', 0.25):.0%} of the stream)\n\n" + report.markdown_table(rows))
+    return {"rows": rows, "runs": runs, "markdown": md, "data": info}
 
 
 def main(out_dir="outputs/compare", spec=None):
