@@ -44,6 +44,7 @@ absent are skipped with the reason; ``--datasets synthetic`` uses the embedded g
 
 import argparse
 import datetime
+import json
 import math
 import os
 import pathlib
@@ -105,7 +106,22 @@ def run_one(dataset, task, method, seed, stream, candidates, args):
                      loss=args.binary_loss, keep_dims=seed == 0)
     del out["model"]
     keras.backend.clear_session()
+    if out.get("dims_by_popularity"):  # per id is megabytes of JSON: keep the mean dim per popularity bucket
+        out["dims_by_popularity"] = {n: dims_by_bucket(d["counts"], d["dims"])
+                                     for n, d in out["dims_by_popularity"].items()}
     return {"dataset": dataset, "task": task, **out}
+
+
+def dims_by_bucket(counts, dims):
+    """Mean selected dim of the ids whose final stream count is in ``[2^b, 2^(b+1))`` (ids never seen left out):
+    ``{"bucket_start": [...], "mean_dim": [...], "ids": [...]}``."""
+    counts, dims = np.asarray(counts), np.asarray(dims, np.float64)
+    seen = counts > 0
+    b = np.floor(np.log2(counts[seen])).astype(np.int64)
+    starts = sorted(set(b.tolist()))
+    return {"bucket_start": [int(2 ** k) for k in starts],
+            "mean_dim": [float(dims[seen][b == k].mean()) for k in starts],
+            "ids": [int((b == k).sum()) for k in starts]}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -221,12 +237,7 @@ def dims_plot(path, runs):
     for ax, (dataset, feature) in zip(axes[0], keys):
         for r in [r for r in panels if r["dataset"] == dataset and feature in r["dims_by_popularity"]]:
             d = r["dims_by_popularity"][feature]
-            counts, dims = np.asarray(d["counts"]), np.asarray(d["dims"])
-            seen = counts > 0
-            edges = 2 ** np.arange(0, int(np.log2(max(counts.max(), 1))) + 2)
-            b = np.searchsorted(edges, counts[seen], side="right") - 1
-            mean = [dims[seen][b == i].mean() if np.any(b == i) else np.nan for i in range(len(edges))]
-            ax.plot(edges, mean, "o-", ms=3, label=LABELS[r["method"]])
+            ax.plot(d["bucket_start"], d["mean_dim"], "o-", ms=3, label=LABELS[r["method"]])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel(f"{feature} interactions in the stream (bucket start)")
@@ -290,6 +301,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--findings", default=None, help="a Markdown file: its text becomes the Findings section")
+    p.add_argument("--replot", action="store_true",
+                   help="no training: rewrite streaming.md and the plots from <out>/streaming.json (with --findings)")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.tasks, args.seeds = "ml100k", "binary", 1
@@ -364,8 +377,22 @@ def write_outputs(out, payload):
     log(f"wrote {out}/streaming.json, streaming.md and the plots")
 
 
+def replot(args):
+    with open(os.path.join(args.out, "streaming.json")) as fh:
+        payload = json.load(fh)
+    for r in payload["runs"]:  # files written before the per-bucket form
+        for n, d in (r.get("dims_by_popularity") or {}).items():
+            if "counts" in d:
+                r["dims_by_popularity"][n] = dims_by_bucket(d["counts"], d["dims"])
+    if args.findings:
+        payload["findings"] = pathlib.Path(args.findings).read_text().strip()
+    write_outputs(args.out, payload)
+    return payload
+
+
 def main(argv=None):
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    return replot(args) if args.replot else run(args)
 
 
 if __name__ == "__main__":
