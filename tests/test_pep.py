@@ -593,3 +593,24 @@ def test_docstring_examples_run():
     for module in (packed_embedding, pep_embedding):
         result = doctest.testmod(module, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, (module.__name__, result)
+
+
+def test_kept_count_equals_the_non_zeros_of_the_pruned_values():
+    """``kept_count`` (the snapshots' count) is the number of non-zeros of ``pruned_values`` without forming it,
+    ties ``|v| == t`` included (pruned to 0 by both)."""
+    from tfemb.layers.pep_embedding import _scaled_threshold, kept_count, pruned_values
+
+    v = table_values(3)
+    s = np.random.default_rng(4).normal(-1.0, 1.0, size=(V, D)).astype(np.float32)
+    t = _scaled_threshold(tf.constant(s), G, tf.float32).numpy()  # the layer's own float32 thresholds
+    np.testing.assert_allclose(t, G * sigmoid(s), rtol=1e-6)
+    v[0, :3] = t[0, :3]  # exact ties: |v| == t
+    v[1, :2] = -t[1, :2]
+    v[2, 0] = 0.0
+    pruned = pruned_values(tf.constant(v), tf.constant(s), G).numpy()
+    assert pruned[0, :3].tolist() == [0.0, 0.0, 0.0] and pruned[1, :2].tolist() == [0.0, 0.0]
+    assert int(kept_count(tf.constant(v), tf.constant(s), G)) == int(np.count_nonzero(pruned))
+    for shape in [(), (D,), (V, 1)]:  # global, dimension-wise and feature-wise thresholds broadcast the same way
+        small = np.full(shape, -0.5, np.float32)
+        expected = np.count_nonzero(pruned_values(tf.constant(v), tf.constant(small), G).numpy())
+        assert int(kept_count(tf.constant(v), tf.constant(small), G)) == expected

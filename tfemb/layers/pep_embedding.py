@@ -105,6 +105,21 @@ def _sum_to(grad, s, values):
     return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(s))
 
 
+def _scaled_threshold(logits, g_scale, dtype):
+    """``g_scale * g(s)`` exactly as ``pruned_values`` computes it (threshold_sigmoid's value, then the scale)."""
+    t = 0.5 * tf.tanh(0.5 * logits) + 0.5
+    if g_scale != 1.0:  # x * 1.0 == x: skipping it changes no bit
+        t = g_scale * t
+    return tf.cast(t, dtype)
+
+
+def kept_count(values, s, g_scale=1.0):
+    """Number of non-zeros of ``pruned_values(values, s, g_scale)`` (int64), without forming it: an entry is kept
+    iff ``|v| - t > 0``, i.e. ``|v| > t`` (IEEE subtraction of finite floats has the sign of the comparison)."""
+    t = _scaled_threshold(s, float(g_scale), values.dtype)
+    return tf.math.count_nonzero(tf.abs(values) > t, dtype=tf.int64)
+
+
 def pruned_values(values, s, g_scale=1.0):
     """``sign(v) * ReLU(|v| - g_scale * g(s))`` with one hand-written gradient: the training-time hot path.
 
@@ -125,10 +140,7 @@ def pruned_values(values, s, g_scale=1.0):
 
     @tf.custom_gradient
     def forward(v, logits):
-        t = 0.5 * tf.tanh(0.5 * logits) + 0.5  # threshold_sigmoid's value
-        if g_scale != 1.0:  # x * 1.0 == x: skipping it changes no bit
-            t = g_scale * t
-        t = tf.cast(t, v.dtype)
+        t = _scaled_threshold(logits, g_scale, v.dtype)
         sign = tf.sign(v)
         diff = tf.abs(v) - t
         out = sign * tf.nn.relu(diff)
@@ -407,8 +419,9 @@ class PEPEmbedding(EmbeddingScheme):
         """Number of kept entries as an int64 scalar tensor (traceable: ``PEPSnapshots`` sums every layer's in
         one ``tf.function``)."""
         self._ensure_built()
-        kept = self.mask if self.retrain else self.pruned_table()
-        return tf.math.count_nonzero(tf.convert_to_tensor(kept), dtype=tf.int64)
+        if self.retrain:
+            return tf.math.count_nonzero(tf.convert_to_tensor(self.mask), dtype=tf.int64)
+        return kept_count(tf.convert_to_tensor(self.embeddings), self._threshold_logits(), self.g_scale)
 
     def threshold_values(self):
         """NumPy ``g_scale * g(s)`` in the shape of ``s`` (None in retrain mode)."""
