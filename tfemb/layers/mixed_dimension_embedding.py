@@ -491,7 +491,11 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             if d != self.output_dim:
                 out = tf.matmul(out, self._stacked_projections())
         else:
-            wide = self._wide_fixed_size(flat) if _multi_replica() else self._wide_exact(flat)
+            # Exact-size gathers give row-sparse gradients of exactly the looked-up rows (training); a frozen layer
+            # (compact(), inference) needs no gradient and takes the fixed-size gather, fewer ops and no dynamic
+            # shapes (as multi-replica strategies need too).
+            fixed_size = _multi_replica() or not self.trainable
+            wide = self._wide_fixed_size(flat) if fixed_size else self._wide_exact(flat)
             out = tf.matmul(wide, self._stacked_projections())  # [n, d0]
         if ids.shape.rank is None:
             return tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))

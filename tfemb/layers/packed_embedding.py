@@ -166,19 +166,25 @@ class PackedEmbedding(EmbeddingScheme):
     def lookup(self, ids):
         flat = tf.reshape(ids, [-1])  # [n]
         n = tf.shape(flat, out_type=tf.int64)[0]
+        d = self.output_dim
+        if self.nnz == 0:  # nothing kept: every vector is zero (and there is no entry to gather)
+            dense = tf.zeros(tf.stack([n, tf.constant(d, tf.int64)]), self.compute_dtype)
+            return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
         splits = tf.cast(tf.convert_to_tensor(self.row_splits), tf.int64)
         starts = tf.gather(splits, flat)  # [n]
         lengths = tf.gather(splits, flat + 1) - starts  # [n], kept dims of each id
-        # Entry positions of every looked-up id, id after id: start + 0..length-1.
-        batch_row = tf.repeat(tf.range(n), lengths)  # [m]
-        first = tf.cumsum(lengths, exclusive=True)  # [n], where each id's entries begin in the output list
-        within = tf.range(tf.reduce_sum(lengths)) - tf.repeat(first, lengths)  # [m]
-        positions = tf.repeat(starts, lengths) + within  # [m]
-        columns = tf.cast(tf.gather(self.columns, positions), tf.int64)
-        values = self.gather_rows(self.values, positions)  # the hook export uses for int8 / float16 storage
-        dense = tf.scatter_nd(tf.stack([batch_row, columns], axis=1), values,
-                              tf.stack([n, tf.constant(self.output_dim, tf.int64)]))  # [n, dim]
-        return tf.reshape(dense, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
+        # Every id reads d entry slots, start + 0..d-1 (clipped into the buffer); the slots beyond its length are
+        # zeroed, and each value lands in its (row, column) cell by one segment sum (x + 0 == x, so the output is
+        # exactly the stored values). A fixed number of ops per lookup: no tf.repeat / cumsum / scatter_nd.
+        k = tf.range(d, dtype=tf.int64)
+        positions = tf.minimum(starts[:, tf.newaxis] + k[tf.newaxis, :], self.nnz - 1)  # [n, d]
+        valid = k[tf.newaxis, :] < lengths[:, tf.newaxis]
+        values = self.gather_rows(self.values, positions)  # [n, d]; the hook export uses for int8 / float16
+        values = tf.where(valid, values, tf.zeros_like(values))
+        columns = tf.cast(tf.gather(self.columns, positions), tf.int64)  # [n, d]
+        cells = tf.range(n)[:, tf.newaxis] * d + columns
+        dense = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(cells, [-1]), n * d)
+        return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
 
     # -------------------------------------------------------------------------------------- size accounting
     def parameter_count(self):
