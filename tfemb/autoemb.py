@@ -41,16 +41,23 @@ PREVIOUS_BATCH = "previous_batch"
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _unwrap(model):
-    return model.rec_model if isinstance(model, AutoEmbSearch) else model
+    """The ``RecModel`` of a search wrapper (``AutoEmbSearch``, ``tfemb.esapn.ESAPNSearch``), or ``model``."""
+    return getattr(model, "rec_model", model)
 
 
-def autoemb_layers(model):
-    """``{feature: AutoEmbEmbedding}`` of a ``RecModel`` (or of the model an ``AutoEmbSearch`` wraps)."""
+def scheme_layers(model, cls):
+    """``{feature: layer}`` of the embedding layers of class ``cls`` of a ``RecModel`` (or of the model a search
+    wrapper holds), in the model's feature order."""
     model = _unwrap(model)
     layers = getattr(model, "embedding_layers", None)
     if layers is None:
         raise TypeError(f"expected a tfemb RecModel (embedding_layers by feature). Received: {type(model).__name__}")
-    return {name: layers[name] for name in model.embedding_names if isinstance(layers[name], AutoEmbEmbedding)}
+    return {name: layers[name] for name in model.embedding_names if isinstance(layers[name], cls)}
+
+
+def autoemb_layers(model):
+    """``{feature: AutoEmbEmbedding}`` of a ``RecModel`` (or of the model an ``AutoEmbSearch`` wraps)."""
+    return scheme_layers(model, AutoEmbEmbedding)
 
 
 def architecture_variables(model):

@@ -56,7 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, keras, register
-from tfemb.autoemb import PREVIOUS_BATCH, _batch_metrics, per_example_loss, previous_batch_stream
+from tfemb.autoemb import PREVIOUS_BATCH, _batch_metrics, per_example_loss, previous_batch_stream, scheme_layers
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
@@ -247,17 +247,9 @@ def rewards(layer, flat_ids, flat_losses):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _unwrap(model):
-    return model.rec_model if isinstance(model, ESAPNSearch) else model
-
-
 def esapn_layers(model):
     """``{feature: ESAPNEmbedding}`` of a ``RecModel`` (or of the model an ``ESAPNSearch`` wraps)."""
-    model = _unwrap(model)
-    layers = getattr(model, "embedding_layers", None)
-    if layers is None:
-        raise TypeError(f"expected a tfemb RecModel (embedding_layers by feature). Received: {type(model).__name__}")
-    return {name: layers[name] for name in model.embedding_names if isinstance(layers[name], ESAPNEmbedding)}
+    return scheme_layers(model, ESAPNEmbedding)
 
 
 def _replicas():
