@@ -732,9 +732,14 @@ def test_compact_and_premultiply():
     # dim 3): 45 + 21 = 66 vs 105 -> not.
     assert (report[1]["factored"], report[1]["premultiplied"], report[1]["smaller"]) == (60, 35, True)
     assert (report[2]["factored"], report[2]["premultiplied"], report[2]["smaller"]) == (66, 105, False)
-    for premultiply, dims, params in [(False, [7, 5, 3], 147), ("auto", [7, 7, 3], 122), (True, [7, 7, 7], 161)]:
+    # Premultiplied blocks are at d0, and adjacent blocks at d0 are stored as one (identity projections).
+    for premultiply, sizes, dims, params in [(False, [3, 5, 15], [7, 5, 3], 147), ("auto", [8, 15], [7, 3], 122),
+                                             (True, [23], [7], 161)]:
         compact = layer.compact(premultiply=premultiply)
-        assert compact.block_dims == dims and compact.parameter_count() == params
+        assert compact.block_sizes == sizes and compact.block_dims == dims and compact.parameter_count() == params
+        np.testing.assert_array_equal(compact.dims_per_id(), [7 if p is True or (p == "auto" and d == 5) else d
+                                                              for d, p in zip(layer.dims_per_id(),
+                                                                              [premultiply] * V)])
         assert compact.storage_bytes() == params * 4 + 92 and not compact.trainable_weights
         np.testing.assert_allclose(compact(tf.constant(IDS)).numpy(), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"premultiply='yes'"):

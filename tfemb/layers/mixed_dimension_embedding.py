@@ -545,6 +545,9 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     def compact(self, premultiply=False):
         """A frozen copy (the same flat layout and lookup, stock ops: Bucketize, gather, matmul), same outputs.
 
+        Adjacent blocks of dim ``d0`` (identity projections) are stored as one block: the same rows, the same
+        parameters and outputs, a narrower lookup. ``block_sizes`` of the compact layer may therefore be fewer.
+
         Args:
             premultiply: False (default): block tables and projections as trained, the smallest form for any
                 block with more than ``d_i d0 / (d0 - d_i)`` rows. True: every projected block stored as
@@ -566,10 +569,24 @@ class MixedDimensionEmbedding(EmbeddingScheme):
                 tables[i] = tf.matmul(tables[i], projections[i]).numpy()
                 projections[i] = None
             dims.append(self.output_dim if merge else self.block_dims[i])
-        config = {**self.get_config(), "block_dims": dims, "trainable": False, "frequencies": None}
+        # Adjacent blocks at d0 have identity projections: one block holding their rows in the same rank order is
+        # the same function with the same parameters, and a narrower wide matrix at lookup.
+        sizes, merged_dims, merged_tables, merged_projections = [], [], [], []
+        for n, d, table, projection in zip(self.block_sizes, dims, tables, projections):
+            if merged_dims and d == self.output_dim and merged_dims[-1] == d and projection is None \
+                    and merged_projections[-1] is None:
+                sizes[-1] += n
+                merged_tables[-1] = np.concatenate([merged_tables[-1], table], axis=0)
+                continue
+            sizes.append(n)
+            merged_dims.append(d)
+            merged_tables.append(table)
+            merged_projections.append(projection)
+        config = {**self.get_config(), "block_sizes": sizes, "block_dims": merged_dims, "trainable": False,
+                  "frequencies": None}
         layer = MixedDimensionEmbedding.from_config(config)
         layer.build()
-        layer.set_block_weights(tables, projections)
+        layer.set_block_weights(merged_tables, merged_projections)
         return layer
 
     def sparse_tables(self):
