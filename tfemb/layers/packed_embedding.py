@@ -76,9 +76,11 @@ class PackedEmbedding(EmbeddingScheme):
     - ``columns`` (``nnz`` ints, int8 up to 128 dims, else int16 / int32): each entry's column;
     - ``values`` (``nnz`` floats): each entry's value.
 
-    A lookup gathers each id's range of entries and scatters them into a dense ``[batch, output_dim]`` block of
-    zeros (``tf.gather``, ``tf.repeat``, ``tf.scatter_nd``: stock TensorFlow ops only). Every position receives
-    at most one value, so the outputs equal ``T[ids]`` exactly, bit for bit.
+    A lookup reads ``output_dim`` entry slots per id from its start (clipped into the buffer; the slots past the
+    id's length are zeroed) and adds each value into its ``(row, column)`` cell with one
+    ``tf.math.unsorted_segment_sum`` (``tf.gather``, ``tf.where``, ``unsorted_segment_sum``: stock TensorFlow ops,
+    a fixed number per lookup). Every cell receives at most one non-zero value, so the outputs equal ``T[ids]``
+    exactly, bit for bit.
 
     ``parameter_count()`` is ``nnz``; ``storage_bytes()`` counts the values and both index arrays
     (``nnz x (value bytes + column bytes) + (vocabulary_size + 1) x offset bytes``), so the packed table is
