@@ -415,6 +415,38 @@ def _cpu_seconds():
     return time.process_time()
 
 
+def stream_test_start(evaluate_from, n):
+    """The row where a stream's test period starts: ``evaluate_from`` as a fraction ``0 <= f < 1`` of ``n`` rows
+    or as a row index ``0 <= i < n``; else ``ValueError`` naming the value."""
+    if isinstance(evaluate_from, (float, np.floating)):
+        if not 0.0 <= evaluate_from < 1.0:
+            raise ValueError(f"evaluate_from as a fraction must be in [0, 1). Received: evaluate_from={evaluate_from!r}")
+        return int(round(evaluate_from * n))
+    start = int(evaluate_from)
+    if not 0 <= start < n:
+        raise ValueError(f"evaluate_from as a row index must be in [0, {n}). Received: evaluate_from={evaluate_from!r}")
+    return start
+
+
+def stream_summary(records, keys, start_test, seconds, cpu, timed_rows, timed_wall, timed_cpu):
+    """The result dict of a streamed pass: per-batch ``records`` (``start``, ``size`` and the metrics ``keys``),
+    their example-weighted means over the whole stream (``all``) and the test period (``test``), and the speed."""
+    def summary(rows):
+        total = sum(r["size"] for r in rows)
+        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in keys}}
+
+    return {
+        "batches": records,
+        "all": summary(records),
+        "test": summary([r for r in records if r["start"] >= start_test]),
+        "evaluate_from": start_test,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "examples_per_second": timed_rows / timed_wall if timed_wall > 0 else float("nan"),
+        "cpu_ms_per_example": 1000.0 * timed_cpu / timed_rows if timed_rows else float("nan"),
+    }
+
+
 def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_from=0.0, log=None,
                log_every=50, warmup_batches=2, keep_predictions=False):
     """The streaming protocol: one pass over time-ordered batches, each predicted first, then trained on.
@@ -461,14 +493,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
     if validation not in (PREVIOUS_BATCH, None):
         raise ValueError(f"validation must be {PREVIOUS_BATCH!r} or None. Received: validation={validation!r}")
     n = len(next(iter(x.values())))
-    if isinstance(evaluate_from, (float, np.floating)):
-        if not 0.0 <= evaluate_from < 1.0:
-            raise ValueError(f"evaluate_from as a fraction must be in [0, 1). Received: evaluate_from={evaluate_from!r}")
-        start_test = int(round(evaluate_from * n))
-    else:
-        start_test = int(evaluate_from)
-        if not 0 <= start_test < n:
-            raise ValueError(f"evaluate_from as a row index must be in [0, {n}). Received: evaluate_from={evaluate_from!r}")
+    start_test = stream_test_start(evaluate_from, n)
     task = search.rec_model.task
     records, previous, kept = [], None, []
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -501,21 +526,8 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
                 + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("start", "size", "loss")))
     seconds, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
 
-    def summary(rows):
-        total = sum(r["size"] for r in rows)
-        keys = [k for k in rows[0] if k not in ("start", "size")] if rows else []
-        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in keys}}
-
-    out = {
-        "batches": records,
-        "all": summary(records),
-        "test": summary([r for r in records if r["start"] >= start_test]),
-        "evaluate_from": start_test,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "examples_per_second": timed_rows / timed_wall if timed_wall > 0 else float("nan"),
-        "cpu_ms_per_example": 1000.0 * timed_cpu / timed_rows if timed_rows else float("nan"),
-    }
+    keys = [k for k in records[0] if k not in ("start", "size")] if records else []
+    out = stream_summary(records, keys, start_test, seconds, cpu, timed_rows, timed_wall, timed_cpu)
     if keep_predictions:
         out["predictions"] = np.concatenate([p for p, _ in kept], axis=0)
         out["row_losses"] = np.concatenate([l for _, l in kept], axis=0)

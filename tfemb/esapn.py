@@ -56,7 +56,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, keras, register
-from tfemb.autoemb import PREVIOUS_BATCH, _batch_metrics, per_example_loss, previous_batch_stream, scheme_layers
+from tfemb.autoemb import (
+    PREVIOUS_BATCH, _batch_metrics, per_example_loss, previous_batch_stream, scheme_layers, stream_summary,
+    stream_test_start,
+)
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
@@ -751,16 +754,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         search = ESAPNSearch(model, validation=validation)
         search.compile(optimizer=model.optimizer, loss=model.loss, metrics=[])
     n = len(next(iter(x.values())))
-    if isinstance(evaluate_from, (float, np.floating)):
-        if not 0.0 <= evaluate_from < 1.0:
-            raise ValueError(f"evaluate_from as a fraction must be in [0, 1). "
-                             f"Received: evaluate_from={evaluate_from!r}")
-        start_test = int(round(evaluate_from * n))
-    else:
-        start_test = int(evaluate_from)
-        if not 0 <= start_test < n:
-            raise ValueError(f"evaluate_from as a row index must be in [0, {n}). "
-                             f"Received: evaluate_from={evaluate_from!r}")
+    start_test = stream_test_start(evaluate_from, n)
     rec = search.rec_model
     task = rec.task
     if frequency_features is None:
@@ -816,20 +810,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
                 + "".join(f", {name} dims={memory_report(search)[name]['total_dims']:,}" for name in layers))
     seconds, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
     metric_keys = [k for k, v in records[0].items() if isinstance(v, float)] if records else []
-
-    def summary(rows):
-        total = sum(r["size"] for r in rows)
-        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in metric_keys}}
-
-    return {
-        "batches": records,
-        "all": summary(records),
-        "test": summary([r for r in records if r["start"] >= start_test]),
-        "evaluate_from": start_test,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "examples_per_second": timed_rows / timed_wall if timed_wall > 0 else float("nan"),
-        "cpu_ms_per_example": 1000.0 * timed_cpu / timed_rows if timed_rows else float("nan"),
-        "memory": memory_report(search),
-        "by_frequency": {name: report.result() for name, report in by_frequency.items()},
-    }
+    out = stream_summary(records, metric_keys, start_test, seconds, cpu, timed_rows, timed_wall, timed_cpu)
+    out["memory"] = memory_report(search)
+    out["by_frequency"] = {name: report.result() for name, report in by_frequency.items()}
+    return out
