@@ -46,6 +46,23 @@ def write_json(path, payload):
         json.dump(payload, fh, indent=2, default=float)
 
 
+def _annotate_apart(ax, fig, points, step=10):
+    """Labels every point; a label that would overlap one already placed (in display space) moves down by ``step``
+    points until it does not, so near-identical variants stay readable."""
+    placed = []
+    fig.canvas.draw()  # axis limits and scales are final: display coordinates are meaningful
+    for label, x, y in points:
+        dx, dy = 5, 4
+        for _ in range(12):
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8)
+            box = text.get_window_extent(renderer=fig.canvas.get_renderer())
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+            dy -= step
+        placed.append(box)
+
+
 def scatter_plot(path, points, x_label, y_label, title, log_x=True):
     """``points``: list of (label, x, y); one marker per point, labelled."""
     import matplotlib
@@ -56,9 +73,9 @@ def scatter_plot(path, points, x_label, y_label, title, log_x=True):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, x, y in points:
         ax.scatter([x], [y], s=40)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if log_x:
         ax.set_xscale("log")
+    _annotate_apart(ax, fig, points)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
