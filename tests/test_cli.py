@@ -75,6 +75,7 @@ def test_compare_streaming_table(tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["streaming"]["runs"]) == 3
     assert any("ESAPN: streaming" in line for line in lines)
+    assert (tmp_path / "compare_streaming.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_then_inspect(tmp_path, capsys):

@@ -113,11 +113,20 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     log("")
     log(f"wrote {out_dir}/compare.json, compare.md, compare.png")
     if spec.get("streaming"):
-        payload["streaming"] = run_streaming(spec["streaming"], log=log)
+        stream = payload["streaming"] = run_streaming(spec["streaming"], log=log)
         with open(os.path.join(out_dir, "compare.md"), "a") as fh:
-            fh.write("\n" + payload["streaming"]["markdown"])
+            fh.write("\n" + stream["markdown"])
         report.write_json(os.path.join(out_dir, "compare.json"), {k: v for k, v in payload.items() if not k.startswith("_")})
-        log(f"appended the streaming table to {out_dir}/compare.md and compare.json")
+        from tfemb.streaming import LABELS, QUALITY
+
+        q = QUALITY[spec["streaming"].get("task", "binary")][0]
+        report.scatter_plot(
+            os.path.join(out_dir, "compare_streaming.png"),
+            [(LABELS[r["method"]], r["embedding_bytes"], r["test"][q]) for r in stream["runs"]],
+            "embedding bytes of the export (log scale)", f"test-period {q}",
+            f"CF network on {spec['streaming']['data']['source']}, streamed: {q} vs embedding size",
+        )
+        log(f"appended the streaming table to {out_dir}/compare.md and compare.json; plot compare_streaming.png")
     if export_budget is not None:
         exported = export_best(kept, budget_fraction=export_budget, out_dir=out_dir, rows=prepared.frames["test"],
                                log=log)
