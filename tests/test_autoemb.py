@@ -1110,3 +1110,48 @@ def test_keras_save_keeps_state_and_selection(streamed, tmp_path):
         np.testing.assert_array_equal(np_value(again.counts), np_value(layer.counts))
         np.testing.assert_array_equal(np_value(again.previous_loss), np_value(layer.previous_loss))
         np.testing.assert_array_equal(again.selected_candidates(), layer.selected_candidates())
+
+
+MULTI_REPLICA_SCRIPT = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfemb._keras import keras
+from tfemb.autoemb import AutoEmbSearch
+from tfemb.data import make_dataset
+from tfemb.data.synthetic import make_synthetic_cf, synthetic_cf_schema
+from tfemb.layers import scheme_factory
+from tfemb.models import CFNetwork
+df, _ = make_synthetic_cf(num_users=20, num_items=15, num_rows=400, seed=0)
+schema = synthetic_cf_schema(df).fit(df)
+x, y = schema.transform(df)
+ds = make_dataset({k: x[k] for k in ("user_id", "item_id")}, y, batch_size=100, drop_remainder=True)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+for mode in ("bilevel", "joint"):
+    with strategy.scope():
+        model = CFNetwork(schema, embeddings=scheme_factory("autoemb", output_dim=4, candidate_dims=(2, 4),
+                                                            controller_units=8), embedding_dim=4)
+        search = AutoEmbSearch(model, mode=mode)
+        search.compile(optimizer=keras.optimizers.Adam(1e-3))
+    try:
+        search.fit(ds, epochs=1, verbose=0)
+    except NotImplementedError as error:
+        assert "multi-replica" in str(error) and "received 2 replicas" in str(error), error
+        print("refused", mode)
+    else:
+        raise AssertionError("fit under 2 replicas must be refused: the per-id state would count half the batch")
+"""
+
+
+def test_multi_replica_training_is_refused_with_a_clear_error():
+    """Under MirroredStrategy each replica would write only its share of the batch into the per-id state (counts
+    came out at half the rows when this was tried), so fit refuses, naming the replica count (subprocess: one
+    MirroredStrategy per process)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MULTI_REPLICA_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused bilevel" in proc.stdout and "refused joint" in proc.stdout

@@ -182,6 +182,18 @@ def _check_mode(mode):
     return mode
 
 
+def _build_compiled_under_strategy(search, dataset):
+    """Builds ``search``'s compiled loss and metrics from one undistributed batch of ``dataset``, in the strategy's
+    scope. Keras 3 would otherwise build them under a multi-replica strategy from a replica-averaged first batch,
+    which turns the integer id inputs into floats (the ids then fail the embedding layers' dtype check)."""
+    xb, yb, wb = keras.utils.unpack_x_y_sample_weight(next(iter(dataset)))
+    with search.distribute_strategy.scope():
+        y_pred = search.rec_model(xb, training=False)
+        search.compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=wb)
+        search.compute_metrics(xb, yb, y_pred, wb)
+        search.reset_metrics()
+
+
 # ---------------------------------------------------------------------------------------------- the search
 class AutoEmbSearch(keras.Model):
     """Trains a ``RecModel`` whose embeddings include ``AutoEmbEmbedding`` layers: ``fit`` alternates θ and W.
@@ -278,7 +290,9 @@ class AutoEmbSearch(keras.Model):
         # Keras 3 models have no ``optimizer`` attribute before compile() (Keras 2: None).
         if getattr(self, "optimizer", None) is None:
             raise RuntimeError("compile() the AutoEmbSearch before training it")
-        with tf.init_scope():
+        # Slots of variables created under a tf.distribute strategy must be created in its scope too.
+        strategy = getattr(self, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with tf.init_scope(), strategy.scope():
             variables = self.rec_model.trainable_variables
             if self.mode == "bilevel" or self.controller_optimizer is not None:
                 variables = model_variables(self.rec_model)
@@ -358,7 +372,19 @@ class AutoEmbSearch(keras.Model):
 
     def fit(self, x=None, y=None, **kwargs):
         """Keras ``fit``; opens the validation stream first (``"previous_batch"`` needs ``x`` a dataset)."""
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1 and autoemb_layers(self.rec_model):
+            raise NotImplementedError(
+                f"AutoEmbSearch does not train AutoEmb layers under a multi-replica tf.distribute strategy yet "
+                f"(received {replicas} replicas): each replica would write only its own share of the batch into "
+                "the per-id stream state (counts, last weights, last losses), and the bilevel θ-step reads one "
+                "validation stream inside a tf.cond (a synchronisation point in control flow). Train with one "
+                "replica (the default strategy or OneDeviceStrategy); tfemb.esapn.ESAPNSearch gathers its state "
+                "across replicas."
+            )
         self._build_optimizers()
+        if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and replicas > 1:
+            _build_compiled_under_strategy(self, x)
         if self.uses_validation:
             if self.validation_stream == PREVIOUS_BATCH:
                 stream = previous_batch_stream(x)

@@ -57,8 +57,8 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, keras, register
 from tfemb.autoemb import (
-    PREVIOUS_BATCH, _batch_metrics, per_example_loss, previous_batch_stream, scheme_layers, stream_summary,
-    stream_test_start,
+    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, per_example_loss, previous_batch_stream,
+    scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
@@ -499,14 +499,7 @@ class ESAPNSearch(keras.Model):
         paired with it for the policy step."""
         self._build_optimizers()
         if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and self.distribute_strategy.num_replicas_in_sync > 1:
-            # Keras 3 builds an unbuilt loss / metrics under a strategy from the replica-averaged first batch,
-            # which turns the integer ids into floats; build them from an undistributed batch instead.
-            xb, yb, wb = keras.utils.unpack_x_y_sample_weight(next(iter(x)))
-            with self.distribute_strategy.scope():
-                y_pred = self.rec_model(xb, training=False)
-                self.compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=wb)
-                self.compute_metrics(xb, yb, y_pred, wb)
-                self.reset_metrics()
+            _build_compiled_under_strategy(self, x)
         if self.uses_policy:
             if not isinstance(x, tf.data.Dataset):
                 raise TypeError("ESAPNSearch.fit needs a tf.data.Dataset of (x, y) batches (the policy step reads the "
