@@ -326,23 +326,10 @@ class AutoEmbSearch(keras.Model):
             y_pred = self.rec_model(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
         grads = tape.gradient(loss, variables)
-        theta_ids = {id(v) for v in self._theta}
-        sparse = self.rec_model.embedding_optimizer
-        sparse_ids = {id(v) for v in self.rec_model.sparse_variables()} if sparse is not None else set()
-        dense_pairs, sparse_pairs, theta_pairs = [], [], []
-        for g, v in zip(grads, variables):
-            if g is None:
-                continue
-            if id(v) in theta_ids and self.controller_optimizer is not None:
-                theta_pairs.append((g, v))
-            elif id(v) in sparse_ids:
-                sparse_pairs.append((g, v))
-            else:
-                dense_pairs.append((g, v))
-        if dense_pairs:
-            self.optimizer.apply_gradients(dense_pairs)
-        if sparse_pairs:
-            sparse.apply(sparse_pairs)
+        theta_ids = {id(v) for v in self._theta} if self.controller_optimizer is not None else set()
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        theta_pairs = [(g, v) for g, v in pairs if id(v) in theta_ids]
+        self.rec_model.apply_split_gradients([(g, v) for g, v in pairs if id(v) not in theta_ids], self.optimizer)
         if theta_pairs:
             self.controller_optimizer.apply_gradients(theta_pairs)
         per_example = tf.stop_gradient(per_example_loss(self.loss, y, y_pred))

@@ -459,15 +459,7 @@ class ESAPNSearch(keras.Model):
         with tf.GradientTape() as tape:
             y_pred = self.rec_model(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        grads = tape.gradient(loss, variables)
-        sparse = self.rec_model.embedding_optimizer
-        sparse_ids = {id(v) for v in self.rec_model.sparse_variables()} if sparse is not None else set()
-        dense_pairs = [(g, v) for g, v in zip(grads, variables) if g is not None and id(v) not in sparse_ids]
-        sparse_pairs = [(g, v) for g, v in zip(grads, variables) if g is not None and id(v) in sparse_ids]
-        if dense_pairs:
-            self.optimizer.apply_gradients(dense_pairs)
-        if sparse_pairs:
-            sparse.apply(sparse_pairs)
+        self.rec_model.apply_split_gradients(zip(tape.gradient(loss, variables), variables), self.optimizer)
         per_example = tf.stop_gradient(per_example_loss(self.loss, y, y_pred))
         layers = self.esapn_layers()
         for name in self.feature_names:

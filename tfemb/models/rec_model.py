@@ -204,17 +204,26 @@ class RecModel(keras.Model):
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        sparse_ids = {id(v) for v in self.sparse_variables()}
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
-        dense_pairs = [(g, v) for g, v in zip(grads, variables) if id(v) not in sparse_ids and g is not None]
-        sparse_pairs = [(g, v) for g, v in zip(grads, variables) if id(v) in sparse_ids]
-        if dense_pairs:
-            self.optimizer.apply_gradients(dense_pairs)
-        self.embedding_optimizer.apply(sparse_pairs)
+        self.apply_split_gradients(zip(tape.gradient(loss, variables), variables))
         if IS_KERAS_3:
             self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
         return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def apply_split_gradients(self, grads_and_vars, optimizer=None):
+        """Applies ``(gradient, variable)`` pairs: those of ``sparse_variables()`` through the row-sparse
+        ``embedding_optimizer`` (when the model has one), the others through ``optimizer`` (default: the compiled
+        one). Pairs without a gradient are dropped. Also used by the search wrappers' steps (``tfemb.autoemb``,
+        ``tfemb.esapn``)."""
+        sparse = self.embedding_optimizer
+        sparse_ids = {id(v) for v in self.sparse_variables()} if sparse is not None else set()
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        dense_pairs = [(g, v) for g, v in pairs if id(v) not in sparse_ids]
+        sparse_pairs = [(g, v) for g, v in pairs if id(v) in sparse_ids]
+        if dense_pairs:
+            (optimizer or self.optimizer).apply_gradients(dense_pairs)
+        if sparse_pairs:
+            sparse.apply(sparse_pairs)
 
     # --------------------------------------------------------------------------------------- size reports
     def embedding_report(self):
