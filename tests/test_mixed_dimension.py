@@ -209,17 +209,22 @@ def _expected_flat_gradient(ids, weights, ranks):
     return expected
 
 
+@pytest.mark.parametrize("lookup", ["gather", "table"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_reach_tables_and_projections(kind):
+def test_gradients_reach_tables_and_projections(kind, lookup):
     layer, _ = md_case(kind)
+    layer.lookup_mode = lookup
     ids = np.array([0, 3, 3, 9, 17, 22])
     weights = _values(len(ids), D0, -0.4)  # loss = sum(out * weights)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(tf.constant(ids)) * weights)
     (grad,) = tape.gradient(loss, [layer.flat_parameters])
-    assert isinstance(grad, tf.IndexedSlices)  # row-sparse
     np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), _expected_flat_gradient(ids, weights, _ranks(kind)),
                                rtol=1e-5, atol=1e-6)
+    if lookup == "table":  # the whole projected table is computed: a dense gradient, zero off the looked-up rows
+        assert not isinstance(grad, tf.IndexedSlices)
+        return
+    assert isinstance(grad, tf.IndexedSlices)  # row-sparse
     # The gradient lists exactly the looked-up table entries and the projections, nothing else: a lazy optimizer
     # must not move entries of rows that were not looked up (with Adam a zero gradient still moves them).
     looked_up = set()
@@ -278,11 +283,13 @@ def _row_width_case(sizes, dims, d0):
     return layer, tables, projections, reference, entries
 
 
+@pytest.mark.parametrize("lookup", ["gather", "table"])
 @pytest.mark.parametrize("case", sorted(ROW_WIDTH_CASES))
-def test_row_width_buffer_lookup_and_gradient(case):
+def test_row_width_buffer_lookup_and_gradient(case, lookup):
     sizes, dims, d0 = ROW_WIDTH_CASES[case]
     g = math.gcd(*dims, d0)
     layer, tables, projections, reference, entries = _row_width_case(sizes, dims, d0)
+    layer.lookup_mode = lookup
     assert layer._layout.row_width == g > 1
     assert tuple(layer.flat_parameters.shape) == (layer.parameter_count() // g, g)
     for got, want in zip(layer.block_tables(), tables):
@@ -293,9 +300,13 @@ def test_row_width_buffer_lookup_and_gradient(case):
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(tf.constant(ids)) * weights)
     (grad,) = tape.gradient(loss, [layer.flat_parameters])
-    assert isinstance(grad, tf.IndexedSlices) and tuple(grad.values.shape[1:]) == (g,)  # whole rows of g
-    rows = set(grad.indices.numpy().tolist())
-    assert rows == {e // g for e in entries(ids)}  # exactly the looked-up rows and the projections' rows
+    if lookup == "gather":
+        assert isinstance(grad, tf.IndexedSlices) and tuple(grad.values.shape[1:]) == (g,)  # whole rows of g
+        rows = set(grad.indices.numpy().tolist())
+        assert rows == {e // g for e in entries(ids)}  # exactly the looked-up rows and the projections' rows
+    else:  # dense, non-zero only on the looked-up rows and the projections' rows
+        nonzero = set(np.flatnonzero(np.any(tf.convert_to_tensor(grad).numpy() != 0, axis=-1)).tolist())
+        assert nonzero <= {e // g for e in entries(ids)}
     # Gradient values against finite differences of the NumPy reference are linear here: d loss / d entry.
     dense = tf.convert_to_tensor(grad).numpy().reshape(-1)
     flat = layer._flat_numpy()
@@ -585,6 +596,11 @@ def test_md_schemes_train_in_a_model(tmp_path):
         history = model.fit(make_dataset(x, y, batch_size=26), epochs=1, verbose=0)
         assert np.isfinite(history.history["loss"]).all()
         assert all(isinstance(layer, MixedDimensionEmbedding) for layer in model.embedding_layers.values())
+        # The lazy optimizer needs row-sparse gradients: "auto" keeps the per-id gather (a small table otherwise
+        # takes the projected-table lookup).
+        assert not any(layer._table_lookup() for layer in model.embedding_layers.values())
+        plain = DeepFM(schema, embeddings=embeddings, embedding_dim=6, dnn_units=(4,))
+        assert all(layer._table_lookup() for layer in plain.embedding_layers.values())
         path = str(tmp_path / "model.keras")
         model.save(path)
         reloaded = keras.models.load_model(path)
@@ -852,3 +868,32 @@ def test_docstring_examples_run():
     for module in (md_dims, mixed_dimension_embedding):
         result = doctest.testmod(module, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, (module.__name__, result)
+
+
+def test_lookup_modes_agree_and_auto_chooses():
+    """``lookup="table"`` (every block projected, then one gather) equals the per-id gather path in outputs and
+    gradients; ``"auto"`` takes the table for small trainable layers without a lazy optimizer only."""
+    layer, _ = md_case("oov_rank")
+    ids = tf.constant([[0, 3], [22, 9], [17, 17]])
+    weights = _values(6, D0, 0.1).reshape(3, 2, D0)
+    results = {}
+    for mode in ("gather", "table"):
+        layer.lookup_mode = mode
+        with tf.GradientTape() as tape:
+            out = layer(ids)
+            loss = tf.reduce_sum(out * weights)
+        results[mode] = (out.numpy(), tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy())
+    np.testing.assert_allclose(results["table"][0], results["gather"][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results["table"][1], results["gather"][1], rtol=1e-5, atol=1e-6)
+    layer.lookup_mode = "auto"
+    assert layer._table_lookup()  # 23 x 7 entries: small
+    object.__setattr__(layer, "row_sparse_gradients", True)  # as RecModel sets with an embedding_optimizer
+    assert not layer._table_lookup()
+    big = MixedDimensionEmbedding(2**17, 8, [2**16, 2**16], [8, 2])
+    assert not big._table_lookup()  # 2**20 entries: the per-id gather
+    frozen = md_case("identity")[0].compact()
+    assert not frozen._table_lookup()
+    assert MixedDimensionEmbedding.from_config(layer.get_config()).lookup_mode == "auto"
+    with pytest.raises(ValueError, match="lookup must be one of .*Received: lookup='dense'"):
+        MixedDimensionEmbedding(23, 7, [3, 20], [7, 3], lookup="dense")
+

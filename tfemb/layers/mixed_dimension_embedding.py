@@ -18,6 +18,12 @@ PREMULTIPLY = (False, True, "auto")
 #: Ranks up to this many are found with ``Bucketize`` (float32 boundaries: exact for integers below 2**24).
 _BUCKETIZE_LIMIT = 2**24
 
+#: ``lookup`` modes of ``MixedDimensionEmbedding``.
+_LOOKUPS = ("auto", "gather", "table")
+
+#: ``lookup="auto"`` projects the whole table (``"table"``) when it has at most this many ``d0``-wide entries.
+_TABLE_LOOKUP_LIMIT = 2**18
+
 
 def _multi_replica():
     """True inside a ``tf.distribute`` strategy with more than one replica."""
@@ -118,6 +124,14 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     strategy the gather has a fixed size instead (entries of other blocks are read at position 0 and masked to
     zero, so each replica's gradient has the same number of entries; see ``_wide_fixed_size``).
 
+    **Small tables** (``lookup="table"``): every block projected at once, ``T = concat_i(E_i @ P_i)``
+    (``projected_table()``, ``[vocabulary_size, d0]``), then one gather of the ids' rows; the same vectors and
+    gradient values, but the buffer's gradient is dense. For a vocabulary of a few thousand ids this costs
+    fewer ops than the per-id path and is the faster one in training. ``lookup="auto"`` (default) takes it when
+    the layer is trainable, has at most ``2**18`` ``d0``-wide rows (``vocabulary_size * d0``), and no lazy
+    row-sparse optimizer needs its gradient (``RecModel(embedding_optimizer=...)`` marks its layers);
+    ``lookup="gather"`` always uses the per-id path.
+
     Rank of an id: ``rank = id`` by default (ids already in descending popularity); ``oov_rank = r0`` for a
     ``tfemb.data.Schema``'s numbering, where only the OOV id 0 is out of place (``rank(0) = r0``, ids
     ``1..r0`` move up one, the others keep their id); or an explicit ``permutation`` (``permutation[id]`` =
@@ -141,6 +155,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         oov_rank: int in ``[0, vocabulary_size)``, rank of id 0 when ``permutation`` is None. Default 0.
         embeddings_initializer: initializer of the block tables.
         projections_initializer: initializer of the projections.
+        lookup: ``"auto"`` (default), ``"gather"`` (per-id, row-sparse gradient) or ``"table"`` (whole
+            projected table, then a gather); see **Small tables**.
         **kwargs: ``combiner``, ``frequencies`` (kept for reports), ``validate_ids`` and base Layer arguments.
 
     Input shape:
@@ -168,8 +184,11 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     """
 
     def __init__(self, vocabulary_size, output_dim, block_sizes, block_dims, permutation=None, oov_rank=0,
-                 embeddings_initializer="uniform", projections_initializer="glorot_uniform", **kwargs):
+                 embeddings_initializer="uniform", projections_initializer="glorot_uniform", lookup="auto", **kwargs):
         super().__init__(vocabulary_size, output_dim, **kwargs)
+        if lookup not in _LOOKUPS:
+            raise ValueError(f"lookup must be one of {_LOOKUPS}. Received: lookup={lookup!r}")
+        self.lookup_mode = lookup
         sizes = md_dims.check_sizes(block_sizes, "block_sizes")
         if int(sizes.sum()) != self.vocabulary_size:
             raise ValueError(
@@ -477,6 +496,30 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             valid = tf.broadcast_to(valid[:, :, tf.newaxis], tf.shape(values))
         return self._to_wide(tf.where(valid, values, tf.zeros_like(values)))
 
+    def _table_lookup(self):
+        """Whether ``lookup`` gathers from ``projected_table()`` (see ``lookup`` in the class docstring)."""
+        if self.lookup_mode != "auto":
+            return self.lookup_mode == "table"
+        return (self.trainable and not getattr(self, "row_sparse_gradients", False)
+                and self.vocabulary_size * self.output_dim <= _TABLE_LOOKUP_LIMIT)
+
+    def projected_table(self):
+        """``[vocabulary_size, d0]`` tensor: every block projected, ``concat_i(E_i @ P_i)`` in rank order (the
+        rows Algorithm 1 returns, for all ranks at once), differentiable; read from the whole buffer."""
+        d0 = self.output_dim
+        # One split of the buffer (its gradient is one concat) into the tables, then the projections.
+        sizes = [n * d for n, d in zip(self.block_sizes, self.block_dims)]
+        sizes += [d * d0 for i, d in enumerate(self.block_dims) if self._projected(i)]
+        pieces = tf.split(self._flat_tensor(), sizes) if len(sizes) > 1 else [self._flat_tensor()]
+        projections = iter(pieces[self.num_blocks:])
+        parts = []
+        for i, (n, d) in enumerate(zip(self.block_sizes, self.block_dims)):
+            table = tf.reshape(pieces[i], [n, d])
+            if self._projected(i):
+                table = tf.matmul(table, tf.reshape(next(projections), [d, d0]))
+            parts.append(table)
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
     def lookup(self, ids):
         flat = tf.reshape(self.ranks(ids), [-1])  # [n]
         lay = self._layout
@@ -490,6 +533,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
                 out = tf.reshape(self._gather_groups(positions), [-1, d])  # [n, d]
             if d != self.output_dim:
                 out = tf.matmul(out, self._stacked_projections())
+        elif self._table_lookup():
+            out = tf.gather(self.projected_table(), flat)  # [n, d0]
         else:
             # Exact-size gathers give row-sparse gradients of exactly the looked-up rows (training); a frozen layer
             # (compact(), inference) needs no gradient and takes the fixed-size gather, fewer ops and no dynamic
@@ -603,6 +648,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
                 "oov_rank": self.oov_rank,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
                 "projections_initializer": keras.initializers.serialize(self.projections_initializer),
+                "lookup": self.lookup_mode,
             }
         )
         return config

@@ -75,6 +75,11 @@ class RecModel(keras.Model):
         self.embedding_list = [self.embedding_layers[n] for n in self.embedding_names]
         self._embedding_lr = embedding_learning_rate
         self.embedding_optimizer = sparse_optimizers.get(embedding_optimizer, embedding_learning_rate)
+        if self.embedding_optimizer is not None:
+            # Schemes with a choice of lookup (MixedDimensionEmbedding's lookup="auto") keep the one whose table
+            # gradient is row-sparse, so the lazy optimizer updates only the looked-up rows.
+            for layer in self.embedding_list:
+                object.__setattr__(layer, "row_sparse_gradients", True)
 
     # -------------------------------------------------------------------------------------------- schemes
     def _input_features(self):
