@@ -190,7 +190,7 @@ def model_params(setting, model_name):
 #: --quick: at most this many epochs per fixed / retrain / uniform model (the search keeps its budget: it stops
 #: as soon as its targets are reached).
 QUICK_EPOCHS = 3
-TIMING_ROUNDS, TIMING_STEPS = 5, 20
+TIMING_ROUNDS, TIMING_STEPS = 8, 40
 
 
 def log(msg=""):
@@ -251,11 +251,13 @@ def make_step_timer(skip=2):
         def __init__(self):
             super().__init__()
             self.wall, self.cpu = [], []
+            self.rounds = []  # per fit: the wall time of each timed batch
             self._n = 0
             self._t = None
 
         def on_train_begin(self, logs=None):
             self._n = 0
+            self.rounds.append([])
 
         def on_train_batch_begin(self, batch, logs=None):
             self._t = (time.perf_counter(), time.process_time())
@@ -266,6 +268,7 @@ def make_step_timer(skip=2):
             if self._n > skip:
                 self.wall.append(wall)
                 self.cpu.append(cpu)
+                self.rounds[-1].append(wall)
 
     return StepTimer()
 
@@ -389,7 +392,10 @@ def step_summary(timer, batch):
     wall, cpu = np.asarray(timer.wall), np.asarray(timer.cpu)
     if wall.size == 0:
         return {"steps": 0}
-    return {"steps": int(wall.size), "median_step_ms": float(np.median(wall) * 1e3),
+    # Amortised: each round's mean step (every batch, the counting ones included), the median over rounds.
+    rounds = [np.mean(r) for r in getattr(timer, "rounds", []) if r]
+    amortised = float(np.median(rounds) * 1e3) if rounds else float("nan")
+    return {"steps": int(wall.size), "median_step_ms": float(np.median(wall) * 1e3), "amortised_step_ms": amortised,
             "mean_step_ms": float(wall.mean() * 1e3), "median_cpu_ms": float(np.median(cpu) * 1e3),
             "mean_cpu_ms": float(cpu.mean() * 1e3), "us_per_example": float(np.median(wall) / batch * 1e6)}
 
@@ -401,9 +407,11 @@ def interleaved_timing(fixed, pep, prep, train, check_every, seed):
     batch = int(train["batch_size"])
     ds = prep.dataset("train", batch, shuffle=True, seed=seed + 1).take(TIMING_STEPS + 2)
     timers = {"fixed": make_step_timer(), "pep": make_step_timer(), "pep_without_counts": make_step_timer()}
+    # The search's counting cost: one callback for all rounds, as one search has one (its count function is
+    # traced once; a new callback per round would add a retrace to every round).
+    counter = PEPSnapshots([1], check_every=check_every, capture_initial=False)
     for _ in range(TIMING_ROUNDS):
         fixed.fit(ds, epochs=1, verbose=0, callbacks=[timers["fixed"]])
-        counter = PEPSnapshots([1], check_every=check_every, capture_initial=False)  # the search's counting cost
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pep.fit(ds, epochs=1, verbose=0, callbacks=[counter, timers["pep"]])
@@ -743,12 +751,16 @@ def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, se
                 pep.fit(warm, epochs=1, verbose=0)
                 bursts = interleaved_timing(fixed, pep, prep, train, int(search["check_every"]), seed)
                 med = {k: v.get("median_step_ms", float("nan")) for k, v in bursts.items()}
+                amo = {k: v.get("amortised_step_ms", float("nan")) for k, v in bursts.items()}
                 cpu = {k: v.get("median_cpu_ms", float("nan")) for k, v in bursts.items()}
                 run = {"dataset": ds_name, "model": model_name, "seed": seed, "interleaved": bursts,
                        "ratio_median_step": med["pep"] / med["fixed"], "ratio_cpu": cpu["pep"] / cpu["fixed"],
-                       "ratio_without_counts": med["pep_without_counts"] / med["fixed"]}
+                       "ratio_without_counts": med["pep_without_counts"] / med["fixed"],
+                       "ratio_amortised": amo["pep"] / amo["fixed"],
+                       "ratio_amortised_without_counts": amo["pep_without_counts"] / amo["fixed"]}
                 payload["runs"].append(run)
-                log(f"[{ds_name}/{model_name}/seed {seed}] search/fixed per step: {run['ratio_median_step']:.2f}x "
+                log(f"[{ds_name}/{model_name}/seed {seed}] search/fixed per step: amortised "
+                    f"{run['ratio_amortised']:.2f}x, median step {run['ratio_median_step']:.2f}x "
                     f"(CPU {run['ratio_cpu']:.2f}x; without the snapshot counts {run['ratio_without_counts']:.2f}x); "
                     f"fixed {med['fixed']:.2f} ms, search {med['pep']:.2f} ms")
                 del fixed, pep
@@ -763,16 +775,22 @@ def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, se
                  f"`python benchmarks/pep_sweep.py --timing-only` ({payload['created']}, Keras {payload['keras']}, TF "
                  f"{payload['tensorflow']}, {payload['seconds'] / 60:.1f} min, load average at the end "
                  f"{', '.join(f'{x:.1f}' for x in payload['load_average'] or [])}). {TIMING_ROUNDS} rounds of "
-                 f"{TIMING_STEPS} steps per model, alternating on the same batches; medians per step. The search step "
-                 "includes the snapshot callback's non-zero counts (every `check_every` steps); the last column is "
-                 "the train step alone. Target: search/fixed ≤ 1.3.", "",
-                 "| dataset | model | seed | fixed ms/step | search ms/step | search/fixed | CPU ratio | "
-                 "without counts | target met |", "|---|---|---|---|---|---|---|---|---|"]
+                 f"{TIMING_STEPS} steps per model, alternating on the same batches (the first 2 steps of each round "
+                 "left out). The search step includes the snapshot callback's non-zero counts (every `check_every` "
+                 "steps, as the search runs). **Amortised** ms/step: each round's mean step, counting batches "
+                 "included, then the median over rounds (the time the search phase takes per step; the target is "
+                 "judged on it). Median step: the median single batch (a counting batch rarely is the median). "
+                 "Without counts: the train step alone. Target: search/fixed ≤ 1.3.", "",
+                 "| dataset | model | seed | fixed ms/step (amortised) | search ms/step (amortised) | search/fixed "
+                 "(amortised) | median step ratio | CPU ratio | without counts (amortised) | target met |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in payload["runs"]:
             b = r["interleaved"]
-            lines.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {b['fixed']['median_step_ms']:.2f} | "
-                         f"{b['pep']['median_step_ms']:.2f} | {r['ratio_median_step']:.2f} | {r['ratio_cpu']:.2f} | "
-                         f"{r['ratio_without_counts']:.2f} | {'yes' if r['ratio_median_step'] <= 1.3 else 'no'} |")
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['seed']} | {b['fixed']['amortised_step_ms']:.2f} | "
+                         f"{b['pep']['amortised_step_ms']:.2f} | {r['ratio_amortised']:.2f} | "
+                         f"{r['ratio_median_step']:.2f} | {r['ratio_cpu']:.2f} | "
+                         f"{r['ratio_amortised_without_counts']:.2f} | "
+                         f"{'yes' if r['ratio_amortised'] <= 1.3 else 'no'} |")
         with open(os.path.join(out, "pep_timing.md"), "w") as fh:
             fh.write("\n".join(lines + [""]) + "\n")
         log(f"wrote {out}/pep_timing.json, pep_timing.md")

@@ -614,3 +614,30 @@ def test_kept_count_equals_the_non_zeros_of_the_pruned_values():
         small = np.full(shape, -0.5, np.float32)
         expected = np.count_nonzero(pruned_values(tf.constant(v), tf.constant(small), G).numpy())
         assert int(kept_count(tf.constant(v), tf.constant(small), G)) == expected
+
+
+def test_grouped_count_equals_the_sum_of_the_layer_counts():
+    """``grouped_nonzero_count`` (what ``PEPSnapshots.count`` runs) concatenates the table-shaped operands per
+    ``(g_scale, dtype)``: the same count as adding every layer's own, for mixed threshold types, scales and a
+    layer in retrain mode."""
+    from tfemb.pep import grouped_nonzero_count
+
+    rng = np.random.default_rng(11)
+    layers = []
+    for i, (kind, g) in enumerate([("feature_dim", 3.0), ("feature_dim", 3.0), ("feature_dim", 1.0),
+                                   ("dimension", 3.0), ("global", 1.0)]):
+        layer = PEPEmbedding(V + i, D, threshold_type=kind, g_scale=g, name=f"t{i}")
+        layer.build()
+        layer.embeddings.assign(rng.normal(0, 0.6, size=(V + i, D)).astype(np.float32))
+        layer.threshold.assign(rng.normal(-1.0, 1.0, size=layer.threshold_shape()).astype(np.float32))
+        layers.append(layer)
+    mask = rng.random((V, D)) < 0.4
+    retrained = PEPEmbedding(V, D, mask=mask, retrain=True, name="r")
+    retrained.build()
+    layers.append(retrained)
+    assert [layer.count_operands() is not None for layer in layers] == [True, True, True, False, False, False]
+    expected = sum(int(layer.nonzero_count_tensor()) for layer in layers)
+    assert expected == sum(int(np.count_nonzero(layer.pruned_table().numpy())) for layer in layers)
+    assert int(grouped_nonzero_count(layers)) == expected
+    assert int(tf.function(grouped_nonzero_count)(layers)) == expected
+    assert int(grouped_nonzero_count(layers[:1])) == int(layers[0].nonzero_count_tensor())

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfemb._keras import keras
 from tfemb.layers.packed_embedding import to_numpy
-from tfemb.layers.pep_embedding import PEPEmbedding
+from tfemb.layers.pep_embedding import PEPEmbedding, kept_count
 
 
 # --------------------------------------------------------------------------------------------------- layers
@@ -148,6 +148,24 @@ def _check_targets(targets):
     return targets
 
 
+def grouped_nonzero_count(layers):
+    """The sum of ``layer.nonzero_count_tensor()`` over ``layers`` (an int64 tensor), with the same elementwise
+    ops (so the same count, exactly) but fewer of them: the layers whose ``count_operands()`` are table-shaped
+    are concatenated per ``(g_scale, dtype)`` and counted at once; the others are counted one by one."""
+    groups, parts = {}, []
+    for layer in layers:
+        operands = layer.count_operands()
+        if operands is None:
+            parts.append(layer.nonzero_count_tensor())
+        else:
+            groups.setdefault((float(layer.g_scale), operands[0].dtype), []).append(operands)
+    for (g_scale, _), operands in groups.items():
+        values = operands[0][0] if len(operands) == 1 else tf.concat([v for v, _ in operands], axis=0)
+        logits = operands[0][1] if len(operands) == 1 else tf.concat([s for _, s in operands], axis=0)
+        parts.append(kept_count(values, logits, g_scale))
+    return parts[0] if len(parts) == 1 else tf.add_n(parts)
+
+
 class PEPSnapshots(keras.callbacks.Callback):
     """Takes the PEP masks when the model's non-zero embedding parameters first fall to each target size.
 
@@ -250,7 +268,7 @@ class PEPSnapshots(keras.callbacks.Callback):
     def count(self):
         """Non-zero embedding parameters of the watched layers now.
 
-        One traced function sums every watched layer's count (``PEPEmbedding.nonzero_count_tensor``) and one
+        One traced function sums every watched layer's count (``grouped_nonzero_count``) and one
         value comes back to Python: counting a 26-table model op by op in eager mode cost about as much as
         three training steps.
         """
@@ -261,7 +279,7 @@ class PEPSnapshots(keras.callbacks.Callback):
 
             @tf.function(autograph=False)
             def total():
-                return tf.add_n([layer.nonzero_count_tensor() for layer in layers])
+                return grouped_nonzero_count(layers)
 
             self._count_fn = total
         return int(self._count_fn())
