@@ -431,6 +431,18 @@ def test_double_hashing_schema_order_needs_no_remap():
     shared = layer.shared_embeddings.numpy()
     r1, r2 = [universal_hash_np(np.array([0]), a, b, 4)[0] for a, b in layer._hash_params]
     np.testing.assert_allclose(layer(tf.constant([0])).numpy()[0], shared[r1] + shared[r2], rtol=1e-6)
+    # Ids above the hot range (4..10) are cold too; the unsigned range test of the lookup sees both sides.
+    ids = np.array([[0, 4, 3], [10, 1, 7]])
+    expected = np.zeros(ids.shape + (6,), np.float32)
+    for pos, i in np.ndenumerate(ids):
+        if 1 <= i <= 3:
+            expected[pos] = hot[i - 1]
+        else:
+            r1, r2 = [universal_hash_np(np.array([i]), a, b, 4)[0] for a, b in layer._hash_params]
+            expected[pos] = shared[r1] + shared[r2]
+    np.testing.assert_array_equal(layer(tf.constant(ids)).numpy(), expected)
+    np.testing.assert_array_equal(layer.hash_pairs(tf.constant(ids)).numpy(),
+                                  np.stack([r.numpy() for r in layer.hash_ids(tf.constant(ids))], axis=-1))
 
 
 # ------------------------------------------------------------------------------------------ base-class internals

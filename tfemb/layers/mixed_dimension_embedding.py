@@ -130,7 +130,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     fewer ops than the per-id path and is the faster one in training. ``lookup="auto"`` (default) takes it when
     the layer is trainable, has at most ``2**18`` ``d0``-wide rows (``vocabulary_size * d0``), and no lazy
     row-sparse optimizer needs its gradient (``RecModel(embedding_optimizer=...)`` marks its layers);
-    ``lookup="gather"`` always uses the per-id path.
+    ``lookup="gather"`` always uses the per-id path, and so does a layer with a ``gather_rows`` hook installed
+    (export quantisation reads every table entry through it).
 
     Rank of an id: ``rank = id`` by default (ids already in descending popularity); ``oov_rank = r0`` for a
     ``tfemb.data.Schema``'s numbering, where only the OOV id 0 is out of place (``rank(0) = r0``, ids
@@ -497,7 +498,11 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         return self._to_wide(tf.where(valid, values, tf.zeros_like(values)))
 
     def _table_lookup(self):
-        """Whether ``lookup`` gathers from ``projected_table()`` (see ``lookup`` in the class docstring)."""
+        """Whether ``lookup`` gathers from ``projected_table()`` (see **Small tables** in the class docstring).
+        Never when a ``gather_rows`` hook is installed on the layer (export quantisation, ``gathered_tables``):
+        the per-id path reads every table entry through it, as the hook's contract needs."""
+        if "gather_rows" in self.__dict__:
+            return False
         if self.lookup_mode != "auto":
             return self.lookup_mode == "table"
         return (self.trainable and not getattr(self, "row_sparse_gradients", False)
