@@ -797,7 +797,6 @@ def run(args):
         payload["settings"][dataset] = settings
         t0 = time.perf_counter()
         prepared = prepare(spec, task, settings)
-        sizes = {f.name: prepared.schema.vocabulary_size(f.name) for f in prepared.schema.sparse_features}
         log(f"== {dataset} / {task}: {prepared.num_rows('train'):,} train / {prepared.num_rows('val'):,} val / "
             f"{prepared.num_rows('test'):,} test rows, d0={d0}, recipe {settings['recipe']}, "
             f"train {settings['train']} (data {time.perf_counter() - t0:.1f}s)")

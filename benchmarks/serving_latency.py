@@ -202,7 +202,7 @@ def export_all(args, trained, prepared, root, log):
     """Exports every scheme as ``root/<slug>/1``; returns ``{name: info}``."""
     import tensorflow as tf
 
-    from tfemb.export import export_saved_model, load_export, raw_inputs
+    from tfemb.export import export_saved_model, load_export
     from tfemb.export.saved_model import model_input_names
 
     test = prepared.frames["test"]
