@@ -698,7 +698,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per export and batch (20)")
     p.add_argument("--load-threads", type=int, default=8)
     p.add_argument("--load-requests", type=int, default=None, help="requests per load thread (200; quick 40)")
-    p.add_argument("--schemes", nargs="+", default=None, help=f"subset of {list(SCHEMES)} (fixed is always run)")
+    p.add_argument("--schemes", nargs="+", default=None, help=f"subset of {list(SCHEMES)} (fixed is always run)".replace("%", "%%"))
     p.add_argument("--no-server", action="store_true", help="in-process measurements only")
     p.add_argument("--keep-exports", default=None, help="write the exports here and keep them (default: a temp dir)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
