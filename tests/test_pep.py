@@ -375,12 +375,17 @@ def test_compact_packs_the_pruned_table_exactly():
     np.testing.assert_array_equal(packed(tf.constant(IDS[:20].reshape(4, 5))).numpy(), table[IDS[:20].reshape(4, 5)])
     assert packed.parameter_count() == layer.parameter_count() == nnz
     np.testing.assert_array_equal(packed.dims_per_id(), layer.dims_per_id())
-    # Physically smaller: nnz float32 values + nnz int8 columns + 24 int32 offsets, no dense matrix.
-    assert packed.storage_bytes() == layer.storage_bytes() == nnz * 5 + (V + 1) * 4 < V * D * 4
+    # Physically smaller: nnz float32 values + one int8 bit mask per row (7 dims) + 24 int32 offsets, no dense
+    # matrix (the bitmask layout, COMPACT_LAYOUT "auto" up to 64 dims).
+    assert packed.layout == "bitmask"
+    assert packed.storage_bytes() == layer.storage_bytes() == nnz * 4 + V + (V + 1) * 4 < V * D * 4
     stored = sum(int(np.prod(w.shape)) * tf.as_dtype(w.dtype).size for w in packed.weights)
     assert stored == packed.storage_bytes()
     assert {w.name.split("/")[-1].split(":")[0]: tf.as_dtype(w.dtype).name for w in packed.weights} == {
-        "row_splits": "int32", "columns": "int8", "values": "float32"}
+        "row_splits": "int32", "row_masks": "int8", "values": "float32"}
+    csr = PackedEmbedding.from_dense(table, layout="csr")  # a column index per value
+    assert csr.storage_bytes() == nnz * 5 + (V + 1) * 4
+    np.testing.assert_array_equal(csr(tf.constant(ids)).numpy(), table[ids])
     np.testing.assert_array_equal(packed.to_dense(), table)
     # With a combiner, as the layer.
     layer.combiner = "mean"
@@ -388,24 +393,28 @@ def test_compact_packs_the_pruned_table_exactly():
     np.testing.assert_allclose(packed_mean(tf.constant(MULTI)).numpy(), layer(tf.constant(MULTI)).numpy(), atol=1e-7)
 
 
-def test_packed_embedding_from_dense_edge_cases_and_reload(tmp_path):
-    empty = PackedEmbedding.from_dense(np.zeros((V, D), np.float32))
-    assert empty.parameter_count() == 0 and empty.storage_bytes() == (V + 1) * 4
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+def test_packed_embedding_from_dense_edge_cases_and_reload(tmp_path, layout):
+    empty = PackedEmbedding.from_dense(np.zeros((V, D), np.float32), layout=layout)
+    assert empty.parameter_count() == 0
+    assert empty.storage_bytes() == (V + 1) * 4 + (V if layout == "bitmask" else 0)
     np.testing.assert_array_equal(empty(tf.constant(IDS)).numpy(), np.zeros((V, D)))
     # A mask keeps an entry even when its value is 0 (retrain tables count the mask).
     table = np.zeros((V, D), np.float32)
     table[3, 6] = -1.25
     mask = np.zeros((V, D), bool)
     mask[3, [0, 6]] = True
-    kept = PackedEmbedding.from_dense(table, mask=mask)
+    kept = PackedEmbedding.from_dense(table, mask=mask, layout=layout)
     assert kept.parameter_count() == 2 and kept.dims_per_id()[3] == 2
+    np.testing.assert_array_equal(kept.stored_mask(), mask)
     np.testing.assert_array_equal(kept(tf.constant([3, 4])).numpy(), table[[3, 4]])
     splits, cols, vals = csr_from_dense(table, mask)
     assert splits[3] == 0 and splits[4] == 2 and cols.tolist() == [0, 6] and vals.tolist() == [0.0, -1.25]
     assert packed_storage_bytes(V, 200, 10) == 10 * (4 + 2) + 24 * 4  # int16 columns above 128 dims
     # Save / reload inside a model.
     dense = table_values(9) * _mask(10)
-    packed = PackedEmbedding.from_dense(dense)
+    packed = PackedEmbedding.from_dense(dense, layout=layout)
+    assert packed.get_config()["layout"] == layout
     inputs = keras.Input(shape=(), dtype="int64")
     model = keras.Model(inputs, packed(inputs))
     path = os.path.join(tmp_path, "packed.keras")
@@ -440,8 +449,49 @@ def test_run_scheme_test(index):
     assert all("initial" not in w.name for w in trained.compact().weights)
 
 
-def test_packed_embedding_contract():
-    run_scheme_test(PackedEmbedding, {"vocabulary_size": V, "output_dim": D, "nnz": 9}, IDS[:6], (6, D))
+@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+def test_packed_embedding_contract(layout):
+    run_scheme_test(PackedEmbedding, {"vocabulary_size": V, "output_dim": D, "nnz": 9, "layout": layout},
+                    IDS[:6], (6, D))
+
+
+@pytest.mark.parametrize("dim", [8, 16, 31, 32, 33, 64])
+def test_bitmask_layout_matches_the_dense_table(dim):
+    """Masks of every width (int8 .. int64), the top bit (the sign of the mask's integer) included: the bitmask
+    lookup returns the dense table's rows exactly, as the CSR lookup does, and the masks are the kept columns."""
+    from tfemb.layers.packed_embedding import columns_from_row_masks, mask_dtype, row_masks_from_csr
+
+    rng = np.random.default_rng(dim)
+    rows = 40
+    table = rng.normal(size=(rows, dim)).astype(np.float32)
+    keep = rng.random((rows, dim)) < 0.4
+    keep[0] = True  # a full row: every bit set, the top one too
+    keep[1] = False  # an empty row
+    keep[2, -1] = True  # the top bit alone
+    keep[2, :-1] = False
+    table[~keep] = 0.0
+    bitmask = PackedEmbedding.from_dense(table, mask=keep, layout="bitmask")
+    csr = PackedEmbedding.from_dense(table, mask=keep, layout="csr")
+    assert PackedEmbedding.from_dense(table, mask=keep, layout="auto").layout == "bitmask"
+    assert tf.as_dtype(bitmask.row_masks.dtype).name == mask_dtype(dim)
+    ids = np.concatenate([np.arange(rows), rng.integers(0, rows, 50)])
+    np.testing.assert_array_equal(bitmask(tf.constant(ids)).numpy(), table[ids])
+    np.testing.assert_array_equal(bitmask(tf.constant(ids)).numpy(), csr(tf.constant(ids)).numpy())
+    np.testing.assert_array_equal(bitmask.stored_mask(), keep)
+    np.testing.assert_array_equal(bitmask.dims_per_id(), keep.sum(axis=1))
+    splits, cols, _ = csr_from_dense(table, keep)
+    masks = row_masks_from_csr(splits, cols, mask_dtype(dim))
+    assert int(masks[1]) == 0
+    if dim in (8, 16, 32, 64):  # the mask's top bit is column dim - 1: two's complement makes it negative
+        assert int(masks[2]) < 0
+    np.testing.assert_array_equal(columns_from_row_masks(masks, dim), cols)
+    assert sorted(w.name.split("/")[-1].split(":")[0] for w in bitmask.weights) == ["row_masks", "row_splits",
+                                                                                      "values"]
+    with pytest.raises(ValueError, match="layout='bitmask' holds at most 64 dims. Received: output_dim=65"):
+        PackedEmbedding(rows, 65, 3, layout="bitmask")
+    with pytest.raises(ValueError, match="layout must be one of .*Received: layout='dense'"):
+        PackedEmbedding(rows, dim, 3, layout="dense")
+    assert PackedEmbedding(rows, 65, 3, layout="auto").layout == "csr"
 
 
 def test_sparse_tables():

@@ -19,6 +19,50 @@ def column_dtype(output_dim):
     return "int32"
 
 
+#: ``PackedEmbedding`` layouts: ``"csr"`` (a column index per value), ``"bitmask"`` (a bit mask of kept
+#: columns per row, ``output_dim <= 64``) and ``"auto"`` (``"bitmask"`` whenever it applies).
+LAYOUTS = ("csr", "bitmask", "auto")
+
+#: Widest row a bit mask holds (an int64 per row).
+_BITMASK_MAX_DIM = 64
+
+
+def mask_dtype(output_dim):
+    """Smallest signed integer dtype with ``output_dim`` bits (bitmask layout): int8 up to 8 dims, ... int64."""
+    for bits, dtype in ((8, "int8"), (16, "int16"), (32, "int32"), (64, "int64")):
+        if output_dim <= bits:
+            return dtype
+    raise ValueError(f"the bitmask layout holds at most {_BITMASK_MAX_DIM} dims. Received: output_dim={output_dim}")
+
+
+def resolve_layout(layout, output_dim):
+    """``layout`` with ``"auto"`` resolved: ``"bitmask"`` up to 64 dims, else ``"csr"``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}. Received: layout={layout!r}")
+    if layout == "auto":
+        return "bitmask" if output_dim <= _BITMASK_MAX_DIM else "csr"
+    if layout == "bitmask" and output_dim > _BITMASK_MAX_DIM:
+        raise ValueError(f"layout='bitmask' holds at most {_BITMASK_MAX_DIM} dims. Received: output_dim={output_dim}")
+    return layout
+
+
+def row_masks_from_csr(row_splits, columns, dtype):
+    """Per row, the bit mask of its columns (bit ``c`` set iff column ``c`` is kept), as ``dtype`` (two's
+    complement: a mask with the top bit set is negative)."""
+    rows = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
+    masks = np.zeros(len(row_splits) - 1, dtype=np.uint64)
+    np.bitwise_or.at(masks, rows, np.left_shift(np.uint64(1), np.asarray(columns, dtype=np.uint64)))
+    return masks.astype(np.dtype(dtype.replace("int", "uint"))).view(dtype)
+
+
+def columns_from_row_masks(masks, output_dim):
+    """The CSR columns of per-row bit masks (ascending within a row, rows in order)."""
+    masks = np.asarray(masks)
+    bits = masks.view(np.dtype(f"uint{masks.dtype.itemsize * 8}")).astype(np.uint64)
+    kept = (bits[:, None] >> np.arange(output_dim, dtype=np.uint64)[None, :]) & np.uint64(1)
+    return np.nonzero(kept)[1].astype(np.int64)
+
+
 def row_splits_dtype(nnz):
     """``int32`` row offsets while ``nnz`` fits in one, else ``int64``."""
     return "int32" if nnz <= _INT32_MAX else "int64"
@@ -29,13 +73,19 @@ def to_numpy(variable):
     return np.asarray(tf.convert_to_tensor(variable))
 
 
-def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"):
-    """Bytes of a packed table: ``nnz`` values and column indices plus ``vocabulary_size + 1`` row offsets.
+def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32", layout="csr"):
+    """Bytes of a packed table: ``nnz`` values, ``vocabulary_size + 1`` row offsets and either ``nnz`` column
+    indices (``"csr"``) or ``vocabulary_size`` row bit masks (``"bitmask"``).
 
     >>> packed_storage_bytes(23, 7, 30)  # 30 x (4 + 1) + 24 x 4
     246
+    >>> packed_storage_bytes(23, 7, 30, layout="bitmask")  # 30 x 4 + 23 x 1 + 24 x 4
+    239
     """
-    return (int(nnz) * (dtype_bytes(value_dtype) + dtype_bytes(column_dtype(output_dim)))
+    layout = resolve_layout(layout, output_dim)
+    index = (int(nnz) * dtype_bytes(column_dtype(output_dim)) if layout == "csr"
+             else int(vocabulary_size) * dtype_bytes(mask_dtype(output_dim)))
+    return (int(nnz) * dtype_bytes(value_dtype) + index
             + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(nnz)))
 
 
@@ -73,8 +123,16 @@ class PackedEmbedding(EmbeddingScheme):
 
     - ``row_splits`` (``vocabulary_size + 1`` ints, int32 or int64): the entries of row ``r`` are
       ``row_splits[r]:row_splits[r + 1]``;
-    - ``columns`` (``nnz`` ints, int8 up to 128 dims, else int16 / int32): each entry's column;
+    - ``columns`` (``nnz`` ints, int8 up to 128 dims, else int16 / int32): each entry's column (``layout="csr"``,
+      the default), or ``row_masks`` (``vocabulary_size`` ints of ``output_dim`` bits, int8 .. int64, at most 64
+      dims): bit ``c`` of row ``r``'s mask is set iff column ``c`` is kept (``layout="bitmask"``);
     - ``values`` (``nnz`` floats): each entry's value.
+
+    ``layout="auto"`` is ``"bitmask"`` up to 64 dims, else ``"csr"``; ``PEPEmbedding.compact()`` uses it. A
+    bitmask lookup reads column ``c`` of a row from entry ``start + popcount(mask & (2**c - 1))`` and zeroes the
+    columns whose bit is clear (a gather, bitwise ops, one select: fewer ops than the CSR lookup below, no
+    scatter). Its index bytes are ``vocabulary_size x mask bytes`` instead of ``nnz x column bytes``: smaller when
+    rows keep more than ~2 of 16 dims, larger for nearly empty tables.
 
     A lookup reads ``output_dim`` entry slots per id from its start (clipped into the buffer; the slots past the
     id's length are zeroed) and adds each value into its ``(row, column)`` cell with one
@@ -95,6 +153,7 @@ class PackedEmbedding(EmbeddingScheme):
         vocabulary_size: int, number of ids (OOV id 0 included).
         output_dim: int, embedding dimension.
         nnz: int >= 0, number of stored entries.
+        layout: ``"csr"`` (default), ``"bitmask"`` (``output_dim <= 64``) or ``"auto"``.
         **kwargs: ``combiner``, ``frequencies``, ``validate_ids`` and base Layer arguments.
 
     Input shape:
@@ -113,9 +172,10 @@ class PackedEmbedding(EmbeddingScheme):
     (3, 111)
     """
 
-    def __init__(self, vocabulary_size, output_dim, nnz, **kwargs):
+    def __init__(self, vocabulary_size, output_dim, nnz, layout="csr", **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(vocabulary_size, output_dim, **kwargs)
+        self.layout = resolve_layout(layout, self.output_dim)
         self.nnz = check_positive_int("nnz", nnz, minimum=0)
         if self.nnz > self.vocabulary_size * self.output_dim:
             raise ValueError(
@@ -137,7 +197,10 @@ class PackedEmbedding(EmbeddingScheme):
         layer = cls(table.shape[0], table.shape[1], int(values.shape[0]), **kwargs)
         layer.build()
         layer.row_splits.assign(row_splits.astype(layer.row_splits_dtype))
-        layer.columns.assign(columns.astype(layer.column_dtype))
+        if layer.layout == "csr":
+            layer.columns.assign(columns.astype(layer.column_dtype))
+        else:
+            layer.row_masks.assign(row_masks_from_csr(row_splits, columns, layer.mask_dtype))
         layer.values.assign(values.astype(np.float32 if layer.variable_dtype is None else layer.variable_dtype))
         return layer
 
@@ -149,6 +212,10 @@ class PackedEmbedding(EmbeddingScheme):
     def row_splits_dtype(self):
         return row_splits_dtype(self.nnz)
 
+    @property
+    def mask_dtype(self):
+        return mask_dtype(self.output_dim)
+
     def build(self, input_shape=None):
         # Before from_dense or loaded weights fill it, the layer holds a valid layout of zeros: the first nnz
         # entries of the table in row-major order.
@@ -158,10 +225,18 @@ class PackedEmbedding(EmbeddingScheme):
             name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype, trainable=False,
             initializer=lambda shape, dtype=None: tf.constant(splits, self.row_splits_dtype),
         )
-        self.columns = self.add_weight(
-            name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
-            initializer=lambda shape, dtype=None: tf.constant(np.arange(nnz) % d, self.column_dtype),
-        )
+        self.columns = self.row_masks = None
+        if self.layout == "csr":
+            self.columns = self.add_weight(
+                name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
+                initializer=lambda shape, dtype=None: tf.constant(np.arange(nnz) % d, self.column_dtype),
+            )
+        else:
+            masks = row_masks_from_csr(splits, np.arange(nnz) % d, self.mask_dtype)
+            self.row_masks = self.add_weight(
+                name="row_masks", shape=(self.vocabulary_size,), dtype=self.mask_dtype, trainable=False,
+                initializer=lambda shape, dtype=None: tf.constant(masks, self.mask_dtype),
+            )
         self.values = self.add_weight(name="values", shape=(nnz,), initializer="zeros", trainable=True)
         self.built = True
 
@@ -172,6 +247,8 @@ class PackedEmbedding(EmbeddingScheme):
         if self.nnz == 0:  # nothing kept: every vector is zero (and there is no entry to gather)
             dense = tf.zeros(tf.stack([n, tf.constant(d, tf.int64)]), self.compute_dtype)
             return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
+        if self.layout == "bitmask":
+            return tf.reshape(self._bitmask_lookup(flat), tf.concat([tf.shape(ids), [d]], axis=0))
         splits = tf.cast(tf.convert_to_tensor(self.row_splits), tf.int64)
         starts = tf.gather(splits, flat)  # [n]
         lengths = tf.gather(splits, flat + 1) - starts  # [n], kept dims of each id
@@ -188,12 +265,31 @@ class PackedEmbedding(EmbeddingScheme):
         dense = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(cells, [-1]), n * d)
         return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
 
+    def _bitmask_lookup(self, flat):
+        """``[n, d]`` rows of ids ``flat`` from the bitmask layout: column ``c`` of a row with mask ``m`` is kept
+        iff bit ``c`` of ``m`` is set, and its value is entry ``start + popcount(m & (2**c - 1))`` (the number of
+        kept columns before it). Every column reads one entry (clipped into the buffer) and the columns not kept
+        are zeroed: a gather, bitwise ops and a select, no scatter."""
+        d, dtype = self.output_dim, tf.as_dtype(self.mask_dtype)
+        bits = np.left_shift(np.uint64(1), np.arange(d, dtype=np.uint64))
+        width = dtype.size * 8
+        low = tf.constant((bits - np.uint64(1)).astype(np.dtype(f"uint{width}")).view(self.mask_dtype))  # [d]
+        bit = tf.constant(bits.astype(np.dtype(f"uint{width}")).view(self.mask_dtype))
+        starts = tf.gather(tf.convert_to_tensor(self.row_splits), flat)[:, tf.newaxis]  # [n, 1]
+        masks = tf.gather(tf.convert_to_tensor(self.row_masks), flat)[:, tf.newaxis]  # [n, 1]
+        before = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(masks, low)), starts.dtype)  # [n, d]
+        positions = tf.minimum(starts + before, tf.constant(self.nnz - 1, starts.dtype))
+        values = self.gather_rows(self.values, tf.cast(positions, tf.int64))  # [n, d]; the export's hook
+        kept = tf.not_equal(tf.bitwise.bitwise_and(masks, bit), tf.zeros([], dtype))
+        return tf.where(kept, values, tf.zeros_like(values))
+
     # -------------------------------------------------------------------------------------- size accounting
     def parameter_count(self):
         return self.nnz
 
     def storage_bytes(self):
-        return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nnz, self.variable_dtype or "float32")
+        return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nnz, self.variable_dtype or "float32",
+                                    self.layout)
 
     def dims_per_id(self):
         return np.diff(self._csr()[0])
@@ -201,8 +297,12 @@ class PackedEmbedding(EmbeddingScheme):
     def _csr(self):
         if not self.built:
             self.build()
-        return (to_numpy(self.row_splits).astype(np.int64), to_numpy(self.columns).astype(np.int64),
-                to_numpy(self.values))
+        splits = to_numpy(self.row_splits).astype(np.int64)
+        if self.layout == "csr":
+            columns = to_numpy(self.columns).astype(np.int64)
+        else:
+            columns = columns_from_row_masks(to_numpy(self.row_masks), self.output_dim)
+        return splits, columns, to_numpy(self.values)
 
     def stored_mask(self):
         """Bool array ``[vocabulary_size, output_dim]``: the entries the layer stores."""
@@ -230,4 +330,5 @@ class PackedEmbedding(EmbeddingScheme):
     def get_config(self):
         config = super().get_config()
         config["nnz"] = self.nnz
+        config["layout"] = self.layout
         return config

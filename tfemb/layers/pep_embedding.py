@@ -39,6 +39,11 @@ OFFICIAL_PRESETS = {
 }
 
 
+#: Layout of the ``PackedEmbedding`` that ``compact()`` returns: a per-row bit mask of kept columns up to 64 dims
+#: (fewer ops per lookup than a column index per value), else CSR columns.
+COMPACT_LAYOUT = "auto"
+
+
 def pep_preset(name, official_weight_decay=True):
     """``PEPEmbedding`` keyword arguments of an official preset (``"ml-1m"``, ``"criteo"``, ``"avazu"``).
 
@@ -211,7 +216,8 @@ class PEPEmbedding(EmbeddingScheme):
 
     Size accounting: ``parameter_count()`` is the number of non-zeros of the pruned table (search: of V̂;
     retrain: of the mask); ``dims_per_id()`` the kept dimensions of each id; ``compact()`` a
-    ``PackedEmbedding`` (per-row values + int8 column indices + row offsets) whose outputs equal V̂ exactly;
+    ``PackedEmbedding`` (per-row values + a bit mask of kept columns per row up to 64 dims, else int8 / int16
+    column indices + row offsets; ``COMPACT_LAYOUT``) whose outputs equal V̂ exactly;
     ``storage_bytes()`` its bytes.
 
     Gradients: ``V`` and the id-indexed thresholds (``"feature"``, ``"feature_dim"``) are gathered per lookup,
@@ -506,7 +512,7 @@ class PEPEmbedding(EmbeddingScheme):
 
     def storage_bytes(self):
         return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nonzero_count(),
-                                    self.variable_dtype or "float32")
+                                    self.variable_dtype or "float32", layout=COMPACT_LAYOUT)
 
     def dims_per_id(self):
         return self.current_mask().sum(axis=1).astype(np.int64)
@@ -516,7 +522,7 @@ class PEPEmbedding(EmbeddingScheme):
         config = self.get_config()
         keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
         return PackedEmbedding.from_dense(to_numpy(self.pruned_table()), mask=self.current_mask(),
-                                          trainable=False, **keep)
+                                          trainable=False, layout=COMPACT_LAYOUT, **keep)
 
     def sparse_tables(self):
         self._ensure_built()
