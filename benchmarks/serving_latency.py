@@ -346,35 +346,10 @@ class MDFlatPrototype:
         return tf.matmul(wide, self.proj)
 
 
-class PackedSegmentPrototype:
-    """Prototype of a faster PackedEmbedding lookup (not tfemb code): gather each id's entries padded to
-    ``output_dim`` (start + 0..d-1, masked beyond its length) and place them with one ``unsorted_segment_sum``
-    (segment = row * d + column), instead of ``tf.repeat`` / ``cumsum`` / ``scatter_nd`` (tf.repeat alone
-    expands to a dozen ops)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, ids):
-        import tensorflow as tf
-
-        layer, d = self.layer, self.layer.output_dim
-        splits = tf.cast(tf.convert_to_tensor(layer.row_splits), tf.int32)
-        starts = tf.gather(splits, ids)
-        lengths = tf.gather(splits, ids + 1) - starts
-        k = tf.range(d, dtype=tf.int32)
-        pos = tf.minimum(starts[:, None] + k[None, :], tf.maximum(tf.size(layer.values) - 1, 0))
-        vals = tf.where(k[None, :] < lengths[:, None], tf.gather(layer.values, pos), 0.0)
-        cols = tf.cast(tf.gather(layer.columns, pos), tf.int32)
-        n = tf.shape(ids)[0]
-        out = tf.math.unsorted_segment_sum(tf.reshape(vals, [-1]), tf.reshape(tf.range(n)[:, None] * d + cols, [-1]),
-                                           n * d)
-        return tf.reshape(out, [n, d])
-
-
 def profile_lookups(args, trained, prepared, log):
     """Batch-256 embedding lookups alone (every feature's compact layer, no encoding, no network), round-robin,
-    plus prototypes of faster MD and PEP lookups (outputs checked equal). ``{variant: stats + ops}``."""
+    plus a prototype MD lookup and PEP's CSR layout beside its bitmask one (outputs checked equal).
+    ``{variant: stats + ops}``."""
     import tensorflow as tf
 
     x = prepared.arrays["test"][0]
@@ -387,9 +362,12 @@ def profile_lookups(args, trained, prepared, log):
         variants[f"{name}: compact layers"] = layers
         if scheme == "md":
             variants[f"{name}: prototype flat buffer + one matmul"] = {f: MDFlatPrototype(l) for f, l in layers.items()}
-        if scheme == "pep":
-            variants[f"{name}: prototype padded gather + segment sum"] = \
-                {f: PackedSegmentPrototype(l) for f, l in layers.items()}
+        if scheme == "pep":  # the compact layers use the bitmask layout; the CSR layout beside them
+            from tfemb.layers import PackedEmbedding
+
+            variants[f"{name}: csr layout (a column index per value)"] = {
+                f: PackedEmbedding.from_dense(l.to_dense(), mask=l.stored_mask(), layout="csr", trainable=False,
+                                              name=f"{l.name}_csr") for f, l in layers.items()}
     features = list(next(iter(variants.values())))
     ids = {f: tf.constant(x[f][:256].astype(np.int64)) for f in features}
     fns, out = {}, {}
