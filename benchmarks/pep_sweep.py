@@ -190,7 +190,7 @@ def model_params(setting, model_name):
 #: --quick: at most this many epochs per fixed / retrain / uniform model (the search keeps its budget: it stops
 #: as soon as its targets are reached).
 QUICK_EPOCHS = 3
-TIMING_ROUNDS, TIMING_STEPS = 8, 40
+TIMING_ROUNDS, TIMING_STEPS = 16, 40
 
 
 def log(msg=""):

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
 
 #: Largest int32 value: row offsets switch to int64 above it.
 _INT32_MAX = 2**31 - 1
@@ -241,9 +241,11 @@ class PackedEmbedding(EmbeddingScheme):
         self.built = True
 
     def lookup(self, ids):
+        d = self.output_dim
+        if self.layout == "bitmask" and self.nnz and ids.shape.rank == 1:
+            return self._bitmask_lookup(ids)  # [n, d] already: no reshapes (serving calls this per feature)
         flat = tf.reshape(ids, [-1])  # [n]
         n = tf.shape(flat, out_type=tf.int64)[0]
-        d = self.output_dim
         if self.nnz == 0:  # nothing kept: every vector is zero (and there is no entry to gather)
             dense = tf.zeros(tf.stack([n, tf.constant(d, tf.int64)]), self.compute_dtype)
             return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
@@ -275,13 +277,13 @@ class PackedEmbedding(EmbeddingScheme):
         width = dtype.size * 8
         low = tf.constant((bits - np.uint64(1)).astype(np.dtype(f"uint{width}")).view(self.mask_dtype))  # [d]
         bit = tf.constant(bits.astype(np.dtype(f"uint{width}")).view(self.mask_dtype))
-        starts = tf.gather(tf.convert_to_tensor(self.row_splits), flat)[:, tf.newaxis]  # [n, 1]
-        masks = tf.gather(tf.convert_to_tensor(self.row_masks), flat)[:, tf.newaxis]  # [n, 1]
+        starts = sparse_gather(self.row_splits, flat)[:, tf.newaxis]  # [n, 1]
+        masks = sparse_gather(self.row_masks, flat)[:, tf.newaxis]  # [n, 1]
         before = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(masks, low)), starts.dtype)  # [n, d]
         positions = tf.minimum(starts + before, tf.constant(self.nnz - 1, starts.dtype))
-        values = self.gather_rows(self.values, tf.cast(positions, tf.int64))  # [n, d]; the export's hook
+        values = self.gather_rows(self.values, positions)  # [n, d]; the export's hook
         kept = tf.not_equal(tf.bitwise.bitwise_and(masks, bit), tf.zeros([], dtype))
-        return tf.where(kept, values, tf.zeros_like(values))
+        return tf.where(kept, values, tf.constant(0, values.dtype))
 
     # -------------------------------------------------------------------------------------- size accounting
     def parameter_count(self):
