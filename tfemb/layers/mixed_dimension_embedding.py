@@ -526,7 +526,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
     def lookup(self, ids):
-        flat = tf.reshape(self.ranks(ids), [-1])  # [n]
+        one_dim = ids.shape.rank == 1  # [n] ids: no reshapes in or out (the serving case, one id per feature)
+        flat = self.ranks(ids) if one_dim else tf.reshape(self.ranks(ids), [-1])  # [n]
         lay = self._layout
         if lay.uniform_dim:
             # One block (or every block at d0): id of rank r reads entries r*d .. r*d + d - 1.
@@ -547,6 +548,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             fixed_size = _multi_replica() or not self.trainable
             wide = self._wide_fixed_size(flat) if fixed_size else self._wide_exact(flat)
             out = tf.matmul(wide, self._stacked_projections())  # [n, d0]
+        if one_dim:
+            return out
         if ids.shape.rank is None:
             return tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
         # Known dims stay static (Flatten / Dense after the layer need them in a functional model).
