@@ -79,3 +79,21 @@ def test_budget_dims_and_missing_data(md_sweep, tmp_path, monkeypatch):
     payload = md_sweep.main(["--datasets", "criteo", "--throughput-repeats", "0", "--no-plots",
                              "--out", str(tmp_path / "out")])
     assert payload["runs"] == [] and "criteo" in payload["skipped"][0] and "absent" in payload["skipped"][0]
+
+
+def test_throughput_only_measures_both_md_lookups(md_sweep, tmp_path):
+    """``--throughput-only``: fixed, MD at a 4x smaller budget (default lookup), uniform d0/4 and the same MD
+    model on the per-id gather path, in one process; ratios from the measured epochs."""
+    payload = md_sweep.main(["--datasets", "synthetic", "--tasks", "binary", "--throughput-only",
+                             "--throughput-repeats", "1", "--out", str(tmp_path)])
+    t = payload["throughput"]["synthetic"]
+    names = [r["variant"] for r in t["runs"]]
+    assert names[0] == "fixed d0" and names[2] == "uniform d0/4" and names[3].endswith("per-id gather lookup")
+    fixed, md, _, gather = t["runs"]
+    assert md["embedding_parameters"] == gather["embedding_parameters"] <= fixed["embedding_parameters"] / 3
+    assert all(r["examples_per_second"] > 0 and len(r["epoch_seconds"]) == 1 for r in t["runs"])
+    assert t["md_over_fixed"] == pytest.approx(md["examples_per_second"] / fixed["examples_per_second"])
+    assert t["md_gather_over_fixed"] == pytest.approx(gather["examples_per_second"] / fixed["examples_per_second"])
+    assert t["target_met"] == (t["md_over_fixed"] >= 1)
+    saved = json.loads((tmp_path / "md_sweep.json").read_text())
+    assert saved["throughput"]["synthetic"]["md_gather_over_fixed"] == pytest.approx(t["md_gather_over_fixed"])
