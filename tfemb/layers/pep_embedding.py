@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, sparse_gather
 from tfemb.layers.packed_embedding import PackedEmbedding, packed_storage_bytes, to_numpy
 from tfemb.layers.qr_embedding import fresh_initializer
 
@@ -376,11 +376,11 @@ class PEPEmbedding(EmbeddingScheme):
     def _threshold_logits(self, ids=None):
         """``s`` broadcastable to the rows of ``ids`` (``[..., d]``), or to the whole table: gathered per id
         (``feature``, ``feature_dim``) or per field (stacked ``field``, ``field_dim``), else the small variable."""
-        s = tf.convert_to_tensor(self.threshold)
         kind = self.threshold_type
-        if kind in ROW_INDEXED:
-            s = s if ids is None else tf.gather(s, ids)  # [..., 1] / [..., d]
-        elif kind in ("field", "field_dim"):
+        if kind in ROW_INDEXED and ids is not None:
+            return sparse_gather(self.threshold, ids)  # [..., 1] / [..., d]: reads only the rows
+        s = tf.convert_to_tensor(self.threshold)  # the whole [V, 1] / [V, d] variable, or the small one
+        if kind in ("field", "field_dim"):
             if self.field_offsets is None:
                 s = s[0]  # one field: a scalar (field) or a [d] vector (field_dim)
                 s = s[0] if kind == "field" else s
@@ -394,9 +394,9 @@ class PEPEmbedding(EmbeddingScheme):
         return self.g_scale * threshold_sigmoid(self._threshold_logits(ids))
 
     def lookup(self, ids):
-        rows = tf.gather(self.embeddings, ids)  # [..., d]
+        rows = sparse_gather(self.embeddings, ids)  # [..., d], reading only the rows
         if self.retrain:
-            return rows * tf.cast(tf.gather(self.mask, ids), rows.dtype)
+            return rows * tf.cast(sparse_gather(self.mask, ids), rows.dtype)
         return pruned_values(rows, self._threshold_logits(ids), self.g_scale)
 
     def pruned_table(self):
