@@ -135,6 +135,11 @@ def test_universal_hash_matches_the_formula_and_tf():
         python = [((int(ai) * int(x) + int(bi)) % P) % 7 for x in ids]  # exact big-int arithmetic
         np.testing.assert_array_equal(universal_hash_np(ids, ai, bi, 7), python)
         np.testing.assert_array_equal(universal_hash_tf(tf.constant(ids), ai, bi, 7).numpy(), python)
+    # Several pairs at once: a last axis of hashes, each column the single hash of its pair.
+    many = universal_hash_tf(tf.constant(ids.reshape(2, 3)), a, b, 7).numpy()
+    assert many.shape == (2, 3, 3)
+    for j, (ai, bi) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(many[..., j], universal_hash_np(ids, ai, bi, 7).reshape(2, 3))
 
 
 def test_universal_hash_spreads_ids_over_buckets():

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
-from tfemb.layers.hashing import HASH_PRIME, universal_hash_params
+from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
 from tfemb.layers.qr_embedding import fresh_initializer
 
@@ -164,13 +164,10 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         return rows[..., 0], rows[..., 1]
 
     def hash_pairs(self, ids):
-        """Both shared-table rows of ``ids`` at once, ``[..., 2]`` int64: the two universal hashes
-        ``((a_j id + b_j) mod P) mod m`` broadcast over a last axis of 2 (the same values as
-        ``universal_hash_tf`` with each pair, in half the ops)."""
-        a = tf.constant([a for a, _ in self._hash_params], tf.int64)
-        b = tf.constant([b for _, b in self._hash_params], tf.int64)
-        mixed = tf.math.floormod(tf.cast(ids, tf.int64)[..., tf.newaxis] * a + b, tf.constant(HASH_PRIME, tf.int64))
-        return tf.math.floormod(mixed, tf.constant(self.num_buckets, tf.int64))
+        """Both shared-table rows of ``ids`` at once, ``[..., 2]`` int64 (``universal_hash_tf`` with both pairs,
+        broadcast over a last axis of 2: the ops of one hash)."""
+        a, b = zip(*self._hash_params)
+        return universal_hash_tf(ids, a, b, self.num_buckets)
 
     def lookup(self, ids):
         # One gather of both hashed rows ([..., 2, shared_dim]); their sum (or concatenation) is the cold vector.

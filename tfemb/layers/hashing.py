@@ -49,9 +49,14 @@ def universal_hash_np(ids, a, b, m):
 
 
 def universal_hash_tf(ids, a, b, m):
-    """``((a * ids + b) mod P) mod m`` with int64 TF ops; ``ids``: int tensor of non-negative ids ``< 2**31``."""
+    """``((a * ids + b) mod P) mod m`` with int64 TF ops; ``ids``: int tensor of non-negative ids ``< 2**31``.
+
+    ``a`` and ``b`` are ints (one hash: the shape of ``ids``) or equal-length 1-D sequences of ``k`` pairs (``k``
+    hashes at once, broadcast over a new last axis: ``[*ids.shape, k]``, in the ops of one hash)."""
     ids = tf.cast(ids, tf.int64)
-    mixed = tf.math.floormod(
-        ids * tf.constant(int(a), tf.int64) + tf.constant(int(b), tf.int64), tf.constant(HASH_PRIME, tf.int64)
-    )
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.ndim:
+        ids = ids[..., tf.newaxis]
+    mixed = tf.math.floormod(ids * tf.constant(a, tf.int64) + tf.constant(b, tf.int64),
+                             tf.constant(HASH_PRIME, tf.int64))
     return tf.math.floormod(mixed, tf.constant(int(m), tf.int64))
