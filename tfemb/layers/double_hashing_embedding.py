@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, reshape_to_ids, sparse_gather
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
 from tfemb.layers.qr_embedding import fresh_initializer
@@ -175,12 +175,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         if self.combine == "sum":
             cold = tf.reduce_sum(pair, axis=-2)  # = first + second, bit for bit (one addition)
         else:
-            static = ids.shape.as_list() if ids.shape.rank is not None else None
-            if static is None or None in static:
-                shape = tf.concat([tf.shape(ids), [self.output_dim]], axis=0)
-            else:
-                shape = static + [self.output_dim]
-            cold = tf.reshape(pair, shape)  # [first, second] side by side
+            cold = reshape_to_ids(pair, ids, self.output_dim)  # [first, second] side by side
         if self.hot_embeddings is None:
             return cold
         if self.hot_rows is None:

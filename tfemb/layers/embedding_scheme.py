@@ -57,6 +57,16 @@ def sparse_gather(variable, rows):
     return tf.gather(variable, rows)
 
 
+def reshape_to_ids(out, ids, output_dim):
+    """``out`` (``n * output_dim`` values, e.g. ``[n, output_dim]``) as ``[*ids.shape, output_dim]``, the known dims
+    of ``ids`` kept static (a Flatten / Dense after the layer needs them in a functional model)."""
+    if ids.shape.rank is None:
+        return tf.reshape(out, tf.concat([tf.shape(ids), [output_dim]], axis=0))
+    static = ids.shape.as_list()
+    dynamic = tf.unstack(tf.shape(ids)) if None in static else []
+    return tf.reshape(out, [s if s is not None else dynamic[j] for j, s in enumerate(static)] + [output_dim])
+
+
 class EmbeddingScheme(keras.layers.Layer):
     """Base class of every tfemb embedding method.
 

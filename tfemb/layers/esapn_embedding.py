@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, reshape_to_ids, sparse_gather
 from tfemb.optimizers import scatter_add, scatter_update
 
 #: The paper's candidate sizes D (Liu et al., SIGIR 2020, Section 3; the authors' ``Emb_Size``).
@@ -70,15 +70,6 @@ def _fresh_initializer(initializer, index):
 def _multi_replica():
     """True inside a ``tf.distribute`` strategy with more than one replica."""
     return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
-
-
-def _reshape_out(out, ids, output_dim):
-    """``out`` ``[n, output_dim]`` back to ``[*ids.shape, output_dim]``, known dims kept static."""
-    if ids.shape.rank is None:
-        return tf.reshape(out, tf.concat([tf.shape(ids), [output_dim]], axis=0))
-    static = ids.shape.as_list()
-    dynamic = tf.unstack(tf.shape(ids)) if None in static else []
-    return tf.reshape(out, [s if s is not None else dynamic[j] for j, s in enumerate(static)] + [output_dim])
 
 
 def _chain_cascade(stage_rows, stage_positions, gather_stage, kernels, biases, dtype):
@@ -365,7 +356,7 @@ class ESAPNEmbedding(EmbeddingScheme):
         out = self.lift(flat, sparse_gather(self.size_index, flat))  # [m, d_n]
         if self.lift_norm is not None:
             out = tf.tanh(self.lift_norm(out, training=self._call_training))
-        return _reshape_out(out, ids, self.output_dim)
+        return reshape_to_ids(out, ids, self.output_dim)
 
     # ------------------------------------------------------------------------------------------ stream state
     @staticmethod
@@ -680,7 +671,7 @@ class ESAPNCompactEmbedding(EmbeddingScheme):
                                  self.biases, dtype)
         if self.normalized:
             out = tf.tanh(out * tf.cast(self.scale, dtype) + tf.cast(self.shift, dtype))
-        return _reshape_out(out, ids, self.output_dim)
+        return reshape_to_ids(out, ids, self.output_dim)
 
     # -------------------------------------------------------------------------------------- size accounting
     def parameter_count(self):

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers import md_dims
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes, reshape_to_ids
 from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Bytes per entry of a stored id -> rank permutation (int32).
@@ -548,15 +548,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             fixed_size = _multi_replica() or not self.trainable
             wide = self._wide_fixed_size(flat) if fixed_size else self._wide_exact(flat)
             out = tf.matmul(wide, self._stacked_projections())  # [n, d0]
-        if one_dim:
-            return out
-        if ids.shape.rank is None:
-            return tf.reshape(out, tf.concat([tf.shape(ids), [self.output_dim]], axis=0))
-        # Known dims stay static (Flatten / Dense after the layer need them in a functional model).
-        static = ids.shape.as_list()
-        dynamic = tf.unstack(tf.shape(ids)) if None in static else []
-        shape = [s if s is not None else dynamic[j] for j, s in enumerate(static)] + [self.output_dim]
-        return tf.reshape(out, shape)
+        return out if one_dim else reshape_to_ids(out, ids, self.output_dim)
 
     # ---------------------------------------------------------------------------------------- size accounting
     def ranks_array(self):

@@ -46,13 +46,19 @@ def resolve_layout(layout, output_dim):
     return layout
 
 
+def _signed_bits(values, dtype):
+    """uint64 NumPy bit patterns as the signed integer ``dtype`` of the same width (two's complement)."""
+    width = np.dtype(dtype).itemsize * 8
+    return np.asarray(values, dtype=np.uint64).astype(np.dtype(f"uint{width}")).view(dtype)
+
+
 def row_masks_from_csr(row_splits, columns, dtype):
     """Per row, the bit mask of its columns (bit ``c`` set iff column ``c`` is kept), as ``dtype`` (two's
     complement: a mask with the top bit set is negative)."""
     rows = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
     masks = np.zeros(len(row_splits) - 1, dtype=np.uint64)
     np.bitwise_or.at(masks, rows, np.left_shift(np.uint64(1), np.asarray(columns, dtype=np.uint64)))
-    return masks.astype(np.dtype(dtype.replace("int", "uint"))).view(dtype)
+    return _signed_bits(masks, dtype)
 
 
 def columns_from_row_masks(masks, output_dim):
@@ -274,9 +280,8 @@ class PackedEmbedding(EmbeddingScheme):
         are zeroed: a gather, bitwise ops and a select, no scatter."""
         d, dtype = self.output_dim, tf.as_dtype(self.mask_dtype)
         bits = np.left_shift(np.uint64(1), np.arange(d, dtype=np.uint64))
-        width = dtype.size * 8
-        low = tf.constant((bits - np.uint64(1)).astype(np.dtype(f"uint{width}")).view(self.mask_dtype))  # [d]
-        bit = tf.constant(bits.astype(np.dtype(f"uint{width}")).view(self.mask_dtype))
+        low = tf.constant(_signed_bits(bits - np.uint64(1), self.mask_dtype))  # [d]: the columns before c
+        bit = tf.constant(_signed_bits(bits, self.mask_dtype))  # [d]: column c
         starts = sparse_gather(self.row_splits, flat)[:, tf.newaxis]  # [n, 1]
         masks = sparse_gather(self.row_masks, flat)[:, tf.newaxis]  # [n, 1]
         before = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(masks, low)), starts.dtype)  # [n, d]
