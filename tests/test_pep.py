@@ -159,10 +159,16 @@ def test_gradients_reach_table_and_thresholds(kind, offsets):
     weights = np.random.default_rng(3).normal(size=(REPEATED.shape[0], D)).astype(np.float32)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(tf.constant(REPEATED)) * weights)
-    grad_v, grad_s = tape.gradient(loss, [layer.embeddings, layer.threshold])
-    assert isinstance(grad_v, tf.IndexedSlices)  # row-sparse table gradient
-    if kind in ("feature", "feature_dim"):
-        assert isinstance(grad_s, tf.IndexedSlices)  # id-indexed thresholds: row-sparse too
+    if kind in ("feature", "feature_dim"):  # id-indexed thresholds: V and s in one variable, one gradient
+        assert layer.fused and layer.trainable_weights == [layer.fused_table]
+        grad = tape.gradient(loss, layer.fused_table)
+        assert isinstance(grad, tf.IndexedSlices)  # row-sparse, both halves
+        dense = tf.convert_to_tensor(grad).numpy()
+        grad_v, grad_s = dense[:, :D], dense[:, D:]
+    else:
+        assert not layer.fused
+        grad_v, grad_s = tape.gradient(loss, [layer.embeddings, layer.threshold])
+        assert isinstance(grad_v, tf.IndexedSlices)  # row-sparse table gradient
 
     active = np.abs(v) > full_thresholds(kind, s, offsets)
     expected_v = np.zeros((V, D))
@@ -173,6 +179,43 @@ def test_gradients_reach_table_and_thresholds(kind, offsets):
     np.testing.assert_allclose(tf.convert_to_tensor(grad_v).numpy(), expected_v, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(tf.convert_to_tensor(grad_s).numpy(), expected_s, rtol=1e-4, atol=1e-7)
     assert np.abs(expected_s).max() > 0
+
+
+@pytest.mark.parametrize("kind", ["feature", "feature_dim"])
+def test_fused_layout_equals_two_variables(kind):
+    """``fused=True`` (one ``[V | s]`` variable) and ``fused=False`` (two) are the same model: equal outputs,
+    equal gradients, and five Adam steps with regularizers on both halves end at the same weights."""
+    reg = {"embeddings_regularizer": keras.regularizers.L2(0.01), "threshold_regularizer": keras.regularizers.L2(0.1)}
+    fused, _, _ = pep_case(kind, seed=5, **reg)
+    split, v, s = pep_case(kind, seed=5, fused=False, **reg)
+    assert fused.fused and not split.fused and len(split.trainable_weights) == 2
+    ids = tf.constant(REPEATED)
+    weights = tf.constant(np.random.default_rng(6).normal(size=(REPEATED.shape[0], D)).astype(np.float32))
+    np.testing.assert_array_equal(fused(ids).numpy(), split(ids).numpy())
+    np.testing.assert_array_equal(fused.pruned_table().numpy(), split.pruned_table().numpy())
+    for layer in (fused, split):
+        layer.opt = keras.optimizers.Adam(0.05)
+    for _ in range(5):
+        for layer in (fused, split):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(ids) * weights) + tf.add_n(layer.losses)
+            variables = layer.trainable_weights
+            layer.opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+    np.testing.assert_allclose(fused.embeddings.numpy(), split.embeddings.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.threshold.numpy(), split.threshold.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fused.threshold.numpy(), s)  # the thresholds did move
+    assert fused.nonzero_count() == split.nonzero_count()
+
+
+def test_column_view_reads_and_assigns_its_columns():
+    layer, v, s = pep_case("feature_dim", seed=7)
+    np.testing.assert_array_equal(np.asarray(layer.embeddings), v)
+    np.testing.assert_array_equal(tf.convert_to_tensor(layer.threshold).numpy(), s)
+    np.testing.assert_array_equal(layer.fused_table.numpy(), np.concatenate([v, s], axis=1))
+    assert layer.embeddings.shape == (V, D) and layer.threshold.shape == (V, D)
+    with pytest.raises(ValueError, match=r"shape \(23, 7\).*Received: shape \(23, 6\)"):
+        layer.threshold.assign(np.zeros((V, D - 1), np.float32))
+    np.testing.assert_array_equal(layer.embeddings.numpy(), v)  # a refused assign changes nothing
 
 
 def test_threshold_gradient_matches_finite_difference():
@@ -498,7 +541,7 @@ def test_sparse_tables():
     for kind in THRESHOLD_TYPES:
         layer = PEPEmbedding(V, D, threshold_type=kind)
         tables = layer.sparse_tables()  # builds the layer
-        expected = [layer.embeddings] + ([layer.threshold] if kind in ("feature", "feature_dim") else [])
+        expected = [layer.fused_table] if kind in ("feature", "feature_dim") else [layer.embeddings]
         assert [id(t) for t in tables] == [id(t) for t in expected]
     retraining = PEPEmbedding(V, D, mask=_mask())
     assert [id(t) for t in retraining.sparse_tables()] == [id(retraining.embeddings)]
