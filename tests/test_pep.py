@@ -734,3 +734,22 @@ def test_grouped_count_equals_the_sum_of_the_layer_counts():
     assert int(grouped_nonzero_count(layers)) == expected
     assert int(tf.function(grouped_nonzero_count)(layers)) == expected
     assert int(grouped_nonzero_count(layers[:1])) == int(layers[0].nonzero_count_tensor())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_searching_layer_saves_and_reloads(tmp_path, fused):
+    """A search-mode layer in a ``.keras`` file: the table, the thresholds, the initial copy and the layout come
+    back, so a search can be resumed (and rewound) after a reload."""
+    layer, v, s = pep_case("feature_dim", seed=11, fused=fused)
+    layer.set_initial_values(v * 0.5)
+    inputs = keras.Input(shape=(), dtype="int64")
+    model = keras.Model(inputs, layer(inputs))
+    path = os.path.join(tmp_path, "search.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    (again,) = [w for w in reloaded.layers if isinstance(w, PEPEmbedding)]
+    assert again.fused == fused and again.get_config()["fused"] == fused
+    np.testing.assert_array_equal(np.asarray(again.embeddings), v)
+    np.testing.assert_array_equal(np.asarray(again.threshold), s)
+    np.testing.assert_array_equal(again.initial_values(), v * 0.5)
+    np.testing.assert_array_equal(reloaded.predict(IDS, verbose=0), model.predict(IDS, verbose=0))
