@@ -145,21 +145,26 @@ def pruned_values(values, s, g_scale=1.0):
 
     @tf.custom_gradient
     def forward(v, logits):
-        t = _scaled_threshold(logits, g_scale, v.dtype)
-        sign = tf.sign(v)
-        diff = tf.abs(v) - t
-        out = sign * tf.nn.relu(diff)
-
-        def grad(upstream):
-            grad_v = tf.where(diff > 0, upstream, tf.zeros_like(upstream))
-            grad_t = _sum_to(-sign * grad_v, logits, v)
-            p = tf.sigmoid(logits)
-            scale = p * (1.0 - p) if g_scale == 1.0 else g_scale * p * (1.0 - p)
-            return grad_v, tf.cast(grad_t, logits.dtype) * scale
-
-        return out, grad
+        return _pruned_with_grad(v, logits, g_scale)
 
     return forward(values, s)
+
+
+def _pruned_with_grad(v, logits, g_scale):
+    """``(out, grad)``: ``pruned_values``' value and its gradient function ``upstream -> (d/dv, d/dlogits)``."""
+    t = _scaled_threshold(logits, g_scale, v.dtype)
+    sign = tf.sign(v)
+    diff = tf.abs(v) - t
+    out = sign * tf.nn.relu(diff)
+
+    def grad(upstream):
+        grad_v = tf.where(diff > 0, upstream, tf.zeros_like(upstream))
+        grad_t = _sum_to(-sign * grad_v, logits, v)
+        p = tf.sigmoid(logits)
+        scale = p * (1.0 - p) if g_scale == 1.0 else g_scale * p * (1.0 - p)
+        return grad_v, tf.cast(grad_t, logits.dtype) * scale
+
+    return out, grad
 
 
 def fused_pruned_values(rows, output_dim, g_scale=1.0):
@@ -174,22 +179,8 @@ def fused_pruned_values(rows, output_dim, g_scale=1.0):
 
     @tf.custom_gradient
     def forward(r):
-        v, logits = r[..., :d], r[..., d:]
-        t = _scaled_threshold(logits, g_scale, v.dtype)
-        sign = tf.sign(v)
-        diff = tf.abs(v) - t
-        out = sign * tf.nn.relu(diff)
-
-        def grad(upstream):
-            grad_v = tf.where(diff > 0, upstream, tf.zeros_like(upstream))
-            grad_t = -sign * grad_v
-            if logits.shape[-1] == 1 and d != 1:
-                grad_t = tf.reduce_sum(grad_t, axis=-1, keepdims=True)
-            p = tf.sigmoid(logits)
-            scale = p * (1.0 - p) if g_scale == 1.0 else g_scale * p * (1.0 - p)
-            return tf.concat([grad_v, tf.cast(grad_t, logits.dtype) * scale], axis=-1)
-
-        return out, grad
+        out, grad = _pruned_with_grad(r[..., :d], r[..., d:], g_scale)
+        return out, lambda upstream: tf.concat(grad(upstream), axis=-1)
 
     return forward(rows)
 
