@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tfemb._keras import keras  # noqa: E402
-from tfemb.layers import DoubleHashingEmbedding, FixedEmbedding, HashingEmbedding, QREmbedding  # noqa: E402
+from tfemb.layers import (  # noqa: E402
+    DoubleHashingEmbedding, FixedEmbedding, HashingEmbedding, PEPEmbedding, QREmbedding,
+)
 
 V = 23
 FREQS = [float((7 * i) % V) for i in range(V)]  # a shuffled popularity: double hashing keeps a remap
@@ -33,6 +35,9 @@ SCHEMES = [
     (DoubleHashingEmbedding, {"output_dim": 6, "num_hot": 4, "num_buckets": 5}),
     (DoubleHashingEmbedding, {"output_dim": 6, "num_hot": 4, "num_buckets": 5, "combine": "concat",
                               "frequencies": FREQS, "combiner": "sum"}),
+    # PEP search: V and s in one variable (the default) and in two; both halves must train.
+    (PEPEmbedding, {"output_dim": 6, "threshold_init": -3.0}),
+    (PEPEmbedding, {"output_dim": 6, "threshold_init": -3.0, "fused": False, "combiner": "mean"}),
 ]
 
 
@@ -71,3 +76,6 @@ def test_scheme_trains_under_mirrored_strategy(strategy, layer_cls, kwargs):
     assert np.all(np.isfinite(history.history["loss"])), history.history
     after = [np.array(w.numpy()) for w in layer.sparse_tables()]
     assert all(not np.allclose(b, a) for b, a in zip(before, after)), "an embedding table did not train"
+    if isinstance(layer, PEPEmbedding):  # the thresholds train too (one variable: its second column block)
+        threshold = np.asarray(layer.threshold)
+        assert not np.allclose(threshold, -3.0) and np.all(np.isfinite(threshold))
