@@ -77,7 +77,32 @@ SCHEMES = {
     "double_hashing 4x": ("double_hashing", {"compression": COMPRESSION}, None),
     "md 4x": ("md", {"compression": COMPRESSION}, None),
     "pep 25% (retrained)": ("pep", {}, None),
+    "pep 25% (retrained, slots)": ("pep", {}, None),
 }
+
+#: Export options of a variant that shares its trained model with another: the ``PEPEmbedding.compact_layout``
+#: of the compact tables (the default, "auto", is the bitmask layout, the smallest).
+EXPORT_OPTIONS = {"pep 25% (retrained, slots)": {"compact_layout": "slots"}}
+
+
+class compact_layout:
+    """Context manager: the PEP layers of ``model`` export with ``layout`` (None: as they are)."""
+
+    def __init__(self, model, layout):
+        from tfemb.layers import PEPEmbedding
+
+        self.layers = [l for l in model.embedding_list if isinstance(l, PEPEmbedding)]
+        self.layout, self.saved = layout, [l.compact_layout for l in self.layers]
+
+    def __enter__(self):
+        if self.layout is not None:
+            for layer in self.layers:
+                layer.compact_layout = self.layout
+        return self
+
+    def __exit__(self, *exc):
+        for layer, layout in zip(self.layers, self.saved):
+            layer.compact_layout = layout
 
 
 def slug(name):
@@ -215,8 +240,10 @@ def export_all(args, trained, prepared, root, log):
             continue
         model, metrics, seconds, extra = trained[(scheme, json.dumps(params, sort_keys=True))]
         start = time.perf_counter()
-        path = export_saved_model(model, os.path.join(root, slug(name)), version=1, table_dtype=table_dtype,
-                                  warmup_rows=warmup)
+        layout = EXPORT_OPTIONS.get(name, {}).get("compact_layout")
+        with compact_layout(model, layout):
+            path = export_saved_model(model, os.path.join(root, slug(name)), version=1, table_dtype=table_dtype,
+                                      warmup_rows=warmup)
         export_s = time.perf_counter() - start
         loaded = load_export(path)
         report = loaded.report
@@ -227,6 +254,7 @@ def export_all(args, trained, prepared, root, log):
         usage = report["bytes_on_disk"]
         infos[name] = {
             "scheme": scheme, "scheme_params": params, "table_dtype": table_dtype or "float32",
+            "export_options": EXPORT_OPTIONS.get(name, {}),
             "path": path, "model_name": slug(name),
             "test_metrics": metrics, "train_seconds": seconds, "export_seconds": export_s, **extra,
             "disk_bytes": usage["saved_model_pb"] + usage["variables"],
@@ -358,11 +386,12 @@ def profile_lookups(args, trained, prepared, log):
         if name not in args.schemes or table_dtype is not None:
             continue
         model = trained[(scheme, json.dumps(params, sort_keys=True))][0]
-        layers = {f: model.embedding_layers[f].compact() for f in model.embedding_names}
+        with compact_layout(model, EXPORT_OPTIONS.get(name, {}).get("compact_layout")):
+            layers = {f: model.embedding_layers[f].compact() for f in model.embedding_names}
         variants[f"{name}: compact layers"] = layers
         if scheme == "md":
             variants[f"{name}: prototype flat buffer + one matmul"] = {f: MDFlatPrototype(l) for f, l in layers.items()}
-        if scheme == "pep":  # the compact layers use the bitmask layout; the CSR layout beside them
+        if scheme == "pep" and name not in EXPORT_OPTIONS:  # the bitmask layout; the CSR layout beside them
             from tfemb.layers import PackedEmbedding
 
             variants[f"{name}: csr layout (a column index per value)"] = {

@@ -50,6 +50,8 @@ SCHEMES = {
     "double_hashing": lambda: scheme_factory("double_hashing", output_dim=DIM, num_hot=3, num_buckets=4),
     "md": lambda: scheme_factory("md", output_dim=DIM, num_blocks=2),
     "pep": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension"),
+    # The same PEP tables exported in the slots layout (the fastest lookup, PEPEmbedding(compact_layout=...)).
+    "pep_slots": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension", compact_layout="slots"),
 }
 LAYER_MODULES = {"md": "tfemb.layers.mixed_dimension_embedding", "pep": "tfemb.layers.pep_embedding"}
 
@@ -305,7 +307,7 @@ OUTPUT_BOUND = {"int8": 1e-2, "float16": 1e-3}
 
 @pytest.mark.parametrize("scheme,table_dtype", [
     ("fixed", "int8"), ("fixed", "float16"), ("qr_mult", "int8"), ("double_hashing", "float16"), ("md", "int8"),
-    ("pep", "int8"), ("pep", "float16"),
+    ("pep", "int8"), ("pep", "float16"), ("pep_slots", "int8"),
 ])
 def test_quantized_tables(scheme, table_dtype, ctr, exports):
     model, path = exports(scheme, table_dtype)
@@ -329,7 +331,7 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
         size = int(np.prod(row["shape"]))
         scales = (row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)) if table_dtype == "int8" else 0
         assert row["bytes"] == (size + 4 * scales if table_dtype == "int8" else 2 * size)
-    if scheme in ("pep",):
+    if scheme in ("pep", "pep_slots"):
         return
     # The schemes whose compact tables are their training tables: the Keras model with the same dequantised
     # tables gives the export's outputs (float32 parity).

@@ -436,11 +436,12 @@ def test_compact_packs_the_pruned_table_exactly():
     np.testing.assert_allclose(packed_mean(tf.constant(MULTI)).numpy(), layer(tf.constant(MULTI)).numpy(), atol=1e-7)
 
 
-@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+@pytest.mark.parametrize("layout", ["csr", "bitmask", "slots"])
 def test_packed_embedding_from_dense_edge_cases_and_reload(tmp_path, layout):
     empty = PackedEmbedding.from_dense(np.zeros((V, D), np.float32), layout=layout)
     assert empty.parameter_count() == 0
-    assert empty.storage_bytes() == (V + 1) * 4 + (V if layout == "bitmask" else 0)
+    index = {"csr": 0, "bitmask": V, "slots": V * 4 + V * D}[layout]  # slots: a zero per row, a slot per cell
+    assert empty.storage_bytes() == (V + 1) * 4 + index
     np.testing.assert_array_equal(empty(tf.constant(IDS)).numpy(), np.zeros((V, D)))
     # A mask keeps an entry even when its value is 0 (retrain tables count the mask).
     table = np.zeros((V, D), np.float32)
@@ -492,10 +493,52 @@ def test_run_scheme_test(index):
     assert all("initial" not in w.name for w in trained.compact().weights)
 
 
-@pytest.mark.parametrize("layout", ["csr", "bitmask"])
+@pytest.mark.parametrize("layout", ["csr", "bitmask", "slots"])
 def test_packed_embedding_contract(layout):
     run_scheme_test(PackedEmbedding, {"vocabulary_size": V, "output_dim": D, "nnz": 9, "layout": layout},
                     IDS[:6], (6, D))
+
+
+@pytest.mark.parametrize("dim", [1, 7, 16, 127, 130])
+def test_slots_layout_matches_the_dense_table(dim):
+    """The slots layout: full, empty and single-entry rows, an empty last row, int8 / int16 slot offsets: the
+    lookup returns the dense table's rows exactly (1-D, 2-D and pooled ids), it converts back to the same CSR,
+    its stored bytes are ``storage_bytes()`` and it refuses to train (its zero slots must stay zero)."""
+    from tfemb.layers.packed_embedding import csr_from_slots, slot_offset_dtype, slots_from_csr
+
+    rng = np.random.default_rng(dim)
+    rows = 40
+    table = rng.normal(size=(rows, dim)).astype(np.float32)
+    keep = rng.random((rows, dim)) < 0.3
+    keep[0] = True  # a full row
+    keep[1] = False  # an empty row
+    keep[2] = False
+    keep[2, -1] = True  # the last column alone
+    keep[-1] = False  # the last row empty: its zero slot is the buffer's last entry
+    table[~keep] = 0.0
+    slots = PackedEmbedding.from_dense(table, mask=keep, layout="slots")
+    ids = np.concatenate([np.arange(rows), rng.integers(0, rows, 50)])
+    np.testing.assert_array_equal(slots(tf.constant(ids)).numpy(), table[ids])
+    np.testing.assert_array_equal(slots(tf.constant(ids[:48].reshape(6, 8))).numpy(), table[ids[:48].reshape(6, 8)])
+    np.testing.assert_array_equal(slots.stored_mask(), keep)
+    np.testing.assert_array_equal(slots.dims_per_id(), keep.sum(axis=1))
+    np.testing.assert_array_equal(slots.to_dense(), table)
+    assert slots.parameter_count() == keep.sum()
+    assert tf.as_dtype(slots.slot_offsets.dtype).name == slot_offset_dtype(dim) == ("int8" if dim < 128 else "int16")
+    stored = sum(int(np.prod(w.shape)) * tf.as_dtype(w.dtype).size for w in slots.weights)
+    assert stored == slots.storage_bytes()
+    # The slots hold each row's values in column order, then a zero; the offsets of the other cells point at it.
+    splits, cols, vals = csr_from_dense(table, keep)
+    slot_splits, offsets, slot_values = slots_from_csr(splits, cols, vals, dim)
+    assert slot_values.shape[0] == keep.sum() + rows and np.all(slot_values[slot_splits[1:] - 1] == 0.0)
+    assert np.all(offsets[1] == 0) and np.all(offsets[~keep] == np.repeat(keep.sum(1), dim).reshape(rows, dim)[~keep])
+    for a, b in zip(csr_from_slots(slot_splits, offsets, slot_values), (splits, cols, vals)):
+        np.testing.assert_array_equal(a, b)
+    pooled = PackedEmbedding.from_dense(table, mask=keep, layout="slots", combiner="sum")
+    np.testing.assert_allclose(pooled(tf.constant([[0, 2, -1], [1, -1, -1]])).numpy(),
+                               np.stack([table[0] + table[2], table[1]]), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"layout='slots' is inference-only .*Received: trainable=True"):
+        PackedEmbedding(rows, dim, 3, layout="slots", trainable=True)
 
 
 @pytest.mark.parametrize("dim", [8, 16, 31, 32, 33, 64])

@@ -488,7 +488,9 @@ class ExportModule(tf.Module):
                 "vocabulary_size": int(original.vocabulary_size),
                 "output_dim": int(original.output_dim),
                 "mean_dim": float(dims.mean()) if dims.size else 0.0,
-                "parameters": sum(r["parameters"] for r in rows),
+                # The layer's own count: a slots-layout PackedEmbedding also stores a zero per row, which its
+                # values row lists as stored floats but which is not a parameter.
+                "parameters": int(layer.parameter_count()),
                 "bytes": sum(r["bytes"] for r in rows),
                 "fixed_parameters": int(original.vocabulary_size * original.output_dim),
                 "fixed_bytes": int(original.vocabulary_size * original.output_dim * 4),

@@ -20,8 +20,9 @@ def column_dtype(output_dim):
 
 
 #: ``PackedEmbedding`` layouts: ``"csr"`` (a column index per value), ``"bitmask"`` (a bit mask of kept
-#: columns per row, ``output_dim <= 64``) and ``"auto"`` (``"bitmask"`` whenever it applies).
-LAYOUTS = ("csr", "bitmask", "auto")
+#: columns per row, ``output_dim <= 64``), ``"slots"`` (each row's values and a zero, plus a small slot index per
+#: cell: the fastest lookup, a larger index; inference only) and ``"auto"`` (``"bitmask"`` whenever it applies).
+LAYOUTS = ("csr", "bitmask", "slots", "auto")
 
 #: Widest row a bit mask holds (an int64 per row).
 _BITMASK_MAX_DIM = 64
@@ -69,6 +70,44 @@ def columns_from_row_masks(masks, output_dim):
     return np.nonzero(kept)[1].astype(np.int64)
 
 
+def slot_offset_dtype(output_dim):
+    """Smallest signed integer dtype of a slot offset in ``[0, output_dim]`` (``"slots"`` layout)."""
+    return column_dtype(output_dim + 1)
+
+
+def slots_from_csr(row_splits, columns, values, output_dim):
+    """``(slot_splits, slot_offsets, slot_values)`` of a CSR table (``"slots"`` layout).
+
+    Row ``r`` owns slots ``slot_splits[r]:slot_splits[r + 1]``: its kept values in column order, then one 0.
+    ``slot_offsets[r, c]`` is the slot of column ``c`` within the row: the value's rank for a kept column, the
+    row's length (its zero slot) for the others, so ``slot_values[slot_splits[r] + slot_offsets[r]]`` is row
+    ``r`` of the dense table, exactly.
+    """
+    row_splits = np.asarray(row_splits, np.int64)
+    rows = len(row_splits) - 1
+    lengths = np.diff(row_splits)
+    offsets = np.repeat(lengths[:, None], output_dim, axis=1)
+    entry_rows = np.repeat(np.arange(rows), lengths)
+    offsets[entry_rows, np.asarray(columns, np.int64)] = np.arange(row_splits[-1]) - row_splits[entry_rows]
+    slot_splits = row_splits + np.arange(rows + 1)
+    slot_values = np.zeros(int(slot_splits[-1]), dtype=np.asarray(values).dtype)
+    slot_values[np.arange(row_splits[-1]) + entry_rows] = values
+    return slot_splits, offsets, slot_values
+
+
+def csr_from_slots(slot_splits, slot_offsets, slot_values):
+    """The inverse of ``slots_from_csr``: ``(row_splits, columns, values)``."""
+    slot_splits = np.asarray(slot_splits, np.int64)
+    rows = len(slot_splits) - 1
+    lengths = np.diff(slot_splits) - 1
+    row_splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    kept = np.asarray(slot_offsets, np.int64) < lengths[:, None]
+    columns = np.nonzero(kept)[1].astype(np.int64)  # row-major: ascending within a row, as the slots
+    entry_rows = np.repeat(np.arange(rows), lengths)
+    values = np.asarray(slot_values)[np.arange(row_splits[-1]) + entry_rows]
+    return row_splits, columns, values
+
+
 def row_splits_dtype(nnz):
     """``int32`` row offsets while ``nnz`` fits in one, else ``int64``."""
     return "int32" if nnz <= _INT32_MAX else "int64"
@@ -87,8 +126,15 @@ def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"
     246
     >>> packed_storage_bytes(23, 7, 30, layout="bitmask")  # 30 x 4 + 23 x 1 + 24 x 4
     239
+    >>> packed_storage_bytes(23, 7, 30, layout="slots")  # (30 + 23) x 4 + 23 x 7 x 1 + 24 x 4
+    469
     """
     layout = resolve_layout(layout, output_dim)
+    if layout == "slots":  # nnz values + a zero per row, a slot offset per cell, row offsets over the slots
+        slots = int(nnz) + int(vocabulary_size)
+        return (slots * dtype_bytes(value_dtype)
+                + int(vocabulary_size) * int(output_dim) * dtype_bytes(slot_offset_dtype(output_dim))
+                + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(slots)))
     index = (int(nnz) * dtype_bytes(column_dtype(output_dim)) if layout == "csr"
              else int(vocabulary_size) * dtype_bytes(mask_dtype(output_dim)))
     return (int(nnz) * dtype_bytes(value_dtype) + index
@@ -183,6 +229,9 @@ class PackedEmbedding(EmbeddingScheme):
         super().__init__(vocabulary_size, output_dim, **kwargs)
         self.layout = resolve_layout(layout, self.output_dim)
         self.nnz = check_positive_int("nnz", nnz, minimum=0)
+        if self.layout == "slots" and self.trainable:
+            raise ValueError(f"{self.name}: layout='slots' is inference-only (training would move the zero slots). "
+                             "Received: trainable=True")
         if self.nnz > self.vocabulary_size * self.output_dim:
             raise ValueError(
                 f"nnz must be <= vocabulary_size * output_dim = {self.vocabulary_size * self.output_dim}. "
@@ -202,6 +251,13 @@ class PackedEmbedding(EmbeddingScheme):
         row_splits, columns, values = csr_from_dense(table, mask)
         layer = cls(table.shape[0], table.shape[1], int(values.shape[0]), **kwargs)
         layer.build()
+        value_dtype = np.float32 if layer.variable_dtype is None else layer.variable_dtype
+        if layer.layout == "slots":
+            slot_splits, offsets, slot_values = slots_from_csr(row_splits, columns, values, table.shape[1])
+            layer.row_splits.assign(slot_splits.astype(layer.row_splits_dtype))
+            layer.slot_offsets.assign(offsets.astype(layer.slot_offset_dtype))
+            layer.values.assign(slot_values.astype(value_dtype))
+            return layer
         layer.row_splits.assign(row_splits.astype(layer.row_splits_dtype))
         if layer.layout == "csr":
             layer.columns.assign(columns.astype(layer.column_dtype))
@@ -216,7 +272,11 @@ class PackedEmbedding(EmbeddingScheme):
 
     @property
     def row_splits_dtype(self):
-        return row_splits_dtype(self.nnz)
+        return row_splits_dtype(self.nnz + (self.vocabulary_size if self.layout == "slots" else 0))
+
+    @property
+    def slot_offset_dtype(self):
+        return slot_offset_dtype(self.output_dim)
 
     @property
     def mask_dtype(self):
@@ -227,11 +287,25 @@ class PackedEmbedding(EmbeddingScheme):
         # entries of the table in row-major order.
         d, nnz = self.output_dim, self.nnz
         splits = np.minimum(np.arange(self.vocabulary_size + 1) * d, nnz)
+        self.columns = self.row_masks = self.slot_offsets = None
+        if self.layout == "slots":
+            slot_splits, offsets, _ = slots_from_csr(splits, np.arange(nnz) % d, np.zeros(nnz, np.float32), d)
+            self.row_splits = self.add_weight(
+                name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype, trainable=False,
+                initializer=lambda shape, dtype=None: tf.constant(slot_splits, self.row_splits_dtype),
+            )
+            self.slot_offsets = self.add_weight(
+                name="slot_offsets", shape=(self.vocabulary_size, d), dtype=self.slot_offset_dtype, trainable=False,
+                initializer=lambda shape, dtype=None: tf.constant(offsets, self.slot_offset_dtype),
+            )
+            self.values = self.add_weight(name="values", shape=(nnz + self.vocabulary_size,), initializer="zeros",
+                                          trainable=False)
+            self.built = True
+            return
         self.row_splits = self.add_weight(
             name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype, trainable=False,
             initializer=lambda shape, dtype=None: tf.constant(splits, self.row_splits_dtype),
         )
-        self.columns = self.row_masks = None
         if self.layout == "csr":
             self.columns = self.add_weight(
                 name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
@@ -248,6 +322,10 @@ class PackedEmbedding(EmbeddingScheme):
 
     def lookup(self, ids):
         d = self.output_dim
+        if self.layout == "slots":
+            flat = ids if ids.shape.rank == 1 else tf.reshape(ids, [-1])
+            out = self._slots_lookup(flat)
+            return out if ids.shape.rank == 1 else tf.reshape(out, tf.concat([tf.shape(ids), [d]], axis=0))
         if self.layout == "bitmask" and self.nnz and ids.shape.rank == 1:
             return self._bitmask_lookup(ids)  # [n, d] already: no reshapes (serving calls this per feature)
         flat = tf.reshape(ids, [-1])  # [n]
@@ -272,6 +350,15 @@ class PackedEmbedding(EmbeddingScheme):
         cells = tf.range(n)[:, tf.newaxis] * d + columns
         dense = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(cells, [-1]), n * d)
         return tf.reshape(dense, tf.concat([tf.shape(ids), [d]], axis=0))
+
+    def _slots_lookup(self, flat):
+        """``[n, d]`` rows of ids ``flat`` from the slots layout: cell ``(r, c)`` is slot ``row_splits[r] +
+        slot_offsets[r, c]``, a kept value or the row's zero. Two gathers of the index, one add, one gather of
+        values: no select, no clipping (every slot index is inside the buffer)."""
+        splits = tf.reshape(tf.convert_to_tensor(self.row_splits), [-1, 1])  # [V + 1, 1]: starts come out [n, 1]
+        starts = tf.gather(splits, flat)  # [n, 1]
+        offsets = tf.cast(sparse_gather(self.slot_offsets, flat), starts.dtype)  # [n, d]
+        return self.gather_rows(self.values, starts + offsets)  # [n, d]; the export's hook
 
     def _bitmask_lookup(self, flat):
         """``[n, d]`` rows of ids ``flat`` from the bitmask layout: column ``c`` of a row with mask ``m`` is kept
@@ -304,6 +391,8 @@ class PackedEmbedding(EmbeddingScheme):
     def _csr(self):
         if not self.built:
             self.build()
+        if self.layout == "slots":
+            return csr_from_slots(to_numpy(self.row_splits), to_numpy(self.slot_offsets), to_numpy(self.values))
         splits = to_numpy(self.row_splits).astype(np.int64)
         if self.layout == "csr":
             columns = to_numpy(self.columns).astype(np.int64)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, sparse_gather
-from tfemb.layers.packed_embedding import PackedEmbedding, packed_storage_bytes, to_numpy
+from tfemb.layers.packed_embedding import PackedEmbedding, packed_storage_bytes, resolve_layout, to_numpy
 from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Threshold granularities -> the shape of ``s`` (``V`` ids, ``d`` dims, ``F`` fields of a stacked table).
@@ -333,6 +333,9 @@ class PEPEmbedding(EmbeddingScheme):
         embeddings_regularizer: optional regularizer of ``V`` (dense over the whole table).
         threshold_regularizer: optional regularizer of ``s``; see ``pep_preset`` for the official weight decay.
         fused: bool, store ``V`` and id-indexed ``s`` in one variable (see Storage). Default True.
+        compact_layout: the ``PackedEmbedding`` layout of ``compact()`` (and ``storage_bytes()``): ``"auto"``
+            (the default ``COMPACT_LAYOUT``: ``"bitmask"`` up to 64 dims, the smallest), ``"bitmask"``, ``"csr"``
+            or ``"slots"`` (the fastest lookup, about twice the bytes of ``"bitmask"`` at d = 16).
         **kwargs: ``combiner``, ``frequencies`` (for reports), ``validate_ids`` and base Layer arguments.
 
     Input shape:
@@ -359,7 +362,7 @@ class PEPEmbedding(EmbeddingScheme):
     def __init__(self, vocabulary_size, output_dim, threshold_type="feature_dim", threshold_init=-15.0, g_scale=1.0,
                  field_offsets=None, mask=None, retrain=False, keep_initial=None,
                  embeddings_initializer="glorot_uniform", embeddings_regularizer=None, threshold_regularizer=None,
-                 fused=True, **kwargs):
+                 fused=True, compact_layout=None, **kwargs):
         super().__init__(vocabulary_size, output_dim, **kwargs)
         if threshold_type not in THRESHOLD_TYPES:
             raise ValueError(
@@ -379,6 +382,8 @@ class PEPEmbedding(EmbeddingScheme):
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.threshold_regularizer = keras.regularizers.get(threshold_regularizer)
         self.fused_threshold = bool(fused)
+        self.compact_layout = COMPACT_LAYOUT if compact_layout is None else compact_layout
+        resolve_layout(self.compact_layout, self.output_dim)  # a clear error for an unknown layout
         self.threshold = None
         self.mask = None
         self.initial_embeddings = None
@@ -640,7 +645,7 @@ class PEPEmbedding(EmbeddingScheme):
 
     def storage_bytes(self):
         return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nonzero_count(),
-                                    self.variable_dtype or "float32", layout=COMPACT_LAYOUT)
+                                    self.variable_dtype or "float32", layout=self.compact_layout)
 
     def dims_per_id(self):
         return self.current_mask().sum(axis=1).astype(np.int64)
@@ -650,7 +655,7 @@ class PEPEmbedding(EmbeddingScheme):
         config = self.get_config()
         keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
         return PackedEmbedding.from_dense(to_numpy(self.pruned_table()), mask=self.current_mask(),
-                                          trainable=False, layout=COMPACT_LAYOUT, **keep)
+                                          trainable=False, layout=self.compact_layout, **keep)
 
     def sparse_tables(self):
         self._ensure_built()
@@ -678,6 +683,7 @@ class PEPEmbedding(EmbeddingScheme):
                 "threshold_regularizer": keras.regularizers.serialize(self.threshold_regularizer)
                 if self.threshold_regularizer is not None else None,
                 "fused": self.fused_threshold,
+                "compact_layout": self.compact_layout,
             }
         )
         return config
