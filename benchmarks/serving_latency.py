@@ -9,7 +9,8 @@ values, ~51k ids in the fitted Schema; DeepFM, embedding dim 16):
   calibrated (``pep_threshold_init``) so that the soft threshold starts near the target, snapshotted by
   ``tfemb.pep.PEPSnapshots`` when 25% of the dense embedding parameters are left, then retrained with the
   lottery-ticket rewind (``tfemb.pep.retrain``, ``mode="rewind"``) for the same epochs as the others: the
-  exported PEP model is the *retrained snapshot* (``PackedEmbedding`` tables), not the search layer; and the
+  exported PEP model is the *retrained snapshot* (``PackedEmbedding`` tables), not the search layer, exported
+  twice: in the default bitmask layout (the smallest) and with ``compact_layout="slots"`` (the fastest); and the
   fixed model exported again with int8 and float16 tables (``table_dtype``). Every model trains ``--epochs``
   epochs with the same data split, optimizer and seed (no validation pass).
 - **Size.** Each model is exported with ``tfemb.export.export_saved_model`` (warm-up rows included, as for TF
