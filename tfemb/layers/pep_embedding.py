@@ -473,11 +473,11 @@ class PEPEmbedding(EmbeddingScheme):
         k = self.threshold_shape()[1]
         start = tf.concat([initial, tf.fill([self.vocabulary_size, k], tf.constant(self.threshold_init, initial.dtype))],
                           axis=1)
-        parts = [(r, a, b) for r, a, b in ((self.embeddings_regularizer, 0, d), (self.threshold_regularizer, d, d + k))
-                 if r is not None]
+        parts = [_ColumnRegularizer(r, a, b) for r, a, b in
+                 ((self.embeddings_regularizer, 0, d), (self.threshold_regularizer, d, d + k)) if r is not None]
 
         def regularizer(x):
-            return tf.add_n([_ColumnRegularizer(r, a, b)(x) for r, a, b in parts])
+            return tf.add_n([part(x) for part in parts])
 
         self.fused_table = self.add_weight(
             name="embeddings_and_threshold", shape=(self.vocabulary_size, d + k),
@@ -532,6 +532,8 @@ class PEPEmbedding(EmbeddingScheme):
         """The whole table the layer looks up, a ``[vocabulary_size, output_dim]`` tensor (search: V̂, retrain:
         ``V * mask``); its rows equal the layer's outputs bit for bit."""
         self._ensure_built()
+        if self.fused:  # one read of the variable, the lookup's own ops: the same values bit for bit
+            return fused_pruned_values(tf.convert_to_tensor(self.fused_table), self.output_dim, self.g_scale)
         table = tf.convert_to_tensor(self.embeddings)
         if self.retrain:
             return table * tf.cast(self.mask, table.dtype)
@@ -556,6 +558,9 @@ class PEPEmbedding(EmbeddingScheme):
         self._ensure_built()
         if self.retrain:
             return tf.math.count_nonzero(tf.convert_to_tensor(self.mask), dtype=tf.int64)
+        if self.fused:  # one read of the variable, its two column blocks
+            table = tf.convert_to_tensor(self.fused_table)
+            return kept_count(table[:, :self.output_dim], table[:, self.output_dim:], self.g_scale)
         return kept_count(tf.convert_to_tensor(self.embeddings), self._threshold_logits(), self.g_scale)
 
     def count_operands(self):
