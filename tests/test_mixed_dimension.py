@@ -582,6 +582,29 @@ def test_md_field_dims_and_factory():
         make("d", 5, None)
 
 
+def test_md_blocking_in_recipes():
+    """A recipe's ``{"scheme": "md", "params": {"blocking": "field"}}`` builds the per-field layers of
+    ``md_field_factory`` from the whole Schema; ``"popularity"`` (the default) the per-feature Algorithm 2 blocks;
+    anything else, or ``"field"`` where no Schema is at hand, is refused with the value received."""
+    from tfemb import experiment
+
+    schema, _ = _field_schema()
+    model = experiment.build_model(schema, {"name": "deepfm", "embedding_dim": 8},
+                                   {"scheme": "md", "params": {"blocking": "field", "alpha": 0.5}})
+    assert {f: model.embedding_layers[f].block_dims for f in "abc"} == {"a": [8], "b": [5], "c": [3]}
+    popular = experiment.build_model(schema, {"name": "deepfm", "embedding_dim": 8},
+                                     {"scheme": "md", "params": {"blocking": "popularity", "num_blocks": 2}})
+    assert popular.embedding_layers["c"].num_blocks == 2
+    with pytest.raises(ValueError, match="num_blocks is for blocking='popularity'. Received: num_blocks=2"):
+        experiment.build_model(schema, {"name": "deepfm", "embedding_dim": 8},
+                               {"scheme": "md", "params": {"blocking": "field", "num_blocks": 2}})
+    with pytest.raises(ValueError, match=r"md blocking must be one of \('popularity', 'field'\). "
+                                         r"Received: blocking='rows'"):
+        scheme_factory("md", output_dim=8, blocking="rows")
+    with pytest.raises(ValueError, match="md_field_factory.*Received: blocking='field' in scheme_factory"):
+        scheme_factory("md", output_dim=8, blocking="field")
+
+
 def test_md_schemes_train_in_a_model(tmp_path):
     from tfemb.data.pipeline import make_dataset
     from tfemb.models import DeepFM

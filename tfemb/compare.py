@@ -25,6 +25,10 @@ DEFAULT_COMPARE = {
         {"name": "hashing 4x", "embedding": {"scheme": "hashing", "params": {"compression": 4}}},
         {"name": "qr-mult 4x", "embedding": {"scheme": "qr", "params": {"compression": 4, "operation": "mult"}}},
         {"name": "double-hashing 4x", "embedding": {"scheme": "double_hashing", "params": {"compression": 4}}},
+        # MD both ways: the paper's CTR setting (one block per field, dims across the fields) and its CF blocking
+        # (popularity blocks within every field).
+        {"name": "md per-field α=0.3 4x",
+         "embedding": {"scheme": "md", "params": {"compression": 4, "alpha": 0.3, "blocking": "field"}}},
         {"name": "md α=0.3 4x", "embedding": {"scheme": "md", "params": {"compression": 4, "alpha": 0.3}}},
         # PEP: a search with a snapshot at 1/4 of the fixed parameters, then its lottery ticket retrained (the row
         # reports the retrained model; train s = search + retrain). Settings: benchmarks/README.md, "PEP evidence".

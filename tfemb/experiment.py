@@ -166,13 +166,30 @@ def prepare_data(data_cfg):
 
 
 # ------------------------------------------------------------------------------------------------ model
+def scheme_factory_for(schema, scheme, params):
+    """The scheme factory of a recipe's ``embedding`` section: ``scheme_factory(scheme, **params)``, except
+    ``{"scheme": "md", "params": {"blocking": "field", ...}}``, which sizes one block per field from the whole
+    Schema (the paper's CTR setting: ``md_field_factory``; it takes ``output_dim``, ``alpha``, ``round_pow2``,
+    ``threshold``, ``compression`` and layer arguments)."""
+    params = dict(params)
+    if scheme == "md" and params.get("blocking") == "field":
+        from tfemb.layers.mixed_dimension_embedding import md_field_factory
+
+        params.pop("blocking")
+        if "num_blocks" in params:
+            raise ValueError(f"md blocking='field' gives each field one block; num_blocks is for "
+                             f"blocking='popularity'. Received: num_blocks={params['num_blocks']!r}")
+        return md_field_factory(schema, **params)
+    return scheme_factory(scheme, **params)
+
+
 def build_model(schema, model_cfg, embedding_cfg, train_cfg=None):
     train_cfg = train_cfg or {}
     cls = get_model_class(model_cfg["name"])
     dim = int(model_cfg.get("embedding_dim", 16))
     emb_params = dict(embedding_cfg.get("params") or {})
     emb_params.setdefault("output_dim", dim)
-    factory = scheme_factory(embedding_cfg.get("scheme", "fixed"), **emb_params)
+    factory = scheme_factory_for(schema, embedding_cfg.get("scheme", "fixed"), emb_params)
     return cls(
         schema,
         embeddings=factory,

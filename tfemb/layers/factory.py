@@ -38,6 +38,10 @@ SIZED_BY_RULE = ("md",)
 #: Schemes that use per-id counts; the others are not handed ``frequencies`` (they would only bloat the config).
 USES_FREQUENCIES = ("double_hashing", "md")
 
+#: ``blocking`` of scheme ``"md"``: Algorithm 2 popularity blocks within each feature (the paper's CF setting), or
+#: one block per field with dims across the fields (the paper's CTR setting; ``md_field_factory``).
+MD_BLOCKINGS = ("popularity", "field")
+
 #: Share of the parameter budget that double hashing gives to the hot table under ``compression``.
 HOT_SHARE = 0.5
 
@@ -124,7 +128,9 @@ def scheme_factory(name, **kwargs):
             dimension, never more rows than the vocabulary (see ``hashing_buckets``, ``qr_buckets``,
             ``double_hashing_sizes``: double hashing gives half the budget to the hot table). ``"md"`` takes
             ``num_blocks``, ``alpha``, ``round_pow2`` and optionally ``compression`` (the budget form of
-            Algorithm 3, projections included; see ``tfemb.layers.mixed_dimension_embedding.md_scheme``).
+            Algorithm 3, projections included; see ``tfemb.layers.mixed_dimension_embedding.md_scheme``) and
+            ``blocking="popularity"`` (the default; ``"field"``, one block per CTR field, needs the whole
+            Schema: ``md_field_factory`` or ``tfemb.experiment.build_model``).
 
     The layer is named ``f"{feature_name}_embedding"``; ``frequencies`` are passed only to schemes that use
     popularity (``double_hashing``, ``md``; ``md`` requires them).
@@ -138,6 +144,17 @@ def scheme_factory(name, **kwargs):
     """
     cls = get_scheme_class(name)
     kwargs = dict(kwargs)
+    if name == "md":
+        blocking = kwargs.pop("blocking", "popularity")
+        if blocking not in MD_BLOCKINGS:
+            raise ValueError(f"md blocking must be one of {MD_BLOCKINGS}. Received: blocking={blocking!r}")
+        if blocking == "field":
+            raise ValueError(
+                "md blocking='field' sizes every field from the whole Schema's vocabularies: use "
+                "tfemb.layers.mixed_dimension_embedding.md_field_factory(schema, output_dim, ...), or "
+                "tfemb.experiment.build_model / a recipe with {'scheme': 'md', 'params': {'blocking': 'field'}}. "
+                "Received: blocking='field' in scheme_factory"
+            )
     compression = kwargs.pop("compression", None)
     if compression is not None:
         if name not in COMPRESSIBLE:
