@@ -1048,6 +1048,18 @@ def test_stream_fit_without_validation_leaves_theta_and_checks_arguments():
         stream_fit(AutoEmbSearch(cf_model()), x, y)
 
 
+def test_stream_step_is_traced_once_for_a_partial_last_batch():
+    """120 rows in batches of 50: the last batch has 20 rows. The step (θ-step + W-step) is traced once, with the
+    batch dimension open, not again for the short batch (a second trace of a bilevel step costs seconds)."""
+    _, _, x, y = cf_data()
+    search = AutoEmbSearch(cf_model())
+    search.compile(optimizer=keras.optimizers.Adam(0.05), controller_optimizer=keras.optimizers.Adam(0.01))
+    result = stream_fit(search, x, y, batch_size=50)
+    assert [b["size"] for b in result["batches"]] == [50, 50, 20]
+    assert search._stream_functions[True].experimental_get_tracing_count() == 1  # θ + W, batches 1 and 2
+    assert search._stream_functions[False].experimental_get_tracing_count() == 1  # W alone, batch 0
+
+
 # ------------------------------------------------------------------------------------------- hard vs soft
 def test_hard_soft_difference_restores_each_layers_selection():
     _, _, x, y = cf_data()

@@ -537,6 +537,18 @@ def test_stream_sizes_only_grow_and_state_is_recorded():
     assert np.all(np.asarray(user.num_losses)[seen > 0] >= 1)
 
 
+def test_stream_step_is_traced_once_for_a_partial_last_batch():
+    """A stream whose last batch is short (130 rows in batches of 50) traces the policy + model step once, with the
+    batch dimension open (tracing it again for the last batch took 4.6 s of a 17 s MovieLens stream)."""
+    model, _, x, y = _tiny_cf(rows=130)
+    search = ESAPNSearch(model, popularity_embedding_dim=3, policy_units=5)
+    search.compile(optimizer=keras.optimizers.Adam(1e-2))
+    result = stream_fit(search, x, y, batch_size=50)
+    assert [b["size"] for b in result["batches"]] == [50, 50, 30]
+    assert search._stream_functions[True].experimental_get_tracing_count() == 1
+    assert search._stream_functions[False].experimental_get_tracing_count() == 1
+
+
 def test_stream_fit_reports_under_this_keras(streamed):
     model, x, y, result = streamed
     assert len(result["batches"]) == 12 and result["test"]["rows"] == 300 and result["evaluate_from"] == 300

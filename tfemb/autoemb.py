@@ -182,6 +182,18 @@ def _check_mode(mode):
     return mode
 
 
+def batch_polymorphic_function(step, args):
+    """``tf.function(step)`` traced once for any batch size: its input signature is ``args``' structure with the
+    first (batch) dimension of every tensor left open. A stream's last batch is usually partial; a function traced
+    on full batches would trace the whole step again for it (seconds for a bilevel or policy step, more than the
+    rest of a MovieLens stream's steps together)."""
+    def relaxed(value):
+        value = tf.convert_to_tensor(value)
+        return tf.TensorSpec([None] + value.shape.as_list()[1:], value.dtype)
+
+    return tf.function(step, input_signature=tf.nest.map_structure(relaxed, list(args)))
+
+
 def _build_compiled_under_strategy(search, dataset):
     """Builds ``search``'s compiled loss and metrics from one undistributed batch of ``dataset``, in the strategy's
     scope. Keras 3 would otherwise build them under a multi-replica strategy from a replica-averaged first batch,
@@ -386,6 +398,8 @@ class AutoEmbSearch(keras.Model):
         """One test-then-train step of the stream (used by ``stream_fit``): the θ-step on ``(x_val, y_val)``
         when given (bilevel mode), then the W-step; returns ``(y_pred, per-example losses)`` as tensors."""
         key = x_val is not None and self.uses_validation
+        if not key:
+            x_val, y_val = x, y  # unused placeholders with the same structure
         fn = self._stream_functions.get(key)
         if fn is None:
             self._build_optimizers()
@@ -396,10 +410,8 @@ class AutoEmbSearch(keras.Model):
                 y_pred, _, per_example = self._w_step(x, y)
                 return y_pred, per_example
 
-            fn = tf.function(step, reduce_retracing=True)
+            fn = batch_polymorphic_function(step, (x, y, x_val, y_val))
             self._stream_functions[key] = fn
-        if not key:
-            x_val, y_val = x, y  # unused placeholders with the same structure
         return fn(x, y, x_val, y_val)
 
     def get_config(self):

@@ -57,8 +57,8 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, keras, register
 from tfemb.autoemb import (
-    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, per_example_loss, previous_batch_stream,
-    scheme_layers, stream_summary, stream_test_start,
+    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, batch_polymorphic_function, per_example_loss,
+    previous_batch_stream, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
@@ -510,6 +510,8 @@ class ESAPNSearch(keras.Model):
         model step on ``(x, y)``. Returns tensors ``(y_pred, per-example losses, {feature: ids enlarged},
         policy stats or {})``."""
         key = x_prev is not None and self.uses_policy
+        if not key:
+            x_prev, y_prev = x, y  # unused placeholders with the same structure
         fn = self._stream_functions.get(key)
         if fn is None:
             self._build_optimizers()
@@ -521,10 +523,8 @@ class ESAPNSearch(keras.Model):
                 y_pred, _, per_example, enlarged = self.model_step(x, y)
                 return y_pred, per_example, enlarged, stats
 
-            fn = tf.function(step, reduce_retracing=True)
+            fn = batch_polymorphic_function(step, (x, y, x_prev, y_prev))
             self._stream_functions[key] = fn
-        if not key:
-            x_prev, y_prev = x, y  # unused placeholders with the same structure
         return fn(x, y, x_prev, y_prev)
 
     def get_config(self):
