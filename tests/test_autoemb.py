@@ -19,6 +19,7 @@ from tfemb._keras import keras
 from tfemb.autoemb import (
     PREVIOUS_BATCH,
     AutoEmbSearch,
+    architecture_tables,
     architecture_variables,
     autoemb_layers,
     fit_experiment,
@@ -823,6 +824,54 @@ def test_bilevel_step_theta_on_validation_then_w_on_training():
         r = rng(list(autoemb_layers(model)).index(name))
         start = r.integers(0, 14, layer.vocabulary_size)
         np.testing.assert_array_equal(np_value(layer.counts), start + bincount(xt[name], layer.vocabulary_size))
+
+
+def test_theta_tables_are_updated_row_sparsely():
+    """``sparse_theta_updates`` (default): the controllers' popularity kernels take lazy Adam on the batch's summed
+    row gradients, so a row (a popularity bucket) moves only in a θ-step whose batch uses it. Two θ-steps on
+    batches with different buckets: the first moves exactly the used rows by Adam's first step (NumPy); the second
+    leaves the rows only the first batch used where they were. With ``sparse_theta_updates=False`` (Keras' dense
+    Adam) those rows move again, by their momentum."""
+    batches = [rows(0, 6), rows(60, 66)]
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-7
+    runs = {}
+    for sparse in (True, False):
+        model = cf_model()
+        if sparse:
+            start = snapshot(model.weights)
+        else:  # the same starting point
+            for variable, value in zip(model.weights, start):
+                variable.assign(value)
+        assign_model_state(model)
+        search = AutoEmbSearch(model, sparse_theta_updates=sparse)
+        search.compile(optimizer=keras.optimizers.SGD(0.1), controller_optimizer=keras.optimizers.Adam(lr))
+        search._build_optimizers()
+        tables = architecture_tables(model)
+        assert [t.shape for t in tables] == [(MAX_POP + 1, UNITS)] * 2  # the two controllers' popularity kernels
+        assert (search._theta_sparse_optimizer is not None) == sparse
+        states, grads = [snapshot(tables)], []
+        for xv, yv in batches:
+            grads.append(reference_gradients(model, xv, yv, tables))
+            search._theta_step({k: tf.constant(v) for k, v in xv.items()}, tf.constant(yv))
+            states.append(snapshot(tables))
+        runs[sparse] = (states, grads)
+    (k0, k1, k2), (g1, g2) = runs[True]
+    d1, d2 = runs[False][0][1:]
+    for i in range(2):
+        used = [set(np.flatnonzero(np.abs(g[i]).max(axis=1) > 0).tolist()) for g in (g1, g2)]
+        only_first, untouched = sorted(used[0] - used[1]), sorted(set(range(MAX_POP + 1)) - used[0] - used[1])
+        assert only_first and untouched
+        first = np.sqrt(1 - b2) / (1 - b1) * (1 - b1) * g1[i] / (np.sqrt((1 - b2) * g1[i] ** 2) + eps)
+        np.testing.assert_allclose(k1[i], k0[i] - lr * first, rtol=1e-5, atol=1e-7)  # zero rows stay
+        np.testing.assert_array_equal(k2[i][only_first], k1[i][only_first])  # lazy: no gradient, no move
+        assert np.abs(d2[i][only_first] - d1[i][only_first]).min() > 0  # dense: moved by the momentum
+        np.testing.assert_array_equal(k2[i][untouched], k0[i][untouched])
+    with pytest.raises(TypeError, match="sparse_theta_updates must be a bool. Received: 'yes'"):
+        AutoEmbSearch(cf_model(), sparse_theta_updates="yes")
+    # Not a plain Adam: every θ variable through the θ optimizer.
+    search = AutoEmbSearch(cf_model())
+    search.compile(optimizer="sgd", controller_optimizer=keras.optimizers.Adam(0.01, amsgrad=True))
+    assert search._theta_sparse_optimizer is None
 
 
 def test_joint_step_moves_w_and_theta_on_the_training_batch():

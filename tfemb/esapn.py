@@ -61,6 +61,7 @@ from tfemb.autoemb import (
     previous_batch_stream, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
+from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
 
@@ -179,15 +180,15 @@ class ESAPNPolicy(keras.layers.Layer):
         dtype = self.compute_dtype
         buckets = popularity_buckets(tf.cast(frequency, tf.int64), self.popularity_encoding, self.max_popularity)
         if self.popularity_embedding_dim:
-            popularity = self.popularity_norm(tf.cast(sparse_gather(self.popularity_embeddings, buckets), dtype),
-                                              training=training)
+            popularity = batch_norm(self.popularity_norm,
+                                    tf.cast(sparse_gather(self.popularity_embeddings, buckets), dtype), training)
             hidden = tf.matmul(popularity, tf.cast(self.popularity_kernel, dtype))
         else:
             hidden = tf.cast(sparse_gather(self.popularity_kernel, buckets), dtype)
         hidden += tf.cast(sparse_gather(self.size_kernel, tf.cast(size_index, tf.int64)), dtype)
         if self.loss_kernel is not None:
             hidden += tf.cast(last_loss, dtype)[:, tf.newaxis] * tf.cast(self.loss_kernel, dtype)
-        hidden = tf.tanh(self.hidden_norm(hidden + tf.cast(self.hidden_bias, dtype), training=training))
+        hidden = tf.tanh(batch_norm(self.hidden_norm, hidden + tf.cast(self.hidden_bias, dtype), training))
         return tf.cast(self.output_layer(hidden), tf.float32)  # [batch, 2]
 
     def compute_output_shape(self, input_shape):

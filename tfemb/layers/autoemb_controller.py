@@ -4,7 +4,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import check_positive_int
+from tfemb.layers.batch_norm import batch_norm
+from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 
 #: Popularity encodings: ``"one_hot"`` (the count itself, capped) and ``"log2"`` (``floor(log2(1 + count))``).
 POPULARITY_ENCODINGS = ("one_hot", "log2")
@@ -175,10 +176,12 @@ class AutoEmbController(keras.layers.Layer):
         popularity, weights, loss = self._check_inputs(inputs)
         context = tf.concat([tf.cast(weights, self.compute_dtype),
                              tf.cast(loss, self.compute_dtype)[:, tf.newaxis]], axis=1)  # [batch, N + 1]
-        hidden = (tf.gather(tf.cast(self.popularity_kernel, self.compute_dtype), popularity)
+        # The kernel's rows only (a read of the whole 1001 x 512 kernel copies it each step when the same step
+        # then updates it).
+        hidden = (tf.cast(sparse_gather(self.popularity_kernel, popularity), self.compute_dtype)
                   + tf.matmul(context, tf.cast(self.context_kernel, self.compute_dtype))
                   + tf.cast(self.hidden_bias, self.compute_dtype))  # [batch, hidden_units]
-        hidden = tf.tanh(self.norm(hidden, training=training))
+        hidden = tf.tanh(batch_norm(self.norm, hidden, training))
         logits = tf.cast(self.output_layer(hidden), tf.float32)  # softmax in float32 under mixed precision
         return tf.nn.softmax(logits, axis=-1)
 

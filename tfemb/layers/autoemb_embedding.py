@@ -10,7 +10,8 @@ from tfemb.layers.autoemb_controller import (
     num_popularity_buckets,
     popularity_buckets,
 )
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.batch_norm import batch_norm
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
 from tfemb.layers.multi_dim_embedding import MultiDimEmbedding
 from tfemb.optimizers import scatter_add, scatter_update
 
@@ -237,10 +238,11 @@ class AutoEmbEmbedding(EmbeddingScheme):
         if self.controller is None:
             if self.darts_granularity == "side":
                 return tf.broadcast_to(tf.nn.softmax(self.architecture_logits), tf.stack([tf.size(flat_ids), n]))
-            return tf.nn.softmax(tf.gather(self.architecture_logits, flat_ids), axis=-1)
-        popularity = popularity_buckets(tf.gather(self.counts, flat_ids), self.popularity_encoding, self.max_popularity)
+            return tf.nn.softmax(sparse_gather(self.architecture_logits, flat_ids), axis=-1)
+        popularity = popularity_buckets(sparse_gather(self.counts, flat_ids), self.popularity_encoding,
+                                        self.max_popularity)
         return self.controller(
-            (popularity, tf.gather(self.previous_weights, flat_ids), tf.gather(self.previous_loss, flat_ids)),
+            (popularity, sparse_gather(self.previous_weights, flat_ids), sparse_gather(self.previous_loss, flat_ids)),
             training=training,
         )
 
@@ -251,7 +253,7 @@ class AutoEmbEmbedding(EmbeddingScheme):
             vectors = tf.cast(self.gather_rows(self.tables[i], flat_ids), self.compute_dtype)  # [n, d_i]
             lifted.append(tf.matmul(vectors, tf.cast(self.kernels[i], self.compute_dtype))
                           + tf.cast(self.biases[i], self.compute_dtype))  # [n, output_dim]
-        normed = self.norm(tf.concat(lifted, axis=1), training=training)  # [n, N * output_dim]: N BNs in one
+        normed = batch_norm(self.norm, tf.concat(lifted, axis=1), training)  # [n, N * output_dim]: N BNs in one
         return tf.tanh(tf.reshape(normed, [-1, self.num_candidates, self.output_dim]))
 
     def candidate_norm(self, i):
@@ -333,6 +335,15 @@ class AutoEmbEmbedding(EmbeddingScheme):
         if self.controller is not None:
             return list(self.controller.trainable_variables)
         return [self.architecture_logits]
+
+    def architecture_tables(self):
+        """The θ variables read by row: the controller's popularity kernel (its one-hot input is a row gather), or
+        the per-id DARTS logits; ``tfemb.autoemb.AutoEmbSearch`` can update them row-sparsely."""
+        if not self.built:
+            self.build()
+        if self.controller is not None:
+            return [self.controller.popularity_kernel]
+        return [self.architecture_logits] if self.darts_granularity == "id" else []
 
     # ------------------------------------------------------------------------------------- selection export
     def selection_weights(self, ids=None, batch_size=65536):

@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
+from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, reshape_to_ids, sparse_gather
 from tfemb.optimizers import scatter_add, scatter_update
 
@@ -355,7 +356,7 @@ class ESAPNEmbedding(EmbeddingScheme):
         flat = tf.reshape(ids, [-1])  # [m]
         out = self.lift(flat, sparse_gather(self.size_index, flat))  # [m, d_n]
         if self.lift_norm is not None:
-            out = tf.tanh(self.lift_norm(out, training=self._call_training))
+            out = tf.tanh(batch_norm(self.lift_norm, out, self._call_training))
         return reshape_to_ids(out, ids, self.output_dim)
 
     # ------------------------------------------------------------------------------------------ stream state
