@@ -151,6 +151,9 @@ def parse_args(argv=None):
     p.add_argument("--d0-ctr", type=int, default=None, help="base dim of the Criteo runs (default 16)")
     p.add_argument("--num-blocks", type=int, default=8, help="MD blocks per CF feature (paper: k in 8..16)")
     p.add_argument("--round-pow2", action="store_true", help="round MD dims to powers of 2")
+    p.add_argument("--projections-init", default=None,
+                   help="initializer of the MD projections (default: the layer's, glorot_uniform as dlrm; e.g. "
+                        "'identity': each projection starts as the first d_i rows of the identity)")
     p.add_argument("--match", choices=("nearest", "at_most"), default="nearest",
                    help="MD budget: nearest to the uniform count (default) or the plain budget form (<= it)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per run (same split); metrics averaged")
@@ -285,16 +288,17 @@ def model_features(spec, prepared):
 
 
 def _md_factory(spec, prepared, d0, alpha, compression, args):
+    extra = {"projections_initializer": args.projections_init} if args.projections_init else {}
     if spec["kind"] == "ctr":
         try:
             return md_field_factory(prepared.schema, d0, alpha=alpha, round_pow2=args.round_pow2,
-                                    compression=compression)
+                                    compression=compression, **extra)
         except ValueError as error:
             if "budget is too small" not in str(error):
                 raise
             return smallest_field_factory(prepared.schema, d0)
     return scheme_factory("md", output_dim=d0, num_blocks=args.num_blocks, alpha=alpha, round_pow2=args.round_pow2,
-                          compression=compression)
+                          compression=compression, **extra)
 
 
 def _factory_parameters(factory, prepared, features):
