@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, keras
 from tfemb.layers.autoemb_embedding import INFERENCE_SELECTIONS, AutoEmbEmbedding
+from tfemb.layers.embedding_scheme import multi_replica
 
 #: ``"bilevel"``: θ on validation batches, W on training batches, alternating (AutoEmb, DARTS);
 #: ``"joint"``: W and θ together on the training loss (SAM).
@@ -93,10 +94,6 @@ def lazy_adam_twin(optimizer):
     return SparseAdam(learning_rate=float(np.asarray(tf.convert_to_tensor(optimizer.learning_rate))),
                       beta_1=float(np.asarray(optimizer.beta_1)), beta_2=float(np.asarray(optimizer.beta_2)),
                       epsilon=float(np.asarray(optimizer.epsilon)))
-
-
-def _multi_replica():
-    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
 def model_variables(model):
@@ -343,7 +340,7 @@ class AutoEmbSearch(keras.Model):
     def _sparse_theta_ids(self):
         """``id``s of the θ tables updated row-sparsely in this step (empty when off, or under a multi-replica
         strategy)."""
-        if self._theta_sparse_optimizer is None or _multi_replica():
+        if self._theta_sparse_optimizer is None or multi_replica():
             return set()
         return {id(v) for v in architecture_tables(self.rec_model)}
 

@@ -44,6 +44,11 @@ def check_frequencies(frequencies, vocabulary_size, name="frequencies"):
     return freq
 
 
+def multi_replica():
+    """True inside a ``tf.distribute`` strategy with more than one replica."""
+    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
+
+
 def sparse_gather(variable, rows):
     """``tf.gather(variable, rows)`` that reads only the rows of a variable, under Keras 3 too.
 

@@ -5,7 +5,9 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.batch_norm import batch_norm
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, reshape_to_ids, sparse_gather
+from tfemb.layers.embedding_scheme import (
+    EmbeddingScheme, check_positive_int, dtype_bytes, multi_replica, reshape_to_ids, sparse_gather,
+)
 from tfemb.optimizers import scatter_add, scatter_update
 
 #: The paper's candidate sizes D (Liu et al., SIGIR 2020, Section 3; the authors' ``Emb_Size``).
@@ -66,11 +68,6 @@ def _fresh_initializer(initializer, index):
     if config.get("seed") is not None:
         config["seed"] = int(config["seed"]) + index
     return type(initializer).from_config(config)
-
-
-def _multi_replica():
-    """True inside a ``tf.distribute`` strategy with more than one replica."""
-    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
 def _chain_cascade(stage_rows, stage_positions, gather_stage, kernels, biases, dtype):
@@ -331,7 +328,7 @@ class ESAPNEmbedding(EmbeddingScheme):
         n = self.num_candidates
         if n == 1:
             return tf.cast(self.gather_rows(self.tables[0], flat_ids), dtype)
-        if _multi_replica():
+        if multi_replica():
             return self._lift_fixed_size(flat_ids, sizes, dtype)
         parts = tf.dynamic_partition(flat_ids, tf.cast(sizes, tf.int32), n)
         positions = tf.dynamic_partition(tf.range(tf.size(flat_ids)), tf.cast(sizes, tf.int32), n)

@@ -7,7 +7,9 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers import md_dims
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes, reshape_to_ids
+from tfemb.layers.embedding_scheme import (
+    EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes, multi_replica, reshape_to_ids,
+)
 from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Bytes per entry of a stored id -> rank permutation (int32).
@@ -23,11 +25,6 @@ _LOOKUPS = ("auto", "gather", "table")
 
 #: ``lookup="auto"`` projects the whole table (``"table"``) when it has at most this many ``d0``-wide entries.
 _TABLE_LOOKUP_LIMIT = 2**18
-
-
-def _multi_replica():
-    """True inside a ``tf.distribute`` strategy with more than one replica."""
-    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
 @tf.custom_gradient
@@ -558,7 +555,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             # Exact-size gathers give row-sparse gradients of exactly the looked-up rows (training); a frozen layer
             # (compact(), inference) needs no gradient and takes the fixed-size gather, fewer ops and no dynamic
             # shapes (as multi-replica strategies need too).
-            fixed_size = _multi_replica() or not self.trainable
+            fixed_size = multi_replica() or not self.trainable
             wide = self._wide_fixed_size(flat) if fixed_size else self._wide_exact(flat)
             out = tf.matmul(wide, self._stacked_projections())  # [n, d0]
         return out if one_dim else reshape_to_ids(out, ids, self.output_dim)
