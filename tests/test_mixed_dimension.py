@@ -921,6 +921,53 @@ def test_lookup_modes_agree_and_auto_chooses():
         MixedDimensionEmbedding(23, 7, [3, 20], [7, 3], lookup="dense")
 
 
+@pytest.mark.parametrize("sizes,dims,d0,side_by_side", [
+    ([3, 5, 15], [7, 5, 3], 7, True),  # the fixtures' shape: K d_max = 21 <= 2 W = 30
+    ([2, 3, 4, 5, 6, 7, 8, 9], [16, 8, 4, 2, 1, 1, 1, 1], 16, False),  # dims falling fast: 128 > 2 * 34
+    ([4, 6, 9, 11], [8, 8, 4, 2], 8, True),  # row width g = 2; two blocks at d0 (merged by compact)
+    ([5, 4, 6], [3, 8, 2], 8, True),  # a block at d0 between projected ones
+])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_frozen_lookup_matches_numpy(sizes, dims, d0, side_by_side, permuted):
+    """A frozen layer (``compact()``, or ``trainable=False``) reads ``d_max`` entries per id and multiplies by the
+    projections side by side, or spreads them into the wide row when that is cheaper; both give Algorithm 1's
+    vectors (NumPy reference), single and pooled multi-hot ids, eager and traced."""
+    rng = np.random.default_rng(len(sizes) + permuted)
+    vocab = sum(sizes)
+    perm = rng.permutation(vocab) if permuted else np.arange(vocab)
+    layer = MixedDimensionEmbedding(vocab, d0, sizes, dims, permutation=perm.tolist() if permuted else None)
+    layer.build()
+    tables = [rng.normal(size=(n, d)).astype(np.float32) for n, d in zip(sizes, dims)]
+    projections = [None if d == d0 else rng.normal(size=(d, d0)).astype(np.float32) for d in dims]
+    layer.set_block_weights(tables, projections)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def reference(ids):
+        out = []
+        for x in np.asarray(ids).reshape(-1):
+            r = perm[int(x)]
+            b = np.searchsorted(offsets, r, side="right") - 1
+            v = tables[b][r - offsets[b]].astype(np.float64)
+            out.append(v if projections[b] is None else v @ projections[b])
+        return np.stack(out).reshape(np.shape(ids) + (d0,))
+
+    assert layer._layout.side_by_side is side_by_side
+    ids = np.arange(vocab)[::-1]
+    for frozen in (layer.compact(), MixedDimensionEmbedding.from_config({**layer.get_config(), "trainable": False})):
+        if not frozen.built:
+            frozen.build()
+            frozen.set_block_weights(tables, projections)
+        np.testing.assert_allclose(frozen(tf.constant(ids)).numpy(), reference(ids), rtol=1e-5, atol=1e-5)
+        traced = tf.function(lambda x, f=frozen: f(x))(tf.constant(ids.reshape(-1, 1)))
+        np.testing.assert_allclose(traced.numpy(), reference(ids.reshape(-1, 1)), rtol=1e-5, atol=1e-5)
+    pooled = MixedDimensionEmbedding.from_config({**layer.get_config(), "trainable": False, "combiner": "sum"})
+    pooled.build()
+    pooled.set_block_weights(tables, projections)
+    multi = np.array([[0, vocab - 1, -1], [2, 2, 1]])
+    want = np.stack([reference([0, vocab - 1]).sum(0), reference([2, 2, 1]).sum(0)])
+    np.testing.assert_allclose(pooled(tf.constant(multi)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_table_lookup_gradient_is_made_dense_once():
     """The gather from ``projected_table()`` gives a row-sparse gradient; it is made dense once at the table, so
     the gradient graph of an 8-block layer has one dense conversion (``UnsortedSegmentSum``), not one per block,
