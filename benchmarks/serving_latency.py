@@ -29,7 +29,7 @@ values, ~51k ids in the fitted Schema; DeepFM, embedding dim 16):
   over REST (columnar JSON) and gRPC (``PredictionService.Predict``) at batch 1 and 256, round-robin over
   schemes and transports: p50 / p99 of the whole call (client encoding + transport + server + decoding).
 - **Lookups alone.** Every feature's ``compact()`` layer at batch 256 in one ``tf.function`` (no encoding, no
-  network), with the graph's op count, plus prototypes of faster MD and PEP lookups over the same tables
+  network), with the graph's op count, plus PEP's CSR layout beside its bitmask one over the same tables
   (outputs checked equal): the profile behind any scheme that misses the target.
 - **Throughput under load.** ``--load-threads`` client threads each sending ``--load-requests`` batch-1
   requests to one model (REST, then gRPC); requests per second over the wall time, in two round-robin rounds.
@@ -341,48 +341,9 @@ def graph_ops(fn):
     return len(gd.node) + sum(len(f.node_def) for f in gd.library.function)
 
 
-class MDFlatPrototype:
-    """Prototype of a faster MD inference lookup (not tfemb code): the block tables in one flat buffer, per id its
-    start and dim (int32 + int8 arrays, replacing the int32 rank permutation), a padded gather to ``d_max``
-    values, then ONE matmul with the projections stacked block-diagonally (``[n, blocks * d_max] x [blocks *
-    d_max, d0]``). No dynamic_partition / dynamic_stitch, ~10 ops per feature whatever the number of blocks."""
-
-    def __init__(self, layer):
-        import tensorflow as tf
-
-        blocks = layer.blocks_array()
-        ranks = layer.ranks_array()
-        dims = np.asarray(layer.block_dims)
-        tables = [np.asarray(t) for t in layer.block_embeddings]
-        self.dmax, self.num_blocks, self.d0 = int(dims.max()), len(dims), layer.output_dim
-        flat = np.concatenate([t.reshape(-1) for t in tables]).astype("float32")
-        block_start = np.concatenate([[0], np.cumsum([t.size for t in tables])])[:-1]
-        row = ranks - np.asarray(layer._offsets)[blocks]
-        self.start = tf.constant((block_start[blocks] + row * dims[blocks]).astype(np.int32))
-        self.dim = tf.constant(dims[blocks].astype(np.int32))
-        self.block = tf.constant(blocks.astype(np.int32))
-        proj = np.zeros((self.num_blocks, self.dmax, self.d0), "float32")
-        for i, d in enumerate(dims):
-            proj[i, :d] = np.eye(self.d0, dtype="float32")[:d] if layer.projections[i] is None \
-                else np.asarray(layer.projections[i])
-        self.proj = tf.constant(proj.reshape(self.num_blocks * self.dmax, self.d0))
-        self.values = tf.constant(flat)
-
-    def __call__(self, ids):
-        import tensorflow as tf
-
-        k = tf.range(self.dmax, dtype=tf.int32)
-        pos = tf.gather(self.start, ids)[:, None] + k[None, :]
-        valid = k[None, :] < tf.gather(self.dim, ids)[:, None]
-        vals = tf.where(valid, tf.gather(self.values, tf.minimum(pos, tf.size(self.values) - 1)), 0.0)
-        onehot = tf.one_hot(tf.gather(self.block, ids), self.num_blocks, dtype=vals.dtype)
-        wide = tf.reshape(onehot[:, :, None] * vals[:, None, :], [-1, self.num_blocks * self.dmax])
-        return tf.matmul(wide, self.proj)
-
-
 def profile_lookups(args, trained, prepared, log):
     """Batch-256 embedding lookups alone (every feature's compact layer, no encoding, no network), round-robin,
-    plus a prototype MD lookup and PEP's CSR layout beside its bitmask one (outputs checked equal).
+    plus PEP's CSR layout beside its bitmask one (outputs checked equal).
     ``{variant: stats + ops}``."""
     import tensorflow as tf
 
@@ -395,8 +356,6 @@ def profile_lookups(args, trained, prepared, log):
         with compact_layout(model, EXPORT_OPTIONS.get(name, {}).get("compact_layout")):
             layers = {f: model.embedding_layers[f].compact() for f in model.embedding_names}
         variants[f"{name}: compact layers"] = layers
-        if scheme == "md" and any(layer.num_blocks > 1 for layer in layers.values()):
-            variants[f"{name}: prototype flat buffer + one matmul"] = {f: MDFlatPrototype(l) for f, l in layers.items()}
         if scheme == "pep" and name not in EXPORT_OPTIONS:  # the bitmask layout; the CSR layout beside them
             from tfemb.layers import PackedEmbedding
 
@@ -689,8 +648,8 @@ def write_outputs(args, payload, rows, log):
                   markdown(payload["server_table"])]
     if payload.get("lookup_table"):
         lines += ["## Embedding lookups alone (every feature's compact layer, batch 256, round-robin)", "",
-                  "Prototypes are sketches of faster lookups for the same tables (not tfemb code); their outputs are "
-                  "checked against the compact layers'.", "", markdown(payload["lookup_table"])]
+                  "PEP's CSR layout (a column index per value) is measured beside its compact layers over the same "
+                  "tables; its outputs are checked against theirs.", "", markdown(payload["lookup_table"])]
     if payload.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in payload["notes"]] + [""]
     with open(md_path, "w") as fh:

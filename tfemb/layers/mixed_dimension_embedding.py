@@ -76,7 +76,7 @@ class Layout(NamedTuple):
     block_row_base: np.ndarray  # [K] int64: an id of rank r in block b starts at buffer row base[b] + r dim[b]
     block_row_dim: np.ndarray  # [K] int64: d_b / g
     column_within: np.ndarray  # [W] int64: the column of a block's row each wide column holds
-    side_rows: np.ndarray  # [d_max, K d0 / g] int64: buffer rows of the projections side by side (0 where none)
+    side_rows: np.ndarray  # [d_max, K d0 / g] int32 (int64 for huge buffers): buffer rows of the projections side by side (0 where none)
     side_kept: np.ndarray  # [d_max, K d0] bool: entries read from the buffer (row j < d_b of a projected block)
     side_identity: np.ndarray  # [d_max, K d0] float32: the identity of each block of dim d0, zeros elsewhere
     side_by_side: bool  # frozen lookup: projections side by side (K d_max <= 2 W multiply-adds per id and d0)
@@ -107,7 +107,8 @@ def md_layout(block_sizes, block_dims, output_dim):
     group_block, group_base, group_dim = column_block[::g], column_base[::g] // g, column_dim[::g] // g
     projection_rows = projection_positions[:, ::g] // g
     dmax, k = int(dims.max()), len(dims)
-    side_rows = np.zeros((dmax, k * d0 // g), dtype=np.int64)
+    # int32 where it fits: a constant of the exported graph (saved_model.pb), half the bytes of int64.
+    side_rows = np.zeros((dmax, k * d0 // g), dtype=np.int32 if size // g < 2**31 else np.int64)
     side_kept = np.zeros((dmax, k * d0), dtype=bool)
     side_identity = np.zeros((dmax, k * d0), dtype=np.float32)
     for b in range(k):
@@ -554,7 +555,9 @@ class MixedDimensionEmbedding(EmbeddingScheme):
             side = self.gather_rows(self.flat_parameters, tf.constant(lay.side_rows))  # [d_max, K d0 / g(, g)]
             if g > 1:
                 side = tf.reshape(side, lay.side_identity.shape)
-            side = tf.where(tf.constant(lay.side_kept), side, tf.constant(lay.side_identity, side.dtype))
+            # Entries not read from the buffer: the identities of blocks of dim d0 (when there are any), else 0.
+            other = lay.side_identity if lay.side_identity.any() else np.zeros((), np.float32)
+            side = tf.where(tf.constant(lay.side_kept), side, tf.constant(other, side.dtype))
             out = tf.reshape(tf.matmul(values, side), [-1, self.num_blocks, self.output_dim])
             return tf.gather(out, block, batch_dims=1)
         wide = tf.gather(values, tf.constant(lay.column_within), axis=1)  # [n, W]
