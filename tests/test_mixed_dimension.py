@@ -113,6 +113,17 @@ def test_single_ids_match_numpy(kind):
     np.testing.assert_allclose(graph.numpy(), reference(ids_2d), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [2, 7])
+def test_ranks_for_every_oov_rank(vocab):
+    """``ranks()`` of a layer without a permutation equals ``md_dims.ranks_from_oov_rank`` for every position of
+    the OOV id, the last one (a Schema's usual case, the two-op form) included."""
+    for oov_rank in range(vocab):
+        layer = MixedDimensionEmbedding(vocab, 4, [vocab], [4], oov_rank=oov_rank)
+        layer.build()
+        got = layer.ranks(tf.range(vocab, dtype=tf.int64)).numpy()
+        np.testing.assert_array_equal(got, ranks_from_oov_rank(vocab, oov_rank), err_msg=f"oov_rank={oov_rank}")
+
+
 def test_block_lookup_by_hand():
     layer, _ = md_case("identity")
     out = layer(tf.constant([2, 3, 8])).numpy()

@@ -464,8 +464,13 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         if self.id_ranks is not None:
             return tf.cast(tf.gather(self.id_ranks, ids), tf.int64)
         if self.oov_rank:
-            moved = tf.where(ids <= self.oov_rank, ids - 1, ids)
-            return tf.where(tf.equal(ids, 0), tf.constant(self.oov_rank, tf.int64), moved)
+            # Ids 1..oov_rank move down one rank and id 0 takes rank oov_rank: (id + oov_rank) mod (oov_rank + 1)
+            # on 0..oov_rank; ids above keep their own. With oov_rank = V - 1 (the OOV id is the least popular,
+            # as a Schema's id 0 usually is) no valid id is above: two ops.
+            cycled = tf.math.floormod(ids + self.oov_rank, self.oov_rank + 1)
+            if self.oov_rank == self.vocabulary_size - 1:
+                return cycled
+            return tf.where(ids > self.oov_rank, ids, cycled)
         return ids
 
     def block_of(self, ranks):

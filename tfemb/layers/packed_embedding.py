@@ -377,8 +377,9 @@ class PackedEmbedding(EmbeddingScheme):
         bits = np.left_shift(np.uint64(1), np.arange(d, dtype=np.uint64))
         low = tf.constant(_signed_bits(bits - np.uint64(1), self.mask_dtype))  # [d]: the columns before c
         bit = tf.constant(_signed_bits(bits, self.mask_dtype))  # [d]: column c
-        starts = sparse_gather(self.row_splits, flat)[:, tf.newaxis]  # [n, 1]
-        masks = sparse_gather(self.row_masks, flat)[:, tf.newaxis]  # [n, 1]
+        column = tf.expand_dims(flat, 1)  # [n, 1]: one reshape of the ids for both index gathers
+        starts = sparse_gather(self.row_splits, column)  # [n, 1]
+        masks = sparse_gather(self.row_masks, column)  # [n, 1]
         before = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(masks, low)), starts.dtype)  # [n, d]
         positions = tf.minimum(starts + before, tf.constant(self.nnz - 1, starts.dtype))
         values = self.gather_rows(self.values, positions)  # [n, d]; the export's hook
