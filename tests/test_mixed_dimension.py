@@ -78,18 +78,23 @@ def md_case(kind="identity", **kw):
     layer = MixedDimensionEmbedding(V, D0, SIZES, DIMS, **extra, **kw)
     layer.build()
     layer.set_block_weights(TABLES, PROJECTIONS)
-    ranks = _ranks(kind)
+    return layer, algorithm1_reference(_ranks(kind), SIZES, TABLES, PROJECTIONS, D0)
+
+
+def algorithm1_reference(ranks, sizes, tables, projections, d0):
+    """NumPy Algorithm 1: ``ids -> vectors`` (float64) for an id -> rank map, block tables and projections."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
     def reference(ids):
         out = []
         for x in np.asarray(ids).reshape(-1):
             r = ranks[int(x)]
-            b = np.searchsorted(OFFSETS, r, side="right") - 1
-            vector = TABLES[b][r - OFFSETS[b]].astype(np.float64)
-            out.append(vector if PROJECTIONS[b] is None else vector @ PROJECTIONS[b])
-        return np.stack(out).reshape(np.shape(ids) + (D0,))
+            b = np.searchsorted(offsets, r, side="right") - 1
+            vector = tables[b][r - offsets[b]].astype(np.float64)
+            out.append(vector if projections[b] is None else vector @ projections[b])
+        return np.stack(out).reshape(np.shape(ids) + (d0,))
 
-    return layer, reference
+    return reference
 
 
 KINDS = ["identity", "oov_rank", "permutation"]
@@ -951,16 +956,7 @@ def test_frozen_lookup_matches_numpy(sizes, dims, d0, side_by_side, permuted):
     tables = [rng.normal(size=(n, d)).astype(np.float32) for n, d in zip(sizes, dims)]
     projections = [None if d == d0 else rng.normal(size=(d, d0)).astype(np.float32) for d in dims]
     layer.set_block_weights(tables, projections)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-
-    def reference(ids):
-        out = []
-        for x in np.asarray(ids).reshape(-1):
-            r = perm[int(x)]
-            b = np.searchsorted(offsets, r, side="right") - 1
-            v = tables[b][r - offsets[b]].astype(np.float64)
-            out.append(v if projections[b] is None else v @ projections[b])
-        return np.stack(out).reshape(np.shape(ids) + (d0,))
+    reference = algorithm1_reference(perm, sizes, tables, projections, d0)
 
     assert layer._layout.side_by_side is side_by_side
     ids = np.arange(vocab)[::-1]
