@@ -166,6 +166,10 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     ``lookup="gather"`` always uses the per-id path, and so does a layer with a ``gather_rows`` hook installed
     (export quantisation reads every table entry through it).
 
+    **Frozen** (``compact()``, or ``trainable=False``; no gradient needed): each id reads the ``d_max`` buffer
+    entries from its row's start and ONE matmul with the projections side by side picks its block's result
+    (``_frozen_lookup``): the same vectors with fewer graph ops, the serving path of an exported model.
+
     Rank of an id: ``rank = id`` by default (ids already in descending popularity); ``oov_rank = r0`` for a
     ``tfemb.data.Schema``'s numbering, where only the OOV id 0 is out of place (``rank(0) = r0``, ids
     ``1..r0`` move up one, the others keep their id); or an explicit ``permutation`` (``permutation[id]`` =
