@@ -76,10 +76,6 @@ class Layout(NamedTuple):
     block_row_base: np.ndarray  # [K] int64: an id of rank r in block b starts at buffer row base[b] + r dim[b]
     block_row_dim: np.ndarray  # [K] int64: d_b / g
     column_within: np.ndarray  # [W] int64: the column of a block's row each wide column holds
-    side_rows: np.ndarray  # [d_max, K d0 / g] int32 (int64 for huge buffers): the projections' buffer rows side
-    #                        by side (0 where none)
-    side_kept: np.ndarray  # [d_max, K d0] bool: entries read from the buffer (row j < d_b of a projected block)
-    side_identity: np.ndarray  # [d_max, K d0] float32: the identity of each block of dim d0, zeros elsewhere
     side_by_side: bool  # frozen lookup: projections side by side (K d_max <= 2 W multiply-adds per id and d0)
 
 
@@ -108,24 +104,32 @@ def md_layout(block_sizes, block_dims, output_dim):
     group_block, group_base, group_dim = column_block[::g], column_base[::g] // g, column_dim[::g] // g
     projection_rows = projection_positions[:, ::g] // g
     dmax, k = int(dims.max()), len(dims)
-    # int32 where it fits: a constant of the exported graph (saved_model.pb), half the bytes of int64.
-    side_rows = np.zeros((dmax, k * d0 // g), dtype=np.int32 if size // g < 2**31 else np.int64)
-    side_kept = np.zeros((dmax, k * d0), dtype=bool)
-    side_identity = np.zeros((dmax, k * d0), dtype=np.float32)
-    for b in range(k):
-        d = int(dims[b])
-        if projected[b]:
-            side_rows[:d, b * d0 // g:(b + 1) * d0 // g] = (
-                projection_offsets[b] + np.arange(d)[:, None] * d0 + np.arange(0, d0, g)[None, :]) // g
-            side_kept[:d, b * d0:(b + 1) * d0] = True
-        else:
-            side_identity[np.arange(d), b * d0 + np.arange(d)] = 1.0
     return Layout(size, table_size, table_offsets, projection_offsets, uniform, column_block,
                   column_base.astype(np.int64), column_dim.astype(np.int64), projection_positions, identity_rows,
                   g, group_block.astype(np.int32), group_base.astype(np.int64), group_dim.astype(np.int64),
                   projection_rows.astype(np.int64), dmax, (table_offsets - rank_offsets * dims) // g, dims // g,
-                  within.astype(np.int64), side_rows, side_kept, side_identity,
-                  bool(k * dmax <= 2 * column_block.shape[0]))
+                  within.astype(np.int64), bool(k * dmax <= 2 * column_block.shape[0]))
+
+
+def side_by_side_projections(block_dims, output_dim, layout):
+    """``(rows, kept, identity)`` of the frozen lookup's projections side by side (``[d_max, K d0]``; pure NumPy,
+    built only for a frozen layer that takes that path): ``rows`` ``[d_max, K d0 / g]`` the buffer rows of each
+    projection (0 where none; int32 where it fits, as it is a constant of the exported graph), ``kept`` which
+    entries are read from the buffer (row ``j < d_b`` of a projected block), ``identity`` the identity of each
+    block of dim ``d0`` (zeros elsewhere), or a scalar 0 when no block is at ``d0``."""
+    dims, d0, g, dmax = np.asarray(block_dims), int(output_dim), layout.row_width, layout.max_dim
+    k = len(dims)
+    rows = np.zeros((dmax, k * d0 // g), dtype=np.int32 if layout.size // g < 2**31 else np.int64)
+    kept = np.zeros((dmax, k * d0), dtype=bool)
+    identity = np.zeros((dmax, k * d0), dtype=np.float32)
+    for b, d in enumerate(int(x) for x in dims):
+        if layout.projection_offsets[b] >= 0:
+            rows[:d, b * d0 // g:(b + 1) * d0 // g] = (
+                layout.projection_offsets[b] + np.arange(d)[:, None] * d0 + np.arange(0, d0, g)[None, :]) // g
+            kept[:d, b * d0:(b + 1) * d0] = True
+        else:
+            identity[np.arange(d), b * d0 + np.arange(d)] = 1.0
+    return rows, kept, identity if identity.any() else np.zeros((), np.float32)
 
 
 @register
@@ -562,12 +566,11 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         if g > 1:
             values = tf.reshape(values, [-1, lay.max_dim])
         if lay.side_by_side:
-            side = self.gather_rows(self.flat_parameters, tf.constant(lay.side_rows))  # [d_max, K d0 / g(, g)]
+            rows, kept, identity = side_by_side_projections(self.block_dims, self.output_dim, lay)
+            side = self.gather_rows(self.flat_parameters, tf.constant(rows))  # [d_max, K d0 / g(, g)]
             if g > 1:
-                side = tf.reshape(side, lay.side_identity.shape)
-            # Entries not read from the buffer: the identities of blocks of dim d0 (when there are any), else 0.
-            other = lay.side_identity if lay.side_identity.any() else np.zeros((), np.float32)
-            side = tf.where(tf.constant(lay.side_kept), side, tf.constant(other, side.dtype))
+                side = tf.reshape(side, kept.shape)
+            side = tf.where(tf.constant(kept), side, tf.constant(identity, side.dtype))
             out = tf.reshape(tf.matmul(values, side), [-1, self.num_blocks, self.output_dim])
             return tf.gather(out, block, batch_dims=1)
         wide = tf.gather(values, tf.constant(lay.column_within), axis=1)  # [n, W]
