@@ -48,12 +48,16 @@ SCHEMES = {
     "qr_add": lambda: scheme_factory("qr", output_dim=DIM, num_buckets=3, operation="add"),
     "qr_concat": lambda: scheme_factory("qr", output_dim=DIM, num_buckets=3, operation="concat"),
     "double_hashing": lambda: scheme_factory("double_hashing", output_dim=DIM, num_hot=3, num_buckets=4),
-    "md": lambda: scheme_factory("md", output_dim=DIM, num_blocks=2),
+    # MD keeping its blocks in the export (premultiplied only where smaller), as a larger table's export does,
+    # and with the default "fast", which exports a table as small as these as one plain table.
+    "md": lambda: scheme_factory("md", output_dim=DIM, num_blocks=2, compact_premultiply="auto"),
+    "md_fast": lambda: scheme_factory("md", output_dim=DIM, num_blocks=2),
     "pep": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension"),
     # The same PEP tables exported in the slots layout (the fastest lookup, PEPEmbedding(compact_layout=...)).
     "pep_slots": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension", compact_layout="slots"),
 }
-LAYER_MODULES = {"md": "tfemb.layers.mixed_dimension_embedding", "pep": "tfemb.layers.pep_embedding"}
+LAYER_MODULES = {"md": "tfemb.layers.mixed_dimension_embedding", "md_fast": "tfemb.layers.mixed_dimension_embedding",
+                 "pep": "tfemb.layers.pep_embedding"}
 
 
 def require_scheme(scheme):
@@ -331,10 +335,11 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
         size = int(np.prod(row["shape"]))
         scales = (row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)) if table_dtype == "int8" else 0
         assert row["bytes"] == (size + 4 * scales if table_dtype == "int8" else 2 * size)
-    if scheme in ("pep", "pep_slots"):
+    if scheme in ("pep", "pep_slots", "md"):
         return
-    # The schemes whose compact tables are their training tables: the Keras model with the same dequantised
-    # tables gives the export's outputs (float32 parity).
+    # The schemes whose compact tables are their training tables (not PEP's packed ones, nor MD's, whose small
+    # blocks and OOV row are premultiplied): the Keras model with the same dequantised tables gives the export's
+    # outputs (float32 parity).
     saved = [layer.weights for layer in model.embedding_list]
     originals = [[tf.convert_to_tensor(w).numpy() for w in weights] for weights in saved]
     try:

@@ -32,6 +32,7 @@ from tfemb.layers import (
     scheme_factory,
     stacked_md_blocks,
 )
+from tfemb.layers.mixed_dimension_embedding import PLAIN_TABLE_ENTRIES
 from tfemb.layers.md_dims import block_masses, equal_mass_block_sizes, md_parameter_count, ranks_from_oov_rank
 from tfemb.testing import run_scheme_test
 
@@ -335,7 +336,7 @@ def test_row_width_buffer_lookup_and_gradient(case, lookup):
         base = float(tf.reduce_sum(layer(tf.constant(ids)) * weights))
         # Linear in each entry, up to float32 rounding on sums of a few dozen products.
         np.testing.assert_allclose(plus - base, dense[entry], rtol=1e-3, atol=1e-3)
-    compact = layer.compact()
+    compact = layer.compact(premultiply=False)  # block tables as trained (the default makes a table this small plain)
     np.testing.assert_allclose(compact(tf.constant(ids)).numpy(), reference(ids), rtol=1e-5, atol=1e-5)
     assert tuple(compact.flat_parameters.shape) == tuple(layer.flat_parameters.shape)
 
@@ -801,6 +802,66 @@ def test_compact_and_premultiply():
         layer.compact(premultiply="yes")
 
 
+def _op_types(layer, ids):
+    graph = tf.function(lambda x: layer(x)).get_concrete_function(tf.constant(ids)).graph.as_graph_def()
+    return [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+
+
+@pytest.mark.parametrize("sizes,dims,oov_rank,premultiply,want_sizes,want_dims,params", [
+    (SIZES, DIMS, SCHEMA_OOV_RANK, False, [4, 5, 14], [7, 5, 3], 147 + 7 - 3),  # a Schema's OOV rank, block 2
+    (SIZES, DIMS, V - 1, False, [4, 5, 14], [7, 5, 3], 151),  # the OOV id least popular
+    (SIZES, DIMS, 2, False, [3, 5, 15], [7, 5, 3], 147),  # inside block 0: the same blocks
+    (SIZES, DIMS, SCHEMA_OOV_RANK, "auto", [9, 14], [7, 3], 126),  # block 1 premultiplied and merged with 0
+    ([3, 1, 19], DIMS, 3, False, [4, 19], [7, 3], 21 + 7 + 57 + 21),  # the OOV row was a block of its own
+    ([8, 15], [5, 3], SCHEMA_OOV_RANK, False, [8, 15], [5, 3], 40 + 45 + 35 + 21),  # block 0 below d0: kept
+])
+def test_compact_stores_the_oov_row_first(sizes, dims, oov_rank, premultiply, want_sizes, want_dims, params):
+    """With an ``oov_rank`` and a first block at ``d0``, ``compact()`` stores the OOV id's projected vector as row 0
+    of block 0, so that rank = id: no rank ops in the lookup, the same vector for every id (NumPy Algorithm 1)."""
+    rng = np.random.default_rng(oov_rank)
+    tables = [rng.normal(size=(n, d)).astype(np.float32) for n, d in zip(sizes, dims)]
+    projections = [None if d == D0 else rng.normal(size=(d, D0)).astype(np.float32) for d in dims]
+    layer = MixedDimensionEmbedding(V, D0, sizes, dims, oov_rank=oov_rank)
+    layer.build()
+    layer.set_block_weights(tables, projections)
+    reference = algorithm1_reference(ranks_from_oov_rank(V, oov_rank), sizes, tables, projections, D0)
+    compact = layer.compact(premultiply=premultiply)
+    assert (compact.block_sizes, compact.block_dims, compact.parameter_count()) == (want_sizes, want_dims, params)
+    moved = dims[0] == D0
+    assert compact.oov_rank == (0 if moved else oov_rank) and compact.permutation is None
+    assert compact.dims_per_id()[0] == (D0 if moved else layer.dims_per_id()[0])
+    for ids in (IDS, IDS.reshape(-1, 1), np.arange(V)):
+        np.testing.assert_allclose(compact(tf.constant(ids)).numpy(), reference(ids), rtol=1e-5, atol=1e-5)
+    assert ("FloorMod" in _op_types(compact, IDS)) is not moved and "FloorMod" in _op_types(layer, IDS)
+
+
+def test_compact_fast_exports_small_tables_plain():
+    """``compact_premultiply="fast"`` (the default): a layer of at most ``PLAIN_TABLE_ENTRIES`` ``d0``-wide entries
+    is one plain table (a gather, no Bucketize or matmul); a larger one is compacted as ``"auto"``."""
+    layer, reference = md_case("oov_rank")  # 23 x 7 entries
+    assert layer.compact_premultiply == "fast"
+    plain = layer.compact()
+    assert (plain.block_sizes, plain.block_dims, plain.parameter_count(), plain.oov_rank) == ([V], [D0], V * D0, 0)
+    np.testing.assert_allclose(plain(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-5, atol=1e-5)
+    assert not {"Bucketize", "MatMul", "FloorMod"} & set(_op_types(plain, IDS))
+    kept = MixedDimensionEmbedding.from_config({**layer.get_config(), "compact_premultiply": False})
+    kept.build()
+    kept.set_block_weights(TABLES, PROJECTIONS)
+    assert kept.compact().block_sizes == [4, 5, 14] and kept.compact_premultiply is False
+
+    rows = PLAIN_TABLE_ENTRIES // 4  # 4 + 4 * rows entries of dim 4: just above the limit
+    big = MixedDimensionEmbedding(rows + 1, 4, [1, rows], [4, 1])
+    big.build()
+    fast, auto = big.compact(), big.compact(premultiply="auto")
+    # Block 1 (4,096 rows of dim 1) premultiplied would be 16,384 numbers against 4,100: kept factored.
+    assert fast.block_sizes == auto.block_sizes == [1, rows] and fast.block_dims == [4, 1]
+    ids = tf.constant(np.random.default_rng(0).integers(0, rows + 1, 50))
+    np.testing.assert_allclose(fast(ids).numpy(), big(ids).numpy(), rtol=1e-5, atol=1e-6)
+    for bad in (1, "fastest", None):
+        with pytest.raises(ValueError, match=f"compact_premultiply must be one of .*Received: compact_premultiply={bad!r}"):
+            MixedDimensionEmbedding(V, D0, SIZES, DIMS, compact_premultiply=bad)
+
+
 # ------------------------------------------------------------------------------------------------ contract
 CONTRACT = [
     ({"vocabulary_size": V, "output_dim": D0, "block_sizes": SIZES, "block_dims": DIMS}, IDS[:6], (6, 7)),
@@ -960,7 +1021,8 @@ def test_frozen_lookup_matches_numpy(sizes, dims, d0, side_by_side, permuted):
 
     assert layer._layout.side_by_side is side_by_side
     ids = np.arange(vocab)[::-1]
-    for frozen in (layer.compact(), MixedDimensionEmbedding.from_config({**layer.get_config(), "trainable": False})):
+    for frozen in (layer.compact(premultiply=False),
+                   MixedDimensionEmbedding.from_config({**layer.get_config(), "trainable": False})):
         if not frozen.built:
             frozen.build()
             frozen.set_block_weights(tables, projections)
