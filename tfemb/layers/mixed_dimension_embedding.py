@@ -704,9 +704,9 @@ class MixedDimensionEmbedding(EmbeddingScheme):
                 most ``PLAIN_TABLE_ENTRIES`` (``2**14``) ``d0``-wide entries (``vocabulary_size * d0``, 64 KB
                 in float32) stored as one plain table (True): its lookup is one gather, as a fixed table's. On
                 the serving benchmark's eight fields this exports three small fields (101, 301 and 1,001 ids)
-                as plain tables, for 9% more embedding parameters and a ~15% faster lookup
-                (``docs/export.md``). A premultiplied block reports ``d0`` in ``dims_per_id`` and
-                ``parameter_count``: it is what the compact layer stores.
+                as plain tables, for 9% more embedding parameters and ~10% faster lookups (``docs/methods.md``,
+                MD export). A premultiplied block reports ``d0`` in ``dims_per_id`` and ``parameter_count``: it
+                is what the compact layer stores.
         """
         premultiply = _check_premultiply(self.compact_premultiply if premultiply is None else premultiply)
         if premultiply == "fast":
