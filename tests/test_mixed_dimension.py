@@ -970,10 +970,20 @@ def test_docstring_examples_run():
         assert result.failed == 0 and result.attempted > 0, (module.__name__, result)
 
 
-def test_lookup_modes_agree_and_auto_chooses():
+def _single_block_layer():
+    """One block of dim 3 with its projection (a per-field CTR layer), OOV rank as a Schema's."""
+    layer = MixedDimensionEmbedding(V, D0, [V], [3], oov_rank=SCHEMA_OOV_RANK)
+    layer.build()
+    layer.set_block_weights([_values(V, 3, 0.2)], [_values(3, D0, -0.4) / 5.0])
+    return layer
+
+
+@pytest.mark.parametrize("single_block", [False, True])
+def test_lookup_modes_agree_and_auto_chooses(single_block):
     """``lookup="table"`` (every block projected, then one gather) equals the per-id gather path in outputs and
-    gradients; ``"auto"`` takes the table for small trainable layers without a lazy optimizer only."""
-    layer, _ = md_case("oov_rank")
+    gradients, for 3 blocks and for one projected block; ``"auto"`` takes the table for small trainable layers
+    without a lazy optimizer only."""
+    layer = _single_block_layer() if single_block else md_case("oov_rank")[0]
     ids = tf.constant([[0, 3], [22, 9], [17, 17]])
     weights = _values(6, D0, 0.1).reshape(3, 2, D0)
     results = {}
@@ -982,9 +992,18 @@ def test_lookup_modes_agree_and_auto_chooses():
         with tf.GradientTape() as tape:
             out = layer(ids)
             loss = tf.reduce_sum(out * weights)
-        results[mode] = (out.numpy(), tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy())
+        grad = tape.gradient(loss, layer.flat_parameters)
+        # The table path's gradient is dense (made dense once at the projected table), the gather path's row-sparse.
+        assert isinstance(grad, tf.IndexedSlices) is (mode == "gather")
+        results[mode] = (out.numpy(), tf.convert_to_tensor(grad).numpy())
     np.testing.assert_allclose(results["table"][0], results["gather"][0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(results["table"][1], results["gather"][1], rtol=1e-5, atol=1e-6)
+    if single_block:
+        layer.lookup_mode = "auto"
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids) * weights)
+        assert not isinstance(tape.gradient(loss, layer.flat_parameters), tf.IndexedSlices)  # auto: the table
+        return
     layer.lookup_mode = "auto"
     assert layer._table_lookup()  # 23 x 7 entries: small
     object.__setattr__(layer, "row_sparse_gradients", True)  # as RecModel sets with an embedding_optimizer

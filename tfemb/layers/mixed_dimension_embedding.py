@@ -178,7 +178,9 @@ class MixedDimensionEmbedding(EmbeddingScheme):
     per-block gradients are plain slices and matmuls). For a vocabulary of a few thousand ids this costs
     fewer ops than the per-id path and is the faster one in training. ``lookup="auto"`` (default) takes it when
     the layer is trainable, has at most ``2**18`` ``d0``-wide rows (``vocabulary_size * d0``), and no lazy
-    row-sparse optimizer needs its gradient (``RecModel(embedding_optimizer=...)`` marks its layers);
+    row-sparse optimizer needs its gradient (``RecModel(embedding_optimizer=...)`` marks its layers), also for a
+    single projected block (a per-field CTR layer, whose per-id path gathers ``d`` single entries per id when
+    ``g = 1``: in three interleaved Criteo DeepFM runs the table path trained 1.06x, 0.97x and 1.20x as fast);
     ``lookup="gather"`` always uses the per-id path, and so does a layer with a ``gather_rows`` hook installed
     (export quantisation reads every table entry through it).
 
@@ -624,7 +626,7 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         one_dim = ids.shape.rank == 1  # [n] ids: no reshapes in or out (the serving case, one id per feature)
         flat = self.ranks(ids) if one_dim else tf.reshape(self.ranks(ids), [-1])  # [n]
         lay = self._layout
-        if lay.uniform_dim:
+        if lay.uniform_dim and not (lay.uniform_dim != self.output_dim and self._table_lookup()):
             # One block (or every block at d0): id of rank r reads entries r*d .. r*d + d - 1.
             d, g = lay.uniform_dim, lay.row_width
             if d == g and g > 1:  # one buffer row per id, as a fixed table
