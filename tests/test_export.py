@@ -311,6 +311,7 @@ OUTPUT_BOUND = {"int8": 1e-2, "float16": 1e-3}
 
 @pytest.mark.parametrize("scheme,table_dtype", [
     ("fixed", "int8"), ("fixed", "float16"), ("qr_mult", "int8"), ("double_hashing", "float16"), ("md", "int8"),
+    ("md_fast", "float16"),
     ("pep", "int8"), ("pep", "float16"), ("pep_slots", "int8"),
 ])
 def test_quantized_tables(scheme, table_dtype, ctr, exports):
@@ -335,7 +336,7 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
         size = int(np.prod(row["shape"]))
         scales = (row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)) if table_dtype == "int8" else 0
         assert row["bytes"] == (size + 4 * scales if table_dtype == "int8" else 2 * size)
-    if scheme in ("pep", "pep_slots", "md"):
+    if scheme in ("pep", "pep_slots", "md", "md_fast"):
         return
     # The schemes whose compact tables are their training tables (not PEP's packed ones, nor MD's, whose small
     # blocks and OOV row are premultiplied): the Keras model with the same dequantised tables gives the export's
