@@ -778,12 +778,33 @@ def one_batch(x, y):
     return tf.data.Dataset.from_tensors((x, y))
 
 
-def assert_moved(before, after, expected=None, atol=1e-6):
+def feeds_batch_norm(variable):
+    """An AutoEmb candidate's transform bias: it feeds the candidates' batch normalisation, which subtracts the
+    batch mean in training, so its gradient is zero; computed, it is float rounding (~1e-6), whose value depends
+    on the reduction order (the machine's SIMD width), in the reference and in the step alike."""
+    return "transform_bias" in variable.name
+
+
+def has_gradients(grads, variables):
+    """Every variable has a non-zero gradient (none silently None / zero), except the transform biases, whose
+    gradient is zero up to rounding (``feeds_batch_norm``)."""
+    for g, v in zip(grads, variables):
+        if feeds_batch_norm(v):
+            assert np.abs(g).max() < 1e-5, (v.name, np.abs(g).max())
+        else:
+            assert np.abs(g).max() > 0, v.name
+    return True
+
+
+def assert_moved(before, after, expected=None, atol=1e-6, variables=None):
+    """Each variable unchanged (``expected=None``) or at its expected value. With ``variables`` given, the
+    transform biases (``feeds_batch_norm``: a step of rounding noise) are checked to ``1e-5``."""
     for i, (b, a) in enumerate(zip(before, after)):
         if expected is None:
             np.testing.assert_array_equal(a, b, err_msg=f"variable {i} moved")
         else:
-            np.testing.assert_allclose(a, expected[i], rtol=1e-5, atol=atol, err_msg=f"variable {i}")
+            tol = 1e-5 if variables is not None and feeds_batch_norm(variables[i]) else atol
+            np.testing.assert_allclose(a, expected[i], rtol=1e-5, atol=tol, err_msg=f"variable {i}")
 
 
 def test_bilevel_step_theta_on_validation_then_w_on_training():
@@ -808,13 +829,13 @@ def test_bilevel_step_theta_on_validation_then_w_on_training():
     for variable, value in zip(theta, theta0):
         variable.assign(value)
     # Every variable has a gradient (none silently None / zero), so "expected" below is never "unchanged".
-    assert all(np.abs(g).max() > 0 for g in g_theta + g_w)
+    assert has_gradients(g_theta + g_w, theta + w)
     search = AutoEmbSearch(model, validation_stream=one_batch(xv, yv).repeat())
     search.compile(optimizer=keras.optimizers.SGD(lr_w), controller_optimizer=keras.optimizers.SGD(lr_theta))
     history = search.fit(one_batch(xt, yt), epochs=1, verbose=0)
     after_theta, after_w = snapshot(theta), snapshot(w)
     assert_moved(theta0, after_theta, theta1)
-    assert_moved(w0, after_w, [v - lr_w * g for v, g in zip(w0, g_w)])
+    assert_moved(w0, after_w, [v - lr_w * g for v, g in zip(w0, g_w)], variables=w)
     # The other batch would have given other updates: the test tells the two apart.
     assert max(np.abs(a - (t - lr_theta * g)).max() for a, t, g in zip(after_theta, theta0, g_theta_train)) > 1e-3
     assert max(np.abs(a - (v - lr_w * g)).max() for a, v, g in zip(after_w, w0, g_w_val)) > 1e-3
@@ -887,12 +908,12 @@ def test_joint_step_moves_w_and_theta_on_the_training_batch():
     before = snapshot(variables)
     losses_before = {k: np_value(l.previous_loss) for k, l in autoemb_layers(model).items()}
     grads, p = reference_gradients(model, xt, yt, variables, with_predictions=True)
-    assert all(np.abs(g).max() > 0 for g in grads)
+    assert has_gradients(grads, variables)
     search = AutoEmbSearch(model, mode="joint")  # SAM: no validation stream is read
     assert not search.uses_validation
     search.compile(optimizer=keras.optimizers.SGD(lr))
     search.fit(one_batch(xt, yt), epochs=1, verbose=0)
-    assert_moved(before, snapshot(variables), [v - lr * g for v, g in zip(before, grads)])
+    assert_moved(before, snapshot(variables), [v - lr * g for v, g in zip(before, grads)], variables=variables)
     # The W-step wrote the per-example losses of its forward pass: each id gets the loss of its last row.
     q = np.clip(p, 1e-7, 1 - 1e-7)
     per_example = -(yt * np.log(q) + (1 - yt) * np.log(1 - q))
