@@ -97,3 +97,51 @@ def test_throughput_only_measures_both_md_lookups(md_sweep, tmp_path):
     assert t["target_met"] == (t["md_over_fixed"] >= 1)
     saved = json.loads((tmp_path / "md_sweep.json").read_text())
     assert saved["throughput"]["synthetic"]["md_gather_over_fixed"] == pytest.approx(t["md_gather_over_fixed"])
+
+
+def _load_md_ablation():
+    spec = importlib.util.spec_from_file_location("md_ablation", REPO / "benchmarks" / "md_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_md_ablation_on_synthetic_cf(tmp_path):
+    """The four ablation models at one budget: uniform, one projected block, MD's blocks at equal dims, MD."""
+    ablation = _load_md_ablation()
+    payload = ablation.main(["--datasets", "synthetic", "--tasks", "binary", "--budgets", "1/4", "--model-l2",
+                             "recipe", "--seeds", "1", "--epochs", "1", "--no-plots", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "md_ablation.json").read_text())
+    assert [r["variant"] for r in saved["runs"]] == list(ablation.VARIANTS) == [r["variant"] for r in payload["runs"]]
+    by = {r["variant"]: r for r in saved["runs"]}
+    d0 = ablation.md_sweep.DATASETS["synthetic"]["d0"]
+    dim = d0 // 4
+    assert all(r["uniform_dim"] == dim and r["metric"] == "auc" and 0 <= r["mean"] <= 1 for r in by.values())
+    assert by["uniform"]["block_dims"] == [None, None]  # fixed tables
+    assert by["projected uniform"]["block_dims"] == [[dim], [dim]]
+    equal, md = by["MD blocks, equal dims"]["block_dims"], by["MD"]["block_dims"]
+    assert all(dims == [dim] * len(dims) and len(dims) > 1 for dims in equal)
+    assert all(len(m) == len(e) and len(set(m)) > 1 and m[0] == max(m) for m, e in zip(md, equal))  # mixed, popular first
+    # Parameters: the projections come on top of the uniform tables, except for MD, solved for the same count.
+    uniform = by["uniform"]["embedding_parameters"]
+    assert by["projected uniform"]["embedding_parameters"] == uniform + 2 * dim * d0
+    assert by["MD blocks, equal dims"]["embedding_parameters"] == uniform + sum(len(e) * dim * d0 for e in equal)
+    assert abs(by["MD"]["embedding_parameters"] / uniform - 1) <= 0.10
+    text = (tmp_path / "md_ablation.md").read_text()
+    assert "## synthetic / binary, model L2 recipe, budget 1/4" in text and text.count("| MD |") == 1
+    # --replot rewrites the Markdown from the JSON, with a findings section, without training.
+    notes = tmp_path / "findings.md"
+    notes.write_text("The dimension rule helps here.")
+    again = ablation.main(["--replot", "--findings", str(notes), "--no-plots", "--out", str(tmp_path)])
+    assert again["runs"] == saved["runs"]
+    assert (tmp_path / "md_ablation.md").read_text().endswith("## Findings\n\nThe dimension rule helps here.\n")
+
+
+def test_md_ablation_arguments_are_checked():
+    ablation = _load_md_ablation()
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--datasets", "criteo"])  # a CTR dataset: the ablation is about CF blocks
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--model-l2", "none"])
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--alpha", "0"])
