@@ -7,7 +7,7 @@ scripts that have it (the others are left out) and writes into ``outputs/bench-q
 scripts never overwrites the committed figures. Datasets missing from ``$TFEMB_DATA_DIR`` (default
 ``../shared/data``) are skipped by each script with a message.
 
-    python benchmarks/run_all.py --quick                 # every script's small run, ~15 min
+    python benchmarks/run_all.py --quick                 # every script's small run, ~8 min (7.3 on 2 cores)
     python benchmarks/run_all.py --only streaming,md_ablation
     python benchmarks/run_all.py --dry-run               # print the commands only
 """
