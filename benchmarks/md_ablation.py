@@ -28,6 +28,7 @@ seeds) and ``md_ablation.png``. Datasets whose folder is absent are skipped with
 
 import argparse
 import datetime
+import json
 import os
 import pathlib
 import sys
@@ -254,8 +255,6 @@ def write_outputs(args, payload):
 
 
 def replot(args):
-    import json
-
     with open(os.path.join(args.out, "md_ablation.json")) as fh:
         payload = json.load(fh)
     if args.findings:

@@ -10,8 +10,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_md_sweep():
-    spec = importlib.util.spec_from_file_location("md_sweep", REPO / "benchmarks" / "md_sweep.py")
+def _load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -19,7 +19,7 @@ def _load_md_sweep():
 
 @pytest.fixture(scope="module")
 def md_sweep():
-    return _load_md_sweep()
+    return _load_benchmark("md_sweep")
 
 
 def test_md_sweep_on_synthetic_cf(md_sweep, tmp_path):
@@ -99,16 +99,9 @@ def test_throughput_only_measures_both_md_lookups(md_sweep, tmp_path):
     assert saved["throughput"]["synthetic"]["md_gather_over_fixed"] == pytest.approx(t["md_gather_over_fixed"])
 
 
-def _load_md_ablation():
-    spec = importlib.util.spec_from_file_location("md_ablation", REPO / "benchmarks" / "md_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_md_ablation_on_synthetic_cf(tmp_path):
     """The four ablation models at one budget: uniform, one projected block, MD's blocks at equal dims, MD."""
-    ablation = _load_md_ablation()
+    ablation = _load_benchmark("md_ablation")
     payload = ablation.main(["--datasets", "synthetic", "--tasks", "binary", "--budgets", "1/4", "--model-l2",
                              "recipe", "--seeds", "1", "--epochs", "1", "--no-plots", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "md_ablation.json").read_text())
@@ -138,7 +131,7 @@ def test_md_ablation_on_synthetic_cf(tmp_path):
 
 
 def test_md_ablation_arguments_are_checked():
-    ablation = _load_md_ablation()
+    ablation = _load_benchmark("md_ablation")
     with pytest.raises(SystemExit):
         ablation.parse_args(["--datasets", "criteo"])  # a CTR dataset: the ablation is about CF blocks
     with pytest.raises(SystemExit):
