@@ -56,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.2, help="MD temperature of variant 4 (default 0.2)")
     p.add_argument("--model-l2", default="recipe,0",
                    help="comma list of the model's L2 (the MF / CF network 'l2' parameter): 'recipe' or a number")
+    p.add_argument("--lrs", default=None,
+                   help="comma list of learning rates (default: the recipe's); more than one needs --tune")
+    p.add_argument("--tune", action="store_true",
+                   help="tune every variant on the validation split: train it at each learning rate (--lrs) x "
+                        "model L2 (--model-l2) and report the test quality of the grid point with the best mean "
+                        "validation metric over seeds")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=40, help="max epochs (default 40; best validation epoch kept)")
     p.add_argument("--patience", type=int, default=3)
@@ -84,6 +90,19 @@ def parse_args(argv=None):
             except ValueError:
                 p.error(f"--model-l2 takes 'recipe' or numbers. Received: {value!r}")
     args.model_l2 = levels
+    rates = []
+    for value in (args.lrs or "").split(","):
+        if not value.strip():
+            continue
+        try:
+            rates.append(float(value))
+        except ValueError:
+            p.error(f"--lrs takes numbers. Received: {value.strip()!r}")
+        if not rates[-1] > 0:
+            p.error(f"--lrs must be > 0. Received: {value.strip()!r}")
+    args.lrs = rates or [None]
+    if len(args.lrs) > 1 and not args.tune:
+        p.error(f"several --lrs ({args.lrs}) need --tune (one table per learning rate is not written)")
     if not (args.alpha > 0):
         p.error(f"--alpha must be > 0. Received: {args.alpha}")
     return args
@@ -116,6 +135,39 @@ def factories(spec, prepared, d0, dim, alpha, sargs):
             ("MD blocks, equal dims", equal_dims, d0), ("MD", md_factory, d0)]
 
 
+def grid_settings(base, learning_rate, model_l2):
+    """``base`` (``md_sweep.settings_for``) with the learning rate and the model's L2 set (None: the recipe's)."""
+    settings = dict(base, model_params=dict(base["model_params"]), train=dict(base["train"]))
+    if model_l2 is not None:
+        settings["model_params"]["l2"] = model_l2
+    if learning_rate is not None:
+        settings["train"]["learning_rate"] = learning_rate
+    return settings
+
+
+def train_point(spec, prepared, task, factory, emb_dim, settings, args, sargs):
+    """One variant at one setting, every seed: the per-seed results and their means (validation, test)."""
+    per_seed = [md_sweep.fit_eval(spec, prepared, task, factory, emb_dim, settings, seed, sargs)
+                for seed in range(args.seeds)]
+    values = [r["metrics"][md_sweep.TASK_METRICS[task]["quality"]] for r in per_seed]
+    return {"learning_rate": settings["train"]["learning_rate"], "model_l2": settings["model_params"].get("l2"),
+            "per_seed": per_seed, "values": values, "test_mean": float(np.mean(values)),
+            "validation_mean": float(np.mean([r["validation"] for r in per_seed]))}
+
+
+def choice(row):
+    """``"lr 0.01, L2 0.1"``: the learning rate and model L2 of a run row."""
+    l2 = row["model_l2_value"]
+    return f"lr {row['learning_rate']:g}, L2 {'none' if l2 is None else format(l2, 'g')}"
+
+
+def select(tried, mode):
+    """The grid point with the best mean validation metric (``mode`` ``"min"`` or ``"max"``); the first on ties.
+    The test metric plays no part in the choice."""
+    key = (lambda t: t["validation_mean"]) if mode == "min" else (lambda t: -t["validation_mean"])
+    return min(tried, key=key)
+
+
 def run(args):
     start, cpu = time.perf_counter(), time.process_time()
     sargs = sweep_args(args)
@@ -123,7 +175,8 @@ def run(args):
                         "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
                         "alpha": args.alpha, "budgets": [md_sweep.fmt_frac([b]) for b in args.budgets],
                         "seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
-                        "num_blocks": args.num_blocks, "tensorflow": md_sweep.tf.__version__,
+                        "num_blocks": args.num_blocks, "tune": bool(args.tune),
+                        "tensorflow": md_sweep.tf.__version__,
                         "keras": md_sweep.keras_version()},
                "settings": {}, "runs": [], "skipped": []}
     for dataset in args.datasets:
@@ -142,28 +195,40 @@ def run(args):
         base = md_sweep.settings_for(spec, sargs)
         prepared = md_sweep.prepare(spec, task, base)
         quality = md_sweep.TASK_METRICS[task]["quality"]
-        for l2 in args.model_l2:
-            settings = dict(base, model_params=dict(base["model_params"]))
-            if l2 is not None:
-                settings["model_params"]["l2"] = l2
-            label = "recipe" if l2 is None else f"{l2:g}"
-            payload["settings"][f"{dataset}/{label}"] = settings
+        levels = [("tuned", None)] if args.tune else [("recipe" if l2 is None else f"{l2:g}", l2)
+                                                      for l2 in args.model_l2]
+        for label, level in levels:
+            payload["settings"][f"{dataset}/{label}"] = (
+                dict(base, grid={"learning_rate": [base["train"]["learning_rate"] if lr is None else lr
+                                                   for lr in args.lrs],
+                                 "model_l2": [base["model_params"].get("l2") if l2 is None else l2
+                                              for l2 in args.model_l2]})
+                if args.tune else grid_settings(base, args.lrs[0], level))
             for fraction in args.budgets:
                 dim = max(1, int(round(fraction * d0)))
                 for variant, factory, emb_dim in factories(spec, prepared, d0, dim, args.alpha, sargs):
-                    per_seed = [md_sweep.fit_eval(spec, prepared, task, factory, emb_dim, settings, seed, sargs)
-                                for seed in range(args.seeds)]
-                    values = [r["metrics"][quality] for r in per_seed]
+                    points = ([(lr, l2) for lr in args.lrs for l2 in args.model_l2] if args.tune
+                              else [(args.lrs[0], level)])
+                    tried = [train_point(spec, prepared, task, factory, emb_dim, grid_settings(base, lr, l2), args,
+                                         sargs) for lr, l2 in points]
+                    best = select(tried, md_sweep.TASK_METRICS[task]["mode"])
+                    per_seed = best["per_seed"]
                     row = {"dataset": dataset, "task": task, "model_l2": label,
-                           "model_l2_value": settings["model_params"].get("l2"), "budget": md_sweep.fmt_frac([fraction]),
-                           "uniform_dim": dim, "d0": d0, "variant": variant, "metric": quality,
-                           "mean": float(np.mean(values)), "std": float(np.std(values)), "values": values,
+                           "model_l2_value": best["model_l2"], "learning_rate": best["learning_rate"],
+                           "budget": md_sweep.fmt_frac([fraction]), "uniform_dim": dim, "d0": d0,
+                           "variant": variant, "metric": quality, "mean": best["test_mean"],
+                           "std": float(np.std(best["values"])), "values": best["values"],
+                           "validation_mean": best["validation_mean"],
                            "embedding_parameters": per_seed[0]["embedding_parameters"],
                            "best_epochs": [r["best_epoch"] for r in per_seed],
                            "block_dims": [t.get("block_dims") for t in per_seed[0]["tables"]]}
+                    if args.tune:
+                        row["grid"] = [{k: t[k] for k in ("learning_rate", "model_l2", "validation_mean",
+                                                          "test_mean")} for t in tried]
                     payload["runs"].append(row)
+                    chosen = f" (chosen: {choice(row)})" if args.tune else ""
                     md_sweep.log(f"{dataset}/{task} l2={label} d={dim} {variant:<22} {quality}={row['mean']:.4f} ± "
-                                 f"{row['std']:.4f} ({row['embedding_parameters']:,} params, best epochs "
+                                 f"{row['std']:.4f}{chosen} ({row['embedding_parameters']:,} params, best epochs "
                                  f"{row['best_epochs']}; {time.perf_counter() - start:.0f}s)")
     payload["meta"]["total_seconds"] = time.perf_counter() - start
     payload["meta"]["cpu_seconds"] = time.process_time() - cpu
@@ -191,16 +256,24 @@ def markdown(payload):
              "**uniform** (fixed tables of dim d, model dim d), **projected uniform** (one block of dim d, one "
              "projection to d0), **MD blocks, equal dims** (MD's popularity blocks, every block at d, a projection "
              "each), **MD** (the same blocks with Algorithm 3's dims at the uniform model's parameter count).", ""]
+    if meta.get("tune"):
+        lines[-1:-1] = ["", "**Tuned**: every variant is trained at each learning rate x model L2 of the grid (every "
+                        "seed) and reported at the grid point with the best mean validation metric; the test metric "
+                        "plays no part in the choice. The chosen point is in the table, every point in the JSON "
+                        "(`grid`)."]
     for msg in payload["skipped"]:
         lines.append(f"- skipped: {msg}")
     for (dataset, task, l2, budget), by in groups(payload["runs"]).items():
         first = next(iter(by.values()))
+        tuned = "grid" in first
         lower = md_sweep.TASK_METRICS[task].get("lower_is_better", False)
-        lines += ["", f"## {dataset} / {task}, model L2 {l2}"
-                      f"{'' if first['model_l2_value'] is None else ' (' + format(first['model_l2_value'], 'g') + ')'}"
+        heading = ("tuned on validation" if tuned else f"model L2 {l2}" + (
+            "" if first["model_l2_value"] is None else f" ({first['model_l2_value']:g})"))
+        lines += ["", f"## {dataset} / {task}, {heading}"
                       f", budget {budget} (d = {first['uniform_dim']}, d0 = {first['d0']})", "",
                   f"| variant | test {first['metric']} ({'lower' if lower else 'higher'} is better) | vs uniform | "
-                  "embedding params | best epochs | block dims (first feature) |", "|---|---|---|---|---|---|"]
+                  "embedding params | best epochs | block dims (first feature) |" + (" chosen on validation |" if tuned else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if tuned else "")]
         uniform = by.get("uniform")
         for variant in VARIANTS:
             r = by.get(variant)
@@ -209,7 +282,8 @@ def markdown(payload):
             delta = r["mean"] - uniform["mean"] if uniform else float("nan")
             dims = r["block_dims"][0] if r["block_dims"] and r["block_dims"][0] else "-"
             lines.append(f"| {variant} | {r['mean']:.4f} ± {r['std']:.4f} | {delta:+.4f} | "
-                         f"{r['embedding_parameters']:,} | {r['best_epochs']} | {dims} |")
+                         f"{r['embedding_parameters']:,} | {r['best_epochs']} | {dims} |"
+                         + (f" {choice(r)} |" if tuned else ""))
     if payload.get("findings"):
         lines += ["", "## Findings", "", payload["findings"]]
     return "\n".join(lines) + "\n"

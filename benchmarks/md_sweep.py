@@ -459,6 +459,7 @@ def fit_eval(spec, prepared, task, factory, embedding_dim, settings, seed, args)
         "embedding_dim": int(model.embedding_dim),
         "epochs": epochs,
         "best_epoch": best.best_epoch,
+        "validation": best.best,  # the monitored validation metric at the best epoch
         "train_seconds": seconds,
         "train_cpu_seconds": cpu_seconds,
         "fit_examples_per_second": (prepared.num_rows("train") // int(train["batch_size"])) * int(train["batch_size"])

@@ -138,3 +138,46 @@ def test_md_ablation_arguments_are_checked():
         ablation.parse_args(["--model-l2", "none"])
     with pytest.raises(SystemExit):
         ablation.parse_args(["--alpha", "0"])
+
+
+def test_md_ablation_tune_reports_the_validation_choice(tmp_path, monkeypatch):
+    """--tune trains every grid point and reports the one with the best validation metric, never the best test."""
+    ablation = _load_benchmark("md_ablation")
+    calls = []
+
+    def fake_fit_eval(spec, prepared, task, factory, embedding_dim, settings, seed, args):
+        lr, l2 = settings["train"]["learning_rate"], settings["model_params"]["l2"]
+        calls.append((lr, l2, seed))
+        # Validation AUC peaks at lr 0.01, L2 0.3; test AUC is best where validation is worst.
+        validation = 0.7 - abs(lr - 0.01) - abs(l2 - 0.3) + 0.001 * seed
+        return {"metrics": {"auc": 1.4 - validation}, "validation": validation, "embedding_parameters": 7,
+                "best_epoch": 1 + seed, "tables": [{}]}
+
+    monkeypatch.setattr(ablation.md_sweep, "fit_eval", fake_fit_eval)
+    payload = ablation.main(["--datasets", "synthetic", "--tasks", "binary", "--budgets", "1/4", "--tune",
+                             "--lrs", "0.003,0.01,0.03", "--model-l2", "0.1,0.3", "--seeds", "2", "--no-plots",
+                             "--out", str(tmp_path)])
+    grid = {(lr, l2) for lr in (0.003, 0.01, 0.03) for l2 in (0.1, 0.3)}
+    assert sorted(calls) == sorted((lr, l2, s) for lr, l2 in grid for s in (0, 1) for _ in ablation.VARIANTS)
+    assert [r["variant"] for r in payload["runs"]] == list(ablation.VARIANTS)
+    for row in payload["runs"]:
+        assert (row["learning_rate"], row["model_l2_value"]) == (0.01, 0.3)
+        assert row["model_l2"] == "tuned" and len(row["grid"]) == 6
+        assert row["validation_mean"] == pytest.approx(0.7005)
+        assert row["mean"] == pytest.approx(1.4 - 0.7005) and row["values"] == pytest.approx([0.7, 0.699])
+        assert row["mean"] < max(point["test_mean"] for point in row["grid"])  # a test-based choice would differ
+    text = (tmp_path / "md_ablation.md").read_text()
+    assert "## synthetic / binary, tuned on validation, budget 1/4" in text
+    assert text.count("| lr 0.01, L2 0.3 |") == 4 and "**Tuned**" in text
+    # A loss monitored for its minimum picks the lowest validation value.
+    tried = [{"validation_mean": 0.3}, {"validation_mean": 0.2}, {"validation_mean": 0.2}]
+    assert ablation.select(tried, "min") is tried[1] and ablation.select(tried, "max") is tried[0]
+
+
+def test_md_ablation_learning_rates_are_checked():
+    ablation = _load_benchmark("md_ablation")
+    assert ablation.parse_args([]).lrs == [None]  # the recipe's
+    assert ablation.parse_args(["--lrs", "0.02"]).lrs == [0.02]
+    for bad in (["--lrs", "0.01,0.03"], ["--lrs", "fast", "--tune"], ["--lrs", "0", "--tune"]):
+        with pytest.raises(SystemExit):
+            ablation.parse_args(bad)
