@@ -97,7 +97,7 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
         row = {"variant": r["name"]}
         row.update({m: r["metrics"].get(m, float("nan")) for m in metric_names})
         row.update({"emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
-                    "train s": r["train_seconds"], "epochs": r["epochs"]})
+                    "train s": f"{r['train_seconds']:.1f}", "epochs": r["epochs"]})  # one decimal in every row
         rows.append(row)
     os.makedirs(out_dir, exist_ok=True)
     payload = {"spec": spec, "task": task, "results": results}
