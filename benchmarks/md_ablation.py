@@ -150,9 +150,14 @@ def train_point(spec, prepared, task, factory, emb_dim, settings, args, sargs):
     per_seed = [md_sweep.fit_eval(spec, prepared, task, factory, emb_dim, settings, seed, sargs)
                 for seed in range(args.seeds)]
     values = [r["metrics"][md_sweep.TASK_METRICS[task]["quality"]] for r in per_seed]
-    return {"learning_rate": settings["train"]["learning_rate"], "model_l2": settings["model_params"].get("l2"),
-            "per_seed": per_seed, "values": values, "test_mean": float(np.mean(values)),
-            "validation_mean": float(np.mean([r["validation"] for r in per_seed]))}
+    point = {"learning_rate": settings["train"]["learning_rate"], "model_l2": settings["model_params"].get("l2"),
+             "per_seed": per_seed, "values": values, "test_mean": float(np.mean(values)),
+             "validation_mean": float(np.mean([r["validation"] for r in per_seed]))}
+    if args.tune:  # a grid takes minutes per variant: one line per point
+        monitor = md_sweep.TASK_METRICS[task]["monitor"]
+        md_sweep.log(f"    lr {point['learning_rate']:g}, L2 {point['model_l2']}: {monitor}="
+                     f"{point['validation_mean']:.4f}")
+    return point
 
 
 def choice(row):
