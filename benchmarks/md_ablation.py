@@ -257,7 +257,8 @@ def markdown(payload):
              f"`python benchmarks/md_ablation.py {meta['argv']}` ({meta['date']}, {meta['total_seconds'] / 60:.1f} "
              f"min, TF {meta['tensorflow']}, {meta['keras']}). MD α = {meta['alpha']}, {meta['num_blocks']} "
              f"blocks per feature, {meta['seeds']} seed(s) (mean ± std), best validation epoch of at most "
-             f"{meta['epochs']} (patience {meta['patience']}); the same split and recipe for every model. Variants: "
+             f"{meta['epochs']} (patience {meta['patience']}); the same split and recipe for every model"
+             f"{' (learning rate and model L2 tuned per variant, below)' if meta.get('tune') else ''}. Variants: "
              "**uniform** (fixed tables of dim d, model dim d), **projected uniform** (one block of dim d, one "
              "projection to d0), **MD blocks, equal dims** (MD's popularity blocks, every block at d, a projection "
              "each), **MD** (the same blocks with Algorithm 3's dims at the uniform model's parameter count).", ""]
@@ -311,7 +312,8 @@ def plot(path, payload):
         stds = [by_key[key].get(variant, {}).get("std", 0.0) for key in keys]
         ax.bar(xs, means, width, yerr=stds, label=variant, capsize=2)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{d}\nL2 {l2}, {b}" for d, _, l2, b in keys], fontsize=7)
+    ax.set_xticklabels([f"{d}\n{'lr, L2 tuned' if l2 == 'tuned' else 'L2 ' + l2}, {b}" for d, _, l2, b in keys],
+                       fontsize=7)
     values = [r["mean"] for r in payload["runs"]]
     spread = max(values) - min(values) or 1.0
     ax.set_ylim(min(values) - 0.3 * spread, max(values) + 0.3 * spread)
