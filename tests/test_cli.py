@@ -74,6 +74,9 @@ def test_compare_streaming_table(tmp_path):
         assert r["test"]["rows"] == 1000 and 0.0 <= r["test"]["accuracy"] <= 1.0  # the last 40% of 2,500 rows
     md = (tmp_path / "compare.md").read_text()
     assert "## Streaming (synthetic_cf" in md and "| AutoEmb |" in md and "| ESAPN |" in md
+    for r, label in zip(stream["runs"], ("FSE (sum)", "AutoEmb", "ESAPN")):  # seconds and ratio, fixed decimals
+        ratio = fse["examples_per_second"] / r["examples_per_second"]
+        assert f"| {r['seconds']:.1f} | {ratio:.2f}x |" in md and f"| {label} |" in md
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["streaming"]["runs"]) == 3
     assert any("ESAPN: streaming" in line for line in lines)

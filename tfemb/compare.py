@@ -168,11 +168,11 @@ def run_streaming(spec, log=print):
         rows.append({"method": streaming.LABELS[method], f"test {q1}": r["test"][q1], f"test {q2}": r["test"][q2],
                      "emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
                      "mean dim (users/items)": " / ".join(f"{v:.1f}" for v in r["mean_dim"].values()) or "fixed",
-                     "examples/s": round(r["examples_per_second"]), "stream s": r["seconds"]})
+                     "examples/s": round(r["examples_per_second"]), "stream s": f"{r['seconds']:.1f}"})
     fse = next((r for r in runs if r["method"] == "fse"), None)
     if fse:
         for row, r in zip(rows, runs):
-            row["time/example vs FSE"] = fse["examples_per_second"] / r["examples_per_second"]
+            row["time/example vs FSE"] = f"{fse['examples_per_second'] / r['examples_per_second']:.2f}x"
     log("")
     log(report.console_table(rows))
     md = (f"## Streaming ({data['source']}, CF network, {task}; test-then-train, one pass, quality over the last "
