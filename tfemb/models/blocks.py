@@ -104,6 +104,30 @@ def l2_penalty(tensors, l2):
     return l2 * total
 
 
+# ---------------------------------------------------------------------------------------------- DNN towers
+DNN_ARGUMENTS = ("dnn_units", "dnn_activation", "dnn_dropout", "dnn_batch_norm", "l2_dnn")
+
+
+def add_dnn(model, dnn_units, dnn_activation, dnn_dropout, dnn_batch_norm, l2_dnn, allow_empty=True):
+    """Checks a CTR model's DNN arguments, stores them on ``model`` under their own names (``DNN_ARGUMENTS``,
+    which ``dnn_config`` reads back) and returns the tower, an ``MLP`` named ``"dnn"`` (the identity when
+    ``dnn_units`` is empty, which ``allow_empty=False`` refuses)."""
+    model.dnn_units = check_units("dnn_units", dnn_units, allow_empty=allow_empty)
+    model.dnn_activation = dnn_activation
+    model.dnn_dropout = check_rate("dnn_dropout", dnn_dropout)
+    model.dnn_batch_norm = bool(dnn_batch_norm)
+    model.l2_dnn = check_l2("l2_dnn", l2_dnn)
+    return MLP(model.dnn_units, activation=dnn_activation, dropout=model.dnn_dropout, l2=model.l2_dnn,
+               batch_norm=model.dnn_batch_norm, name="dnn")
+
+
+def dnn_config(model):
+    """The DNN arguments ``add_dnn`` stored on ``model``, for its ``get_config()``."""
+    config = {name: getattr(model, name) for name in DNN_ARGUMENTS}
+    config["dnn_units"] = list(model.dnn_units)
+    return config
+
+
 # --------------------------------------------------------------------------------------------- weight blocks
 @register
 class MLP(keras.layers.Layer):

@@ -53,14 +53,8 @@ class DCNv2(RecModel):
         self.l2_cross = blocks.check_l2("l2_cross", l2_cross)
         self.cross = blocks.CrossNetwork(cross_layers, low_rank=low_rank, l2=self.l2_cross, name="cross")
         self.cross_layers, self.low_rank = self.cross.num_layers, self.cross.low_rank
-        self.dnn_units = blocks.check_units("dnn_units", dnn_units)
-        self.dnn_activation = dnn_activation
-        self.dnn_dropout = blocks.check_rate("dnn_dropout", dnn_dropout)
-        self.dnn_batch_norm = bool(dnn_batch_norm)
-        self.l2_dnn = blocks.check_l2("l2_dnn", l2_dnn)
+        self.dnn = blocks.add_dnn(self, dnn_units, dnn_activation, dnn_dropout, dnn_batch_norm, l2_dnn)
         self.l2_embedding = blocks.check_l2("l2_embedding", l2_embedding)
-        self.dnn = blocks.MLP(self.dnn_units, activation=dnn_activation, dropout=self.dnn_dropout, l2=self.l2_dnn,
-                              batch_norm=self.dnn_batch_norm, name="dnn")
         self.output_layer = keras.layers.Dense(self.output_units, name="output")
 
     def interact(self, embedded, dense, training=None):
@@ -75,15 +69,11 @@ class DCNv2(RecModel):
 
     def get_config(self):
         config = super().get_config()
+        config.update(blocks.dnn_config(self))
         config.update({
             "cross_layers": self.cross_layers,
             "low_rank": self.low_rank,
             "structure": self.structure,
-            "dnn_units": list(self.dnn_units),
-            "dnn_activation": self.dnn_activation,
-            "dnn_dropout": self.dnn_dropout,
-            "dnn_batch_norm": self.dnn_batch_norm,
-            "l2_dnn": self.l2_dnn,
             "l2_cross": self.l2_cross,
             "l2_embedding": self.l2_embedding,
         })

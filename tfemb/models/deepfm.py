@@ -43,19 +43,14 @@ class DeepFM(RecModel):
                  dnn_dropout=0.0, dnn_batch_norm=False, l2_dnn=0.0, l2_linear=1e-5, l2_embedding=1e-5, use_fm=True,
                  **kwargs):
         super().__init__(schema, embeddings=embeddings, embedding_dim=embedding_dim, **kwargs)
-        self.dnn_units = blocks.check_units("dnn_units", dnn_units)
-        self.dnn_activation = dnn_activation
-        self.dnn_dropout = blocks.check_rate("dnn_dropout", dnn_dropout)
-        self.dnn_batch_norm = bool(dnn_batch_norm)
-        self.l2_dnn = blocks.check_l2("l2_dnn", l2_dnn)
+        dnn = blocks.add_dnn(self, dnn_units, dnn_activation, dnn_dropout, dnn_batch_norm, l2_dnn)
         self.l2_linear = blocks.check_l2("l2_linear", l2_linear)
         self.l2_embedding = blocks.check_l2("l2_embedding", l2_embedding)
         self.use_fm = bool(use_fm)
         self.linear = blocks.make_linear_terms(self, l2=self.l2_linear)
         self.dnn = None
         if self.dnn_units:
-            self.dnn = blocks.MLP(self.dnn_units, activation=dnn_activation, dropout=self.dnn_dropout, l2=self.l2_dnn,
-                                  batch_norm=self.dnn_batch_norm, name="dnn")
+            self.dnn = dnn
             self.dnn_output = keras.layers.Dense(self.output_units, use_bias=False, name="dnn_output")
 
     def linear_tables(self):
@@ -81,12 +76,8 @@ class DeepFM(RecModel):
 
     def get_config(self):
         config = super().get_config()
+        config.update(blocks.dnn_config(self))
         config.update({
-            "dnn_units": list(self.dnn_units),
-            "dnn_activation": self.dnn_activation,
-            "dnn_dropout": self.dnn_dropout,
-            "dnn_batch_norm": self.dnn_batch_norm,
-            "l2_dnn": self.l2_dnn,
             "l2_linear": self.l2_linear,
             "l2_embedding": self.l2_embedding,
             "use_fm": self.use_fm,

@@ -37,14 +37,9 @@ class IPNN(RecModel):
     def __init__(self, schema, embeddings=None, embedding_dim=16, dnn_units=(256, 128, 64), dnn_activation="relu",
                  dnn_dropout=0.0, dnn_batch_norm=False, l2_dnn=0.0, l2_embedding=1e-5, **kwargs):
         super().__init__(schema, embeddings=embeddings, embedding_dim=embedding_dim, **kwargs)
-        self.dnn_units = blocks.check_units("dnn_units", dnn_units, allow_empty=False)
-        self.dnn_activation = dnn_activation
-        self.dnn_dropout = blocks.check_rate("dnn_dropout", dnn_dropout)
-        self.dnn_batch_norm = bool(dnn_batch_norm)
-        self.l2_dnn = blocks.check_l2("l2_dnn", l2_dnn)
+        self.dnn = blocks.add_dnn(self, dnn_units, dnn_activation, dnn_dropout, dnn_batch_norm, l2_dnn,
+                                  allow_empty=False)
         self.l2_embedding = blocks.check_l2("l2_embedding", l2_embedding)
-        self.dnn = blocks.MLP(self.dnn_units, activation=dnn_activation, dropout=self.dnn_dropout, l2=self.l2_dnn,
-                              batch_norm=self.dnn_batch_norm, name="dnn")
         self.output_layer = keras.layers.Dense(self.output_units, name="output")
 
     def interact(self, embedded, dense, training=None):
@@ -58,12 +53,8 @@ class IPNN(RecModel):
 
     def get_config(self):
         config = super().get_config()
+        config.update(blocks.dnn_config(self))
         config.update({
-            "dnn_units": list(self.dnn_units),
-            "dnn_activation": self.dnn_activation,
-            "dnn_dropout": self.dnn_dropout,
-            "dnn_batch_norm": self.dnn_batch_norm,
-            "l2_dnn": self.l2_dnn,
             "l2_embedding": self.l2_embedding,
         })
         return config
