@@ -39,6 +39,8 @@ class DeepFM(RecModel):
         - Guo et al., "DeepFM: A Factorization-Machine based Neural Network for CTR Prediction", IJCAI 2017.
     """
 
+    linear_terms_attribute = "linear"
+
     def __init__(self, schema, embeddings=None, embedding_dim=16, dnn_units=(256, 128, 64), dnn_activation="relu",
                  dnn_dropout=0.0, dnn_batch_norm=False, l2_dnn=0.0, l2_linear=1e-5, l2_embedding=1e-5, use_fm=True,
                  **kwargs):
@@ -53,12 +55,6 @@ class DeepFM(RecModel):
             self.dnn = dnn
             self.dnn_output = keras.layers.Dense(self.output_units, use_bias=False, name="dnn_output")
 
-    def linear_tables(self):
-        return list(self.linear.tables)
-
-    def _embedding_like_layers(self):
-        return super()._embedding_like_layers() + self.linear_tables()
-
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         logits = []
@@ -70,9 +66,6 @@ class DeepFM(RecModel):
             x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, F*dim + n_dense]
             logits.append(self.dnn_output(self.dnn(x, training=training)))  # [batch, output_units]
         return tf.add_n(logits) if logits else None
-
-    def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()

@@ -27,6 +27,8 @@ class FactorizationMachine(RecModel):
         - Rendle, "Factorization Machines", ICDM 2010.
     """
 
+    linear_terms_attribute = "linear"
+
     def __init__(self, schema, embeddings=None, embedding_dim=16, l2_linear=1e-5, l2_embedding=1e-5, **kwargs):
         super().__init__(schema, embeddings=embeddings, embedding_dim=embedding_dim, **kwargs)
         blocks.require_single_score(self)
@@ -34,19 +36,10 @@ class FactorizationMachine(RecModel):
         self.l2_embedding = blocks.check_l2("l2_embedding", l2_embedding)
         self.linear = blocks.make_linear_terms(self, l2=self.l2_linear)
 
-    def linear_tables(self):
-        return list(self.linear.tables)
-
-    def _embedding_like_layers(self):
-        return super()._embedding_like_layers() + self.linear_tables()
-
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, fields, dim]
         return blocks.fm_second_order(stacked)  # [batch, 1]
-
-    def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense, training=training)  # [batch, 1]
 
     def get_config(self):
         config = super().get_config()

@@ -26,24 +26,15 @@ class LogisticRegression(RecModel):
     """
 
     uses_embeddings = False
+    linear_terms_attribute = "linear"
 
     def __init__(self, schema, embeddings=None, embedding_dim=16, l2_linear=1e-5, **kwargs):
         super().__init__(schema, embeddings=None, embedding_dim=embedding_dim, **kwargs)
         self.l2_linear = blocks.check_l2("l2_linear", l2_linear)
         self.linear = blocks.make_linear_terms(self, l2=self.l2_linear)
 
-    def linear_tables(self):
-        """The first-order ``FixedEmbedding`` tables, one per sparse feature."""
-        return list(self.linear.tables)
-
-    def _embedding_like_layers(self):
-        return super()._embedding_like_layers() + self.linear_tables()
-
     def interact(self, embedded, dense, training=None):
         return None  # LR has only first-order terms (linear_logits)
-
-    def linear_logits(self, inputs, dense, training=None):
-        return self.linear(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()

@@ -142,10 +142,21 @@ class RecModel(keras.Model):
         ``linear_logits``)."""
         raise NotImplementedError
 
+    #: Name of the attribute that holds the model's first-order terms (a ``blocks.LinearTerms``), or None.
+    linear_terms_attribute = None
+
+    def linear_tables(self):
+        """The first-order ``FixedEmbedding`` tables, one per sparse feature (``[]`` for a model without
+        first-order terms)."""
+        terms = getattr(self, self.linear_terms_attribute) if self.linear_terms_attribute else None
+        return [] if terms is None else list(terms.tables)
+
     def linear_logits(self, inputs, dense, training=None):
         """First-order (wide) logits ``[batch, output_units]`` from the raw encoded ``inputs``, added to those of
-        ``interact``; None (the default) when the model has none."""
-        return None
+        ``interact``: the ``linear_terms_attribute`` layer's, None (the default) when the model has none."""
+        if not self.linear_terms_attribute:
+            return None
+        return getattr(self, self.linear_terms_attribute)(inputs, dense, training=training)
 
     def call(self, inputs, training=None):
         embedded, dense = self.embed(inputs)
@@ -195,7 +206,7 @@ class RecModel(keras.Model):
         return out
 
     def _embedding_like_layers(self):
-        return list(self.embedding_list)
+        return list(self.embedding_list) + self.linear_tables()
 
     def train_step(self, data):
         if self.embedding_optimizer is None:

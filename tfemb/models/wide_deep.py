@@ -36,6 +36,8 @@ class WideAndDeep(RecModel):
         - Cheng et al., "Wide & Deep Learning for Recommender Systems", DLRS 2016 (arXiv 1606.07792).
     """
 
+    linear_terms_attribute = "wide"
+
     def __init__(self, schema, embeddings=None, embedding_dim=16, dnn_units=(256, 128, 64), dnn_activation="relu",
                  dnn_dropout=0.0, dnn_batch_norm=False, l2_dnn=0.0, l2_linear=1e-5, l2_embedding=1e-5, **kwargs):
         super().__init__(schema, embeddings=embeddings, embedding_dim=embedding_dim, **kwargs)
@@ -46,19 +48,10 @@ class WideAndDeep(RecModel):
         self.wide = blocks.make_linear_terms(self, l2=self.l2_linear, name="wide")
         self.dnn_output = keras.layers.Dense(self.output_units, use_bias=False, name="dnn_output")
 
-    def linear_tables(self):
-        return list(self.wide.tables)
-
-    def _embedding_like_layers(self):
-        return super()._embedding_like_layers() + self.linear_tables()
-
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, F*dim + n_dense]
         return self.dnn_output(self.dnn(x, training=training))  # [batch, output_units]
-
-    def linear_logits(self, inputs, dense, training=None):
-        return self.wide(inputs, dense, training=training)  # [batch, output_units]
 
     def get_config(self):
         config = super().get_config()
