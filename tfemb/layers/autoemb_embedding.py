@@ -453,12 +453,6 @@ class AutoEmbEmbedding(EmbeddingScheme):
             return np.full(self.vocabulary_size, sum(self.candidate_dims), np.int64)
         return self.selected_dims()
 
-    def search_parameter_count(self):
-        """Trainable parameters during the search: all tables, transforms, batch norms and θ."""
-        if not self.built:
-            self.build()
-        return int(sum(int(np.prod(v.shape)) for v in self.trainable_variables))
-
     def sparse_tables(self):
         if not self.built:
             self.build()

@@ -188,6 +188,13 @@ class EmbeddingScheme(keras.layers.Layer):
         """Bytes of the parameters (and index arrays) inference needs, at their export dtype."""
         raise NotImplementedError
 
+    def search_parameter_count(self):
+        """Parameters the layer trains (every trainable variable: for a search, all candidates and its
+        architecture parameters), against ``parameter_count()``, what inference keeps."""
+        if not self.built:
+            self.build()
+        return int(sum(int(np.prod(v.shape)) for v in self.trainable_variables))
+
     def dims_per_id(self):
         """NumPy int array of length ``vocabulary_size``: the effective dimension of each id."""
         raise NotImplementedError

@@ -519,12 +519,6 @@ class ESAPNEmbedding(EmbeddingScheme):
     def dims_per_id(self):
         return np.asarray(self.candidate_dims, np.int64)[self.size_indices()]
 
-    def search_parameter_count(self):
-        """Trainable parameters during the search: every size's table, the whole chain, the normalisation."""
-        if not self.built:
-            self.build()
-        return int(sum(int(np.prod(v.shape)) for v in self.trainable_variables))
-
     def sparse_tables(self):
         if not self.built:
             self.build()
