@@ -453,3 +453,27 @@ def test_clear_errors(df):
         CFNetwork(cf, dropout=1.5)
     with pytest.raises(ValueError, match="l2_linear must be a float >= 0"):
         LogisticRegression(schema, l2_linear=-1.0)
+
+
+# ------------------------------------------------------------------------------------------ fit on datasets
+def test_fit_on_a_dataset_does_not_warn_that_shuffle_is_ignored(df):
+    """Keras 3 warns "`shuffle=True` was passed, but will be ignored" on a plain fit(dataset) (fit's default),
+    which reads as if make_dataset(shuffle=True) were undone; RecModel.fit passes shuffle=False for datasets."""
+    import warnings
+
+    model, x, y = make_model("deepfm", df)
+    compile_model(model, learning_rate=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(make_dataset(x, y, batch_size=80, shuffle=True, seed=0), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_dataset_fit_kwargs_only_fills_in_shuffle_for_datasets():
+    from tfemb._keras import dataset_fit_kwargs
+
+    ds = tf.data.Dataset.from_tensor_slices(np.arange(4))
+    assert dataset_fit_kwargs(ds, {"epochs": 2}) == {"epochs": 2, "shuffle": False}
+    assert dataset_fit_kwargs(ds, {"shuffle": True}) == {"shuffle": True}  # an explicit choice passes through
+    assert dataset_fit_kwargs(np.arange(4), {"epochs": 2}) == {"epochs": 2}  # arrays: fit's default stays

@@ -13,6 +13,20 @@ keras = tf.keras
 IS_KERAS_3 = not keras.__name__.startswith("tf_keras")
 
 
+def dataset_fit_kwargs(x, kwargs):
+    """``fit`` keyword arguments for ``x``: ``shuffle=False`` added when ``x`` is a ``tf.data.Dataset`` and the
+    caller did not pass ``shuffle``.
+
+    A dataset is never shuffled by ``fit`` (its own ``.shuffle()`` does that, e.g. ``make_dataset(...,
+    shuffle=True)``), but Keras 3 warns "`shuffle=True` was passed, but will be ignored" on every such ``fit``
+    because ``shuffle=True`` is ``fit``'s default, which reads as if the dataset's own shuffling were dropped.
+    The training is the same either way; an explicit ``shuffle`` is passed through untouched.
+    """
+    if isinstance(x, tf.data.Dataset) and "shuffle" not in kwargs:
+        return {**kwargs, "shuffle": False}
+    return kwargs
+
+
 def register(cls):
     """Registers a public class for (de)serialisation under the ``tfemb`` package."""
     return keras.utils.register_keras_serializable(package="tfemb")(cls)

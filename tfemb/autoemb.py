@@ -28,7 +28,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import IS_KERAS_3, keras
+from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras
 from tfemb.layers.autoemb_embedding import INFERENCE_SELECTIONS, AutoEmbEmbedding
 from tfemb.layers.embedding_scheme import multi_replica
 
@@ -457,7 +457,7 @@ class AutoEmbSearch(keras.Model):
                 stream = _iter_validation(self.validation_stream)
             object.__setattr__(self, "_validation_iterator", iter(stream))
         self.train_function = None  # the traced step captures the iterator: trace again for the new one
-        return super().fit(x, y, **kwargs)
+        return super().fit(x, y, **dataset_fit_kwargs(x, kwargs))
 
     # ------------------------------------------------------------------------------------------- streaming
     def stream_step(self, x, y, x_val=None, y_val=None):

@@ -55,7 +55,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import IS_KERAS_3, keras, register
+from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
     PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, batch_polymorphic_function, per_example_loss,
     previous_batch_stream, scheme_layers, stream_summary, stream_test_start,
@@ -504,7 +504,7 @@ class ESAPNSearch(keras.Model):
             x = tf.data.Dataset.zip((x, previous)).map(
                 lambda current, prev: ((current[0], prev),) + tuple(current[1:]))
         self.train_function = None
-        return super().fit(x, y, **kwargs)
+        return super().fit(x, y, **dataset_fit_kwargs(x, kwargs))
 
     def stream_step(self, x, y, x_prev=None, y_prev=None):
         """One test-then-train step (``stream_fit``): the policy step on ``(x_prev, y_prev)`` when given, then the

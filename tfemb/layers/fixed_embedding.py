@@ -1,7 +1,6 @@
 """FixedEmbedding: one table, one dimension for every id (the FSE baseline)."""
 
 import numpy as np
-import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, dtype_bytes

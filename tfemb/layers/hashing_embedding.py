@@ -1,7 +1,6 @@
 """HashingEmbedding: the hashing trick, ids share the rows of a smaller table through a universal hash."""
 
 import numpy as np
-import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb import optimizers as sparse_optimizers
-from tfemb._keras import IS_KERAS_3, deserialize, keras, serialize
+from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, deserialize, keras, serialize
 from tfemb.data.schema import Schema
 from tfemb.layers.embedding_scheme import EmbeddingScheme
 from tfemb.layers.fixed_embedding import FixedEmbedding
@@ -207,6 +207,11 @@ class RecModel(keras.Model):
 
     def _embedding_like_layers(self):
         return list(self.embedding_list) + self.linear_tables()
+
+    def fit(self, x=None, y=None, **kwargs):
+        """Keras ``fit``; a ``tf.data.Dataset`` is passed with ``shuffle=False`` unless told otherwise (Keras never
+        shuffles a dataset; see ``tfemb._keras.dataset_fit_kwargs``)."""
+        return super().fit(x, y, **dataset_fit_kwargs(x, kwargs))
 
     def train_step(self, data):
         if self.embedding_optimizer is None:
