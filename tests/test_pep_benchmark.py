@@ -158,20 +158,22 @@ def test_experiment_run_pep_unreached_target_is_flagged():
 
 
 def test_timing_only_on_synthetic_cf(tmp_path, monkeypatch):
-    """``--timing-only``: fixed, the search (fused layout) and the two-variable search, interleaved; the ratios
-    and the Markdown table come from the measured steps."""
+    """``--timing-only``: fixed, the search (fused layout), the two-variable search and the fixed model at twice
+    the dimension, interleaved; the ratios and the Markdown table come from the measured steps."""
     sweep = load_sweep()
     monkeypatch.setattr(sweep, "TIMING_ROUNDS", 2)
     monkeypatch.setattr(sweep, "TIMING_STEPS", 6)
     payload = sweep.run_timing(["synthetic_cf"], out=str(tmp_path), settings=fast_settings(sweep))
     (run,) = payload["runs"]
     bursts = run["interleaved"]
-    assert set(bursts) == {"fixed", "pep", "pep_without_counts", "pep_two_variables"}
+    assert set(bursts) == {"fixed", "pep", "pep_without_counts", "pep_two_variables", "fixed_double_dim"}
     for name, summary in bursts.items():
         assert summary["steps"] == 2 * (6 + 2 - 2), name  # two rounds, the first 2 steps of each left out
     np.testing.assert_allclose(run["ratio_amortised_two_variables"],
                                bursts["pep_two_variables"]["amortised_step_ms"] / bursts["fixed"]["amortised_step_ms"])
+    np.testing.assert_allclose(run["ratio_amortised_fixed_double_dim"],
+                               bursts["fixed_double_dim"]["amortised_step_ms"] / bursts["fixed"]["amortised_step_ms"])
     saved = json.loads((tmp_path / "pep_timing.json").read_text())
     assert saved["runs"][0]["ratio_amortised"] == run["ratio_amortised"]
     table = (tmp_path / "pep_timing.md").read_text()
-    assert "two variables" in table and f"| synthetic_cf | cf | 0 | {bursts['fixed']['amortised_step_ms']:.2f} |" in table
+    assert "two variables" in table and "fixed at 2·d0" in table and f"| synthetic_cf | cf | 0 | {bursts['fixed']['amortised_step_ms']:.2f} |" in table

@@ -46,15 +46,20 @@ def write_json(path, payload):
         json.dump(payload, fh, indent=2, default=float)
 
 
-def _annotate_apart(ax, fig, points, step=10):
-    """Labels every point; a label that would overlap one already placed (in display space) moves down by ``step``
-    points until it does not, so near-identical variants stay readable."""
+def _annotate_apart(ax, fig, points, colors=None, step=10):
+    """Labels every point, in its marker's colour; a label that would overlap one already placed (in display
+    space) moves down by ``step`` points until it does not, and then gets a thin line to its point, so
+    near-identical variants stay readable and each label still says which point it names."""
     placed = []
     fig.canvas.draw()  # axis limits and scales are final: display coordinates are meaningful
-    for label, x, y in points:
+    for i, (label, x, y) in enumerate(points):
+        color = None if colors is None else colors[i]
         dx, dy = 5, 4
         for _ in range(12):
-            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8)
+            moved = dy != 4
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx + 8 * moved, dy), fontsize=8,
+                               color=color, arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6,
+                                                        "shrinkA": 0, "shrinkB": 3} if moved else None)
             box = text.get_window_extent(renderer=fig.canvas.get_renderer())
             if not any(box.overlaps(other) for other in placed):
                 break
@@ -71,11 +76,10 @@ def scatter_plot(path, points, x_label, y_label, title, log_x=True):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, x, y in points:
-        ax.scatter([x], [y], s=40)
+    colors = [ax.scatter([x], [y], s=40).get_facecolor()[0] for _, x, y in points]
     if log_x:
         ax.set_xscale("log")
-    _annotate_apart(ax, fig, points)
+    _annotate_apart(ax, fig, points, colors)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
