@@ -203,14 +203,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
 
     def compact(self):
         # Tables are already the smallest form; frequencies stay in the config because they define the hot set.
-        layer = DoubleHashingEmbedding.from_config({**self.get_config(), "trainable": False})
-        layer.build()
-        if self.hot_embeddings is not None:
-            layer.hot_embeddings.assign(self.hot_embeddings)
-        layer.shared_embeddings.assign(self.shared_embeddings)
-        if self.hot_rows is not None:
-            layer.hot_rows.assign(self.hot_rows)
-        return layer
+        return self.frozen_copy()
 
     def sparse_tables(self):
         tables = [] if self.hot_embeddings is None else [self.hot_embeddings]

@@ -203,6 +203,16 @@ class EmbeddingScheme(keras.layers.Layer):
         """An inference-only layer with frozen, physically smallest weights, stock TF ops, same outputs."""
         raise NotImplementedError
 
+    def frozen_copy(self, **config):
+        """A frozen layer of this class, with this layer's config (updated by ``config``) and weights: the
+        ``compact()`` of a scheme whose training weights are already its smallest inference form."""
+        if not self.built:
+            self.build()
+        layer = type(self).from_config({**self.get_config(), "trainable": False, **config})
+        layer.build()
+        layer.set_weights(self.get_weights())
+        return layer
+
     def sparse_tables(self):
         """Variables indexed by id-derived rows (row-sparse gradients); ``tfemb`` optimizers update them lazily."""
         return []

@@ -57,10 +57,7 @@ class FixedEmbedding(EmbeddingScheme):
         return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
 
     def compact(self):
-        layer = FixedEmbedding.from_config({**self.get_config(), "trainable": False, "frequencies": None})
-        layer.build()
-        layer.embeddings.assign(self.embeddings)
-        return layer
+        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.embeddings]

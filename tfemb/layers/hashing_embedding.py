@@ -86,10 +86,7 @@ class HashingEmbedding(EmbeddingScheme):
 
     def compact(self):
         # The table is already the smallest form; the hash constants come back from the seed.
-        layer = HashingEmbedding.from_config({**self.get_config(), "trainable": False, "frequencies": None})
-        layer.build()
-        layer.embeddings.assign(self.embeddings)
-        return layer
+        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.embeddings]

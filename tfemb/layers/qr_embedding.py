@@ -155,11 +155,7 @@ class QREmbedding(EmbeddingScheme):
 
     def compact(self):
         # Both tables are already the smallest form; the compact layer freezes a copy of them.
-        layer = QREmbedding.from_config({**self.get_config(), "trainable": False, "frequencies": None})
-        layer.build()
-        layer.quotient_embeddings.assign(self.quotient_embeddings)
-        layer.remainder_embeddings.assign(self.remainder_embeddings)
-        return layer
+        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.quotient_embeddings, self.remainder_embeddings]
