@@ -46,22 +46,27 @@ def write_json(path, payload):
         json.dump(payload, fh, indent=2, default=float)
 
 
-def _annotate_apart(ax, fig, points, colors=None, step=10):
+def _annotate_apart(ax, fig, points, colors=None, step=10, tries=12):
     """Labels every point, in its marker's colour; a label that would overlap one already placed (in display
-    space) moves down by ``step`` points until it does not, and then gets a thin line to its point, so
-    near-identical variants stay readable and each label still says which point it names."""
+    space) moves down by ``step`` points until it does not (at most ``tries`` times; the last place is kept, so
+    no label is lost), and then gets a thin line to its point, so near-identical variants stay readable and each
+    label still says which point it names."""
+    from matplotlib.text import Text
+
     placed = []
     fig.canvas.draw()  # axis limits and scales are final: display coordinates are meaningful
+    renderer = fig.canvas.get_renderer()
     for i, (label, x, y) in enumerate(points):
         color = None if colors is None else colors[i]
         dx, dy = 5, 4
-        for _ in range(12):
-            moved = dy != 4
+        for attempt in range(tries):
+            moved = attempt > 0
             text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx + 8 * moved, dy), fontsize=8,
                                color=color, arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6,
                                                         "shrinkA": 0, "shrinkB": 3} if moved else None)
-            box = text.get_window_extent(renderer=fig.canvas.get_renderer())
-            if not any(box.overlaps(other) for other in placed):
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer)  # the text alone: an annotation's own extent adds its line
+            if attempt == tries - 1 or not any(box.overlaps(other) for other in placed):
                 break
             text.remove()
             dy -= step

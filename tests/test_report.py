@@ -1,0 +1,57 @@
+"""The comparison plots: every point keeps its label, in its colour, and crowded labels move apart."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+from tfemb import report  # noqa: E402
+
+
+def _labelled(points):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = [ax.scatter([x], [y], s=40).get_facecolor()[0] for _, x, y in points]
+    ax.set_xscale("log")
+    report._annotate_apart(ax, fig, points, colors)
+    renderer = fig.canvas.get_renderer()
+    boxes = {}
+    for text in ax.texts:
+        text.update_positions(renderer)
+        boxes[text.get_text()] = (Text.get_window_extent(text, renderer), text)
+    return fig, colors, boxes
+
+
+def test_crowded_labels_are_all_drawn_apart_in_their_colours():
+    # The demo's streaming plot: two points side by side near the top, whose labels collide.
+    points = [("FSE (sum)", 2.2e6, 0.6757), ("DARTS", 6.9e5, 0.6739), ("SAM", 6.1e5, 0.6333),
+              ("AutoEmb", 5.4e5, 0.6469), ("ESAPN", 6.5e5, 0.6747)]
+    fig, colors, boxes = _labelled(points)
+    try:
+        assert sorted(boxes) == sorted(label for label, _, _ in points)  # no label lost
+        for (label, _, _), color in zip(points, colors):
+            assert tuple(boxes[label][1].get_color()) == tuple(color), label
+        names = list(boxes)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert not boxes[a][0].overlaps(boxes[b][0]), (a, b)
+        # The label that had to move is tied to its point by a line; the others are not.
+        assert boxes["ESAPN"][1].arrow_patch is not None
+        assert boxes["DARTS"][1].arrow_patch is None
+    finally:
+        plt.close(fig)
+
+
+def test_a_label_with_no_free_place_is_still_drawn():
+    points = [(f"variant {i}", 1e5, 0.5) for i in range(20)]  # all at one spot: 12 tries cannot free them all
+    fig, _, boxes = _labelled(points)
+    try:
+        assert sorted(boxes) == sorted(label for label, _, _ in points)
+    finally:
+        plt.close(fig)
+
+
+def test_scatter_plot_writes_the_png(tmp_path):
+    path = report.scatter_plot(str(tmp_path / "p.png"), [("a", 1e3, 0.7), ("b", 1e4, 0.71)], "bytes", "auc", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000 and path.endswith("p.png")
