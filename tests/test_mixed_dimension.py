@@ -1080,3 +1080,45 @@ def test_table_lookup_gradient_is_made_dense_once():
     expected = tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy()
     np.testing.assert_allclose(grad(ids).numpy(), expected, rtol=1e-5, atol=1e-6)
 
+
+
+def test_projected_table_and_its_gradient_match_numpy():
+    """``projected_table()`` = ``concat_i(E_i @ P_i)`` (a block at d0: ``E_i`` itself), and its gradient with
+    respect to the buffer, against NumPy: for a dense upstream (the whole table) and through the ids' gather
+    (row slices, repeated ids)."""
+    sizes, dims, d0 = [3, 4, 5, 6], [6, 4, 6, 1], 6  # two blocks at d0 (identity), one not adjacent
+    layer = MixedDimensionEmbedding(sum(sizes), d0, sizes, dims, lookup="table")
+    layer.build()
+    rng = np.random.default_rng(3)
+    tables = [rng.normal(size=(n, d)).astype(np.float32) for n, d in zip(sizes, dims)]
+    projections = [None if d == d0 else rng.normal(size=(d, d0)).astype(np.float32) for d in dims]
+    layer.set_block_weights(tables, projections)
+    want = np.concatenate([t if p is None else t @ p for t, p in zip(tables, projections)])
+    np.testing.assert_allclose(layer.projected_table().numpy(), want, rtol=1e-5, atol=1e-6)
+
+    weights = rng.normal(size=want.shape).astype(np.float32)
+    ids = np.array([0, 4, 4, 17, 9, 12])  # ranks = ids here (no permutation, OOV at rank 0)
+
+    def numpy_grads(upstream):  # d/d(E_i) = U_i P_i^T, d/d(P_i) = E_i^T U_i, per block, laid out as the layer does
+        g_tables, g_proj, row = [], [], 0
+        for t, p in zip(tables, projections):
+            u = upstream[row:row + len(t)]
+            g_tables.append(u if p is None else u @ p.T)
+            g_proj.append(None if p is None else t.T @ u)
+            row += len(t)
+        probe = MixedDimensionEmbedding(sum(sizes), d0, sizes, dims)
+        probe.build()
+        probe.set_block_weights(g_tables, [g if g is not None else None for g in g_proj])
+        return np.asarray(tf.convert_to_tensor(probe.flat_parameters)).reshape(-1)
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer.projected_table() * weights)
+    got = tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy().reshape(-1)
+    np.testing.assert_allclose(got, numpy_grads(weights), rtol=1e-4, atol=1e-5)
+
+    upstream = np.zeros_like(want)
+    np.add.at(upstream, ids, weights[: len(ids)])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(layer.projected_table(), tf.constant(ids)) * weights[: len(ids)])
+    got = tf.convert_to_tensor(tape.gradient(loss, layer.flat_parameters)).numpy().reshape(-1)
+    np.testing.assert_allclose(got, numpy_grads(upstream), rtol=1e-4, atol=1e-5)
