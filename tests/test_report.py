@@ -12,9 +12,7 @@ from tfemb import report  # noqa: E402
 
 def _labelled(points):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = [ax.scatter([x], [y], s=40).get_facecolor()[0] for _, x, y in points]
-    ax.set_xscale("log")
-    report._annotate_apart(ax, fig, points, colors)
+    colors = report.labelled_scatter(ax, fig, points)
     renderer = fig.canvas.get_renderer()
     boxes = {}
     for text in ax.texts:

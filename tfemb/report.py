@@ -73,6 +73,16 @@ def _annotate_apart(ax, fig, points, colors=None, step=10, tries=12):
         placed.append(box)
 
 
+def labelled_scatter(ax, fig, points, log_x=True):
+    """One marker per ``(label, x, y)`` point on ``ax``, each labelled in its colour (``_annotate_apart``);
+    returns the markers' colours."""
+    colors = [ax.scatter([x], [y], s=40).get_facecolor()[0] for _, x, y in points]
+    if log_x:
+        ax.set_xscale("log")
+    _annotate_apart(ax, fig, points, colors)
+    return colors
+
+
 def scatter_plot(path, points, x_label, y_label, title, log_x=True):
     """``points``: list of (label, x, y); one marker per point, labelled."""
     import matplotlib
@@ -81,10 +91,7 @@ def scatter_plot(path, points, x_label, y_label, title, log_x=True):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = [ax.scatter([x], [y], s=40).get_facecolor()[0] for _, x, y in points]
-    if log_x:
-        ax.set_xscale("log")
-    _annotate_apart(ax, fig, points, colors)
+    labelled_scatter(ax, fig, points, log_x)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
