@@ -23,6 +23,11 @@ For every dataset / model (MovieLens-100K with the CF network; Criteo 10K with D
    ``dim = max(1, round(nnz / ids))`` (ids = all rows of all tables), trained and evaluated the same way.
    "PEP is only useful if it beats simply using a smaller dimension." At 99% fewer parameters the uniform model
    cannot go below 1 dimension per id, so there it holds more parameters than PEP (reported).
+5. **Mask controls** (``--controls``, default ``random,columns``): the same lottery-ticket retrain with a mask
+   that PEP did not choose, at exactly the snapshot's count. ``random``: the snapshot's number of entries per
+   table, drawn uniformly at random over the table (Frankle & Carbin's random-pruning control). ``columns``: each
+   id keeps the number of dims PEP gave it, but at random columns. PEP's mask is worth its search only if it
+   beats ``random``; where it also beats ``columns``, which columns it keeps matters beyond the sizes per id.
 
 Search speed: per-step training time of the search (the PEPSnapshots counts and the threshold pressure included)
 relative to the fixed model, (a) over the actual runs (median step, first steps of each fit excluded) and (b) in
@@ -232,6 +237,32 @@ def paired_bootstrap_delta_auc(y, p_a, p_b, n=BOOTSTRAP, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- training
+#: Mask controls (``--controls``): retrained like the PEP ticket, with a mask PEP did not choose.
+CONTROLS = ("random", "columns")
+
+
+def control_masks(masks, kind, seed=0):
+    """``{table: bool mask}`` of a control with the same kept counts as ``masks`` (PEP's snapshot).
+
+    ``"random"``: each table keeps as many entries as PEP's, drawn uniformly over the whole table. ``"columns"``:
+    each row (id) keeps as many entries as PEP's row, at columns drawn uniformly within the row.
+    """
+    if kind not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}. Received: {kind!r}")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(masks):
+        mask = np.asarray(masks[name], dtype=bool)
+        if kind == "random":
+            flat = np.zeros(mask.size, dtype=bool)
+            flat[rng.choice(mask.size, size=int(mask.sum()), replace=False)] = True
+            out[name] = flat.reshape(mask.shape)
+        else:  # a random permutation of each row's columns: the row keeps its count
+            order = np.argsort(rng.random(mask.shape), axis=1)
+            out[name] = np.take_along_axis(mask, order, axis=1)
+    return out
+
+
 def _keras():
     from tfemb._keras import keras
 
@@ -511,8 +542,11 @@ def pep_embedding_cfg(search, dim, pressure):
     return {"scheme": "pep", "params": params}
 
 
-def run_one(prep, ds_name, setting, model_name, seed, targets, quick):
-    """Fixed, PEP search, retrained snapshots and uniform baselines for one dataset / model / seed."""
+def run_one(prep, ds_name, setting, model_name, seed, targets, quick, controls=CONTROLS):
+    """Fixed, PEP search, retrained snapshots, their mask controls and uniform baselines for one dataset / model
+    / seed."""
+    import dataclasses
+
     import tensorflow as tf
 
     from tfemb import experiment
@@ -654,6 +688,17 @@ def run_one(prep, ds_name, setting, model_name, seed, targets, quick):
         point["delta_auc"] = point["pep"]["auc"] - point["uniform"]["auc"]
         point["delta_auc_ci95"] = paired_bootstrap_delta_auc(y_test, p_pep, p_uni, seed=seed)
         point["delta_auc_vs_fixed"] = point["pep"]["auc"] - result["fixed"]["auc"]
+        point["controls"] = {}
+        for kind in controls:  # the same ticket, with a mask PEP did not choose (same counts)
+            reset_ticket(ticket, dataclasses.replace(snap, masks=control_masks(snap.masks, kind, seed=seed)))
+            c_epochs, c_seconds = train_model(ticket, prep, train, seed, f"control {kind} {target}")
+            c_metrics, p_control = test_metrics(ticket, prep, batch)
+            point["controls"][kind] = {
+                "params": int(ticket.embedding_parameter_count()), "epochs": c_epochs, "train_seconds": c_seconds,
+                **c_metrics, "pep_minus_control": point["pep"]["auc"] - c_metrics["auc"],
+                "pep_minus_control_ci95": paired_bootstrap_delta_auc(y_test, p_pep, p_control, seed=seed)}
+            log(f"{tag} target {target}: control {kind}: auc={c_metrics['auc']:.4f} (PEP - control "
+                f"{point['controls'][kind]['pep_minus_control']:+.4f})")
         log(f"{tag} target {target} ({1 - target:.0%} fewer): nnz {snap.count:,} -> PEP auc={metrics['auc']:.4f} "
             f"logloss={metrics['logloss']:.4f} | uniform d={dim} ({point['uniform']['params']:,} params) "
             f"auc={point['uniform']['auc']:.4f} logloss={point['uniform']['logloss']:.4f} | "
@@ -676,7 +721,7 @@ def _dataset_available(setting):
 
 
 def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds=1, quick=False, out=None,
-              settings=None):
+              settings=None, controls=CONTROLS):
     """Runs the sweep; returns the JSON payload (and writes the outputs when ``out`` is given)."""
     from tfemb import experiment
 
@@ -686,7 +731,7 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
                             "cpus": os.cpu_count()},
                "args": {"datasets": list(datasets), "models": None if models is None else list(models),
-                        "targets": targets, "seeds": seeds, "quick": quick},
+                        "targets": targets, "seeds": seeds, "quick": quick, "controls": list(controls)},
                "settings": {}, "skipped": [], "runs": []}
     start = time.perf_counter()
     for ds_name in datasets:
@@ -706,7 +751,7 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
         ds_models = setting["models"] if (models is None or ds_name != "criteo") else models
         for model_name in ds_models:
             for seed in range(seeds):
-                payload["runs"].append(run_one(prep, ds_name, setting, model_name, seed, targets, quick))
+                payload["runs"].append(run_one(prep, ds_name, setting, model_name, seed, targets, quick, controls))
                 log(f"   ({time.perf_counter() - start:.0f}s elapsed)")
     payload["seconds"] = time.perf_counter() - start
     if out:
@@ -869,6 +914,12 @@ def aggregate(runs):
                     "seed_deltas": [p["delta_auc"] for p in reached],
                     "pep_auc_std": float(np.std([p["pep"]["auc"] for p in reached])),
                     "uniform_auc_std": float(np.std([p["uniform"]["auc"] for p in reached])),
+                    "controls": {kind: {
+                        "auc": _mean([p["controls"][kind]["auc"] for p in reached]),
+                        "pep_minus_control": _mean([p["controls"][kind]["pep_minus_control"] for p in reached]),
+                        "seed_deltas": [p["controls"][kind]["pep_minus_control"] for p in reached],
+                        "seed_cis": [p["controls"][kind]["pep_minus_control_ci95"] for p in reached],
+                    } for kind in reached[0].get("controls", {})},
                 })
             else:
                 row["fewest"] = min(p["fewest_reached"] for p in pts)
@@ -958,6 +1009,24 @@ def markdown(payload, findings=None):
                 lines.append(
                     f"| {row['target']:g} | {row['fewer']:.0%} | no ({row['reached']}): fewest {row['fewest']:,} > "
                     f"{row['target_count']:,} | – | – | – | – | – | – | – | – | {_fmt(g['fixed_auc'])} |")
+        kinds = [k for k in CONTROLS if any(k in row.get("controls", {}) for row in g["rows"])]
+        if kinds:
+            names = {"random": "random mask", "columns": "PEP's sizes, random columns"}
+            lines += ["", "Mask controls: the same lottery-ticket retrain with a mask PEP did not choose, at the "
+                          "snapshot's count (random: per table; columns: each id keeps PEP's number of dims, at "
+                          "random columns). PEP − control ΔAUC, mean, then each seed's with its paired 95% interval:",
+                      "", "| fewer | PEP AUC | " + " | ".join(f"{names[k]} AUC | PEP − {names[k]}" for k in kinds)
+                      + " |", "|---|---|" + "---|---|" * len(kinds)]
+            for row in g["rows"]:
+                if "nnz" not in row or not row.get("controls"):
+                    continue
+                cells = []
+                for k in kinds:
+                    c = row["controls"][k]
+                    cells += [_fmt(c["auc"]), f"{c['pep_minus_control']:+.4f} (" + "; ".join(
+                        f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, (lo, hi) in zip(c["seed_deltas"], c["seed_cis"]))
+                        + ")"]
+                lines.append(f"| {row['fewer']:.0%} | {_fmt(row['pep_auc'])} | " + " | ".join(cells) + " |")
         rep = g["runs"][0].get("sparsity_report")
         if rep:
             lines += ["", f"Kept dimensions by popularity bucket at the {1 - REPORT_TARGET:.0%}-fewer snapshot "
@@ -990,7 +1059,11 @@ def markdown(payload, findings=None):
             + ", ".join(f"{r['fewer']:.0%} fewer {r['delta_auc']:+.4f}" for r in rows)
             + f"; better at {len(wins)}, worse at {len(losses)} of {len(rows)} points (95% CI excludes 0 in every seed)"
             + (f"; {len(unreached)} target(s) not reached" if unreached else "")
-            + f"; search step {g['timing']['ratio_interleaved_median_step']:.2f}× fixed.")
+            + f"; search step {g['timing']['ratio_interleaved_median_step']:.2f}× fixed."
+            + "".join(
+                f" PEP − {k} mask: better at {sum(all(ci[0] > 0 for ci in r['controls'][k]['seed_cis']) for r in rows)}, "
+                f"worse at {sum(all(ci[1] < 0 for ci in r['controls'][k]['seed_cis']) for r in rows)} of {len(rows)}."
+                for k in CONTROLS if rows and all(k in r.get("controls", {}) for r in rows)))
     lines.append("")
     lines += ["## Findings", "", findings.strip() if findings else "(to be written after the run)", ""]
     return "\n".join(lines)
@@ -1087,6 +1160,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="ml100k, two targets, fewer epochs (< 3 min)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--controls", default=",".join(CONTROLS),
+                        help="mask controls retrained beside each ticket, comma list of random, columns; or none")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the search-vs-fixed step time (interleaved), to <out>/pep_timing.{json,md}")
     args = parser.parse_args(argv)
@@ -1100,7 +1175,9 @@ def main(argv=None):
     models = split(args.models) if args.models else None
     if args.timing_only:
         return run_timing(datasets, models=models, seeds=args.seeds, out=args.out)
-    run_sweep(datasets, models=models, targets=targets, seeds=args.seeds, quick=args.quick, out=args.out)
+    controls = [] if args.controls.strip() == "none" else split(args.controls)
+    run_sweep(datasets, models=models, targets=targets, seeds=args.seeds, quick=args.quick, out=args.out,
+              controls=controls)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,18 @@ def batch_polymorphic_function(step, args):
     return tf.function(step, input_signature=tf.nest.map_structure(relaxed, list(args)))
 
 
+def cached_stream_step(search, key, step, args):
+    """``search``'s stream step for ``key`` (whether the θ / policy step runs), traced once by
+    ``batch_polymorphic_function(step(key), args)`` and kept in ``search._stream_functions``, then called on
+    ``args``. ``step(key)`` returns the step function; the search's optimizers are built before the first trace."""
+    fn = search._stream_functions.get(key)
+    if fn is None:
+        search._build_optimizers()
+        fn = batch_polymorphic_function(step(key), args)
+        search._stream_functions[key] = fn
+    return fn(*args)
+
+
 def _build_compiled_under_strategy(search, dataset):
     """Builds ``search``'s compiled loss and metrics from one undistributed batch of ``dataset``, in the strategy's
     scope. Keras 3 would otherwise build them under a multi-replica strategy from a replica-averaged first batch,
@@ -466,19 +478,16 @@ class AutoEmbSearch(keras.Model):
         key = x_val is not None and self.uses_validation
         if not key:
             x_val, y_val = x, y  # unused placeholders with the same structure
-        fn = self._stream_functions.get(key)
-        if fn is None:
-            self._build_optimizers()
 
-            def step(x, y, x_val, y_val):
-                if key:
+        def step(with_theta):
+            def fn(x, y, x_val, y_val):
+                if with_theta:
                     self._theta_step(x_val, y_val)
                 y_pred, _, per_example = self._w_step(x, y)
                 return y_pred, per_example
+            return fn
 
-            fn = batch_polymorphic_function(step, (x, y, x_val, y_val))
-            self._stream_functions[key] = fn
-        return fn(x, y, x_val, y_val)
+        return cached_stream_step(self, key, step, (x, y, x_val, y_val))
 
     def get_config(self):
         return {"name": self.name, "mode": self.mode, "sparse_theta_updates": self.sparse_theta_updates,

@@ -57,7 +57,7 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
-    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, batch_polymorphic_function, per_example_loss,
+    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, cached_stream_step, per_example_loss,
     previous_batch_stream, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
@@ -513,20 +513,17 @@ class ESAPNSearch(keras.Model):
         key = x_prev is not None and self.uses_policy
         if not key:
             x_prev, y_prev = x, y  # unused placeholders with the same structure
-        fn = self._stream_functions.get(key)
-        if fn is None:
-            self._build_optimizers()
 
-            def step(x, y, x_prev, y_prev):
+        def step(with_policy):
+            def fn(x, y, x_prev, y_prev):
                 stats = {}
-                if key:
+                if with_policy:
                     _, stats = self.policy_step(x_prev, y_prev)
                 y_pred, _, per_example, enlarged = self.model_step(x, y)
                 return y_pred, per_example, enlarged, stats
+            return fn
 
-            fn = batch_polymorphic_function(step, (x, y, x_prev, y_prev))
-            self._stream_functions[key] = fn
-        return fn(x, y, x_prev, y_prev)
+        return cached_stream_step(self, key, step, (x, y, x_prev, y_prev))
 
     def get_config(self):
         policy = dict(self.policy_config)
