@@ -234,3 +234,18 @@ class EmbeddingScheme(keras.layers.Layer):
             }
         )
         return config
+
+
+class UniformTablesScheme(EmbeddingScheme):
+    """A scheme whose ids all get ``output_dim`` and whose training tables are already their smallest inference
+    form (fixed, hashing, QR): storage is the parameters at the variable dtype, ``compact()`` a frozen copy (the
+    frequencies, which these lookups do not read, left out of its config)."""
+
+    def storage_bytes(self):
+        return self.parameter_count() * dtype_bytes(self.variable_dtype)
+
+    def dims_per_id(self):
+        return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
+
+    def compact(self):
+        return self.frozen_copy(frequencies=None)

@@ -1,13 +1,11 @@
 """FixedEmbedding: one table, one dimension for every id (the FSE baseline)."""
 
-import numpy as np
-
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, dtype_bytes
+from tfemb.layers.embedding_scheme import UniformTablesScheme
 
 
 @register
-class FixedEmbedding(EmbeddingScheme):
+class FixedEmbedding(UniformTablesScheme):
     """A plain ``vocabulary_size x output_dim`` table: every id gets ``output_dim`` dimensions.
 
     ``E[id]`` is the embedding of ``id``. This is the fixed-size-embedding (FSE) baseline the other methods
@@ -49,15 +47,6 @@ class FixedEmbedding(EmbeddingScheme):
 
     def parameter_count(self):
         return self.vocabulary_size * self.output_dim
-
-    def storage_bytes(self):
-        return self.parameter_count() * dtype_bytes(self.variable_dtype)
-
-    def dims_per_id(self):
-        return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
-
-    def compact(self):
-        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.embeddings]

@@ -1,9 +1,7 @@
 """HashingEmbedding: the hashing trick, ids share the rows of a smaller table through a universal hash."""
 
-import numpy as np
-
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import UniformTablesScheme, check_positive_int
 from tfemb.layers.hashing import HASH_PRIME, universal_hash_params, universal_hash_tf
 
 
@@ -16,7 +14,7 @@ def check_hashable_vocabulary(vocabulary_size):
 
 
 @register
-class HashingEmbedding(EmbeddingScheme):
+class HashingEmbedding(UniformTablesScheme):
     """The hashing trick: ``num_buckets`` shared rows, row ``h(id)`` for every id.
 
     ``E[h(id)]`` is the embedding of ``id``, with the universal hash
@@ -77,16 +75,6 @@ class HashingEmbedding(EmbeddingScheme):
 
     def parameter_count(self):
         return self.num_buckets * self.output_dim
-
-    def storage_bytes(self):
-        return self.parameter_count() * dtype_bytes(self.variable_dtype)
-
-    def dims_per_id(self):
-        return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
-
-    def compact(self):
-        # The table is already the smallest form; the hash constants come back from the seed.
-        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.embeddings]

@@ -2,11 +2,10 @@
 
 import math
 
-import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import UniformTablesScheme, check_positive_int
 
 OPERATIONS = ("mult", "add", "concat")
 
@@ -20,7 +19,7 @@ def fresh_initializer(initializer):
 
 
 @register
-class QREmbedding(EmbeddingScheme):
+class QREmbedding(UniformTablesScheme):
     """Quotient-remainder trick: two small tables whose rows, combined, are unique for every id.
 
     With ``m = num_buckets``, a remainder table ``R`` (``m`` rows) and a quotient table ``Q``
@@ -146,16 +145,6 @@ class QREmbedding(EmbeddingScheme):
     # ---------------------------------------------------------------------------------------- size accounting
     def parameter_count(self):
         return self.num_quotients * self.quotient_dim + self.num_buckets * self.remainder_dim
-
-    def storage_bytes(self):
-        return self.parameter_count() * dtype_bytes(self.variable_dtype)
-
-    def dims_per_id(self):
-        return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
-
-    def compact(self):
-        # Both tables are already the smallest form; the compact layer freezes a copy of them.
-        return self.frozen_copy(frequencies=None)
 
     def sparse_tables(self):
         return [self.quotient_embeddings, self.remainder_embeddings]
