@@ -1087,6 +1087,13 @@ def plot_quality(payload, path):
         ax.plot([u[0] for u in uni], [u[1] for u in uni], "s--", label="uniform dim")
         for u in uni:
             ax.annotate(f"d={u[2]}", (u[0], u[1]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        styles = {"random": ("^:", "tab:gray", "random mask (same count)"),
+                  "columns": ("v:", "tab:green", "PEP's sizes, random columns")}
+        for kind, (fmt, color, label) in styles.items():
+            shown = [r for r in rows if kind in r.get("controls", {})]
+            if shown:
+                ax.plot([r["nnz"] for r in shown], [r["controls"][kind]["auc"] for r in shown], fmt, color=color,
+                        markersize=5, label=label)
         ax.plot([g["fixed_params"]], [g["fixed_auc"]], "k*", markersize=11, label=f"fixed d={g['dim']}")
         ax.axhline(g["fixed_auc"], color="k", lw=0.6, ls=":")
         ax.set_xscale("log")
