@@ -727,6 +727,9 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
 
     settings = copy.deepcopy(settings or SETTINGS)
     targets = [float(t) for t in targets]
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:  # before the first search, not after it
+        raise SystemExit(f"unknown control(s) {unknown}; known: {list(CONTROLS)} (or 'none')")
     payload = {"benchmark": "pep_sweep", "created": datetime.datetime.now().isoformat(timespec="seconds"),
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
                             "cpus": os.cpu_count()},
