@@ -237,30 +237,9 @@ def paired_bootstrap_delta_auc(y, p_a, p_b, n=BOOTSTRAP, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- training
-#: Mask controls (``--controls``): retrained like the PEP ticket, with a mask PEP did not choose.
+#: Mask controls (``--controls``, ``tfemb.pep.control_snapshot``): retrained like the PEP ticket, with a mask
+#: PEP did not choose.
 CONTROLS = ("random", "columns")
-
-
-def control_masks(masks, kind, seed=0):
-    """``{table: bool mask}`` of a control with the same kept counts as ``masks`` (PEP's snapshot).
-
-    ``"random"``: each table keeps as many entries as PEP's, drawn uniformly over the whole table. ``"columns"``:
-    each row (id) keeps as many entries as PEP's row, at columns drawn uniformly within the row.
-    """
-    if kind not in CONTROLS:
-        raise ValueError(f"control must be one of {CONTROLS}. Received: {kind!r}")
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name in sorted(masks):
-        mask = np.asarray(masks[name], dtype=bool)
-        if kind == "random":
-            flat = np.zeros(mask.size, dtype=bool)
-            flat[rng.choice(mask.size, size=int(mask.sum()), replace=False)] = True
-            out[name] = flat.reshape(mask.shape)
-        else:  # a random permutation of each row's columns: the row keeps its count
-            order = np.argsort(rng.random(mask.shape), axis=1)
-            out[name] = np.take_along_axis(mask, order, axis=1)
-    return out
 
 
 def _keras():
@@ -545,12 +524,10 @@ def pep_embedding_cfg(search, dim, pressure):
 def run_one(prep, ds_name, setting, model_name, seed, targets, quick, controls=CONTROLS):
     """Fixed, PEP search, retrained snapshots, their mask controls and uniform baselines for one dataset / model
     / seed."""
-    import dataclasses
-
     import tensorflow as tf
 
     from tfemb import experiment
-    from tfemb.pep import PEPSnapshots, retrain, sparsity_report
+    from tfemb.pep import PEPSnapshots, control_snapshot, retrain, sparsity_report
 
     tf.get_logger().setLevel("ERROR")  # predict() retraces once per new model: expected here
 
@@ -690,7 +667,7 @@ def run_one(prep, ds_name, setting, model_name, seed, targets, quick, controls=C
         point["delta_auc_vs_fixed"] = point["pep"]["auc"] - result["fixed"]["auc"]
         point["controls"] = {}
         for kind in controls:  # the same ticket, with a mask PEP did not choose (same counts)
-            reset_ticket(ticket, dataclasses.replace(snap, masks=control_masks(snap.masks, kind, seed=seed)))
+            reset_ticket(ticket, control_snapshot(snap, kind, seed=seed))
             c_epochs, c_seconds = train_model(ticket, prep, train, seed, f"control {kind} {target}")
             c_metrics, p_control = test_metrics(ticket, prep, batch)
             point["controls"][kind] = {

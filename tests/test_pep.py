@@ -19,7 +19,9 @@ from tfemb.layers import SCHEMES, EmbeddingScheme, PackedEmbedding, PEPEmbedding
 from tfemb.layers.packed_embedding import csr_from_dense, packed_storage_bytes
 from tfemb.layers.pep_embedding import OFFICIAL_PRESETS, THRESHOLD_TYPES, threshold_sigmoid
 from tfemb.models import DeepFM
-from tfemb.pep import PEPSnapshot, PEPSnapshots, pep_layers, retrain, sparsity_report
+from tfemb.pep import (
+    PEPSnapshot, PEPSnapshots, control_masks, control_snapshot, pep_layers, retrain, sparsity_report,
+)
 from tfemb.tasks import compile_model
 from tfemb.testing import run_scheme_test
 
@@ -356,6 +358,51 @@ def test_retrain_rewind_keeps_pruned_entries_zero():
     assert np.mean(trained[mask] != (values * mask)[mask]) > 0.5  # the kept entries did train
     np.testing.assert_array_equal(new(tf.constant(IDS)).numpy(), (trained * mask)[IDS])
     assert new.parameter_count() == mask.sum()
+
+
+def test_control_masks_keep_the_counts_and_move_the_entries():
+    rng = np.random.default_rng(3)
+    # PEP-like masks: popular rows (first) keep more entries than rare ones.
+    kept = np.linspace(6, 0, V).round().astype(int)
+    masks = {"pep": np.arange(D)[None, :] < kept[:, None], "other": rng.random((11, 5)) < 0.3}
+    for kind in ("random", "columns"):
+        out = control_masks(masks, kind, seed=0)
+        assert set(out) == set(masks)
+        for name, mask in masks.items():
+            control = out[name]
+            assert control.dtype == bool and control.shape == mask.shape
+            assert control.sum() == mask.sum()  # the same count per table
+            assert not np.array_equal(control, mask)
+            if kind == "columns":  # and per id
+                np.testing.assert_array_equal(control.sum(axis=1), mask.sum(axis=1))
+            np.testing.assert_array_equal(control, control_masks(masks, kind, seed=0)[name])  # seeded
+        assert any(not np.array_equal(out[n], control_masks(masks, kind, seed=1)[n]) for n in masks)
+    # The random control spreads the entries over the rows: rare rows get some, popular rows lose some.
+    rows = control_masks(masks, "random", seed=0)["pep"].sum(axis=1)
+    assert rows[-5:].sum() > 0 and rows[:5].sum() < kept[:5].sum()
+    with pytest.raises(ValueError, match="kind must be one of .* Received: kind='magnitude'"):
+        control_masks(masks, "magnitude")
+    with pytest.raises(ValueError, match="mask 'pep' must be a 2-D bool array .* dtype float64"):
+        control_masks({"pep": np.ones((V, D))})
+    with pytest.raises(TypeError, match="snapshot must be a PEPSnapshot. Received: dict"):
+        control_snapshot(masks)
+
+
+def test_control_ticket_retrains_with_the_control_mask():
+    values = _spread_values()
+    model, _ = _snapshot_model(values)
+    snaps = PEPSnapshots(targets=[0.5])
+    model.fit(np.arange(20) % V, np.zeros(20, np.float32), batch_size=1, epochs=1, verbose=0, callbacks=[snaps])
+    snap = snaps.snapshot(0.5)
+    control = control_snapshot(snap, "random", seed=4)
+    assert (control.count, control.step, control.target) == (snap.count, snap.step, snap.target)
+    assert control.initial_values is snap.initial_values and snap.masks is not control.masks
+    ticket = retrain(model, control)
+    new = pep_layers(ticket)["pep"]
+    mask = control.masks["pep"]
+    np.testing.assert_array_equal(new.current_mask(), mask)
+    np.testing.assert_array_equal(new.embeddings.numpy(), values * mask)  # the same rewind, another mask
+    assert new.parameter_count() == mask.sum() == snap.count
 
 
 def test_retrain_random_mode_and_mask_dict():

@@ -91,29 +91,10 @@ def test_sweep_on_synthetic_cf(tmp_path, monkeypatch):
     assert "| fewer | PEP AUC | random mask AUC | PEP − random mask |" in md
 
 
-def test_control_masks_keep_pep_counts_and_move_the_entries():
-    sweep = load_sweep()
-    rng = np.random.default_rng(3)
-    # PEP-like masks: popular rows (first) keep more entries than rare ones.
-    kept = np.linspace(12, 0, 40).round().astype(int)
-    masks = {"user_id": np.arange(16)[None, :] < kept[:, None],
-             "item_id": rng.random((25, 16)) < 0.3}
-    for kind in ("random", "columns"):
-        out = sweep.control_masks(masks, kind, seed=0)
-        assert set(out) == set(masks)
-        for name, mask in masks.items():
-            control = out[name]
-            assert control.dtype == bool and control.shape == mask.shape
-            assert control.sum() == mask.sum()  # the same count per table
-            assert not np.array_equal(control, mask)
-            if kind == "columns":  # and per id
-                np.testing.assert_array_equal(control.sum(axis=1), mask.sum(axis=1))
-        assert all(np.array_equal(out[n], sweep.control_masks(masks, kind, seed=0)[n]) for n in masks)  # seeded
-    # The random control spreads the entries over the rows: rare rows get some, popular rows lose some.
-    random_rows = sweep.control_masks(masks, "random", seed=0)["user_id"].sum(axis=1)
-    assert random_rows[-5:].sum() > 0 and random_rows[:5].sum() < kept[:5].sum()
-    with pytest.raises(ValueError, match="control must be one of"):
-        sweep.control_masks(masks, "magnitude")
+def test_sweep_controls_are_the_library_controls():
+    from tfemb.pep import CONTROL_KINDS
+
+    assert load_sweep().CONTROLS == CONTROL_KINDS
 
 
 def test_reset_ticket_equals_a_fresh_retrain():

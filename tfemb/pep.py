@@ -9,6 +9,7 @@ lottery ticket) or freshly re-initialised, and ``model.fit`` trains it::
     ticket = retrain(model, snaps.snapshot(0.2), mode="rewind")
     compile_model(ticket); ticket.fit(train, epochs=10)      # pruned entries stay exactly 0
     sparsity_report(ticket, schema)                          # kept fraction per field and popularity bucket
+    control = retrain(model, control_snapshot(snaps.snapshot(0.2), "random"))   # a random mask, same count
 
 References: Liu et al., "Learnable Embedding Sizes for Recommender Systems", ICLR 2021 (arXiv:2101.07577);
 ssui-liu/learnable-embed-sizes-for-RecSys (``engine.py``: ``candidate_p``, ``save_pruned_embedding``;
@@ -492,6 +493,47 @@ def retrain(model, snapshot, mode="rewind", initial_values=None, rewind_dense=No
         for var, value in zip(targets, weights):
             var.assign(value)
     return new
+
+
+# ------------------------------------------------------------------------------------------------- controls
+#: Mask controls (``control_snapshot``): masks the search did not choose, at its counts.
+CONTROL_KINDS = ("random", "columns")
+
+
+def control_masks(masks, kind="random", seed=0):
+    """``{layer name: bool mask}`` with the same kept counts as ``masks`` but entries the search did not choose.
+
+    ``"random"``: each table keeps as many entries as in ``masks``, drawn uniformly over the whole table (the
+    lottery-ticket literature's random-pruning control). ``"columns"``: each row (id) keeps as many entries as its
+    row in ``masks``, at columns drawn uniformly within the row (the sizes per id kept, the columns not).
+    Seeded: the same ``seed`` gives the same masks.
+    """
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"kind must be one of {CONTROL_KINDS}. Received: kind={kind!r}")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(masks):
+        mask = np.asarray(masks[name])
+        if mask.dtype != bool or mask.ndim != 2:
+            raise ValueError(f"mask {name!r} must be a 2-D bool array [vocabulary_size, output_dim]. Received: "
+                             f"dtype {mask.dtype}, shape {mask.shape}")
+        if kind == "random":
+            flat = np.zeros(mask.size, dtype=bool)
+            flat[rng.choice(mask.size, size=int(mask.sum()), replace=False)] = True
+            out[name] = flat.reshape(mask.shape)
+        else:  # each row's columns permuted at random: the row keeps its count
+            out[name] = np.take_along_axis(mask, np.argsort(rng.random(mask.shape), axis=1), axis=1)
+    return out
+
+
+def control_snapshot(snapshot, kind="random", seed=0):
+    """``snapshot`` with its masks replaced by a control's (``control_masks``): same count, step, initial values
+    and weights. ``retrain(model, control_snapshot(snap, "random"))`` trains the control ticket beside
+    ``retrain(model, snap)``: the search's mask is worth its cost only where its ticket beats the control's
+    (``benchmarks/pep_sweep.py`` does this at every target)."""
+    if not isinstance(snapshot, PEPSnapshot):
+        raise TypeError(f"snapshot must be a PEPSnapshot. Received: {type(snapshot).__name__}")
+    return dataclasses.replace(snapshot, masks=control_masks(snapshot.masks, kind, seed))
 
 
 # -------------------------------------------------------------------------------------------------- reports
