@@ -334,12 +334,17 @@ def _fit(model, steps=6, lr=0.1):
     model.fit(ids, targets, batch_size=8, epochs=steps // 3, verbose=0)
 
 
-def test_retrain_rewind_keeps_pruned_entries_zero():
-    values = _spread_values()
+def _searched_to_half(values):
+    """``(model, its PEP layer, the snapshot at 50% kept)`` of a short search from ``values``."""
     model, layer = _snapshot_model(values)
     snaps = PEPSnapshots(targets=[0.5])
     model.fit(np.arange(20) % V, np.zeros(20, np.float32), batch_size=1, epochs=1, verbose=0, callbacks=[snaps])
-    snap = snaps.snapshot(0.5)
+    return model, layer, snaps.snapshot(0.5)
+
+
+def test_retrain_rewind_keeps_pruned_entries_zero():
+    values = _spread_values()
+    model, layer, snap = _searched_to_half(values)
     mask = snap.masks["pep"]
 
     ticket = retrain(model, snap, mode="rewind")
@@ -390,10 +395,7 @@ def test_control_masks_keep_the_counts_and_move_the_entries():
 
 def test_control_ticket_retrains_with_the_control_mask():
     values = _spread_values()
-    model, _ = _snapshot_model(values)
-    snaps = PEPSnapshots(targets=[0.5])
-    model.fit(np.arange(20) % V, np.zeros(20, np.float32), batch_size=1, epochs=1, verbose=0, callbacks=[snaps])
-    snap = snaps.snapshot(0.5)
+    model, _, snap = _searched_to_half(values)
     control = control_snapshot(snap, "random", seed=4)
     assert (control.count, control.step, control.target) == (snap.count, snap.step, snap.target)
     assert control.initial_values is snap.initial_values and snap.masks is not control.masks
