@@ -1081,7 +1081,6 @@ def test_table_lookup_gradient_is_made_dense_once():
     np.testing.assert_allclose(grad(ids).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-
 def test_projected_table_and_its_gradient_match_numpy():
     """``projected_table()`` = ``concat_i(E_i @ P_i)`` (a block at d0: ``E_i`` itself), and its gradient with
     respect to the buffer, against NumPy: for a dense upstream (the whole table) and through the ids' gather
@@ -1108,7 +1107,7 @@ def test_projected_table_and_its_gradient_match_numpy():
             row += len(t)
         probe = MixedDimensionEmbedding(sum(sizes), d0, sizes, dims)
         probe.build()
-        probe.set_block_weights(g_tables, [g if g is not None else None for g in g_proj])
+        probe.set_block_weights(g_tables, g_proj)
         return np.asarray(tf.convert_to_tensor(probe.flat_parameters)).reshape(-1)
 
     with tf.GradientTape() as tape:
