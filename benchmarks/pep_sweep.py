@@ -448,14 +448,14 @@ def threshold_pressure(l2):
         keras = _keras()
 
         @keras.utils.register_keras_serializable(package="tfemb_benchmarks")
-        class ThresholdPressure(keras.regularizers.Regularizer):
-            def __init__(self, l2=1e-5):
-                self.strength = tf.Variable(float(l2), trainable=False, dtype=tf.float32, name="threshold_pressure")
+        class ThresholdPressure(keras.regularizers.L2):
+            """Keras' L2 (``l2 * sum(x**2)``, its own ``__call__``) with the strength in a variable: a PEP
+            table computes it over the whole fused table with per-column coefficients, no slicing."""
 
-            def __call__(self, x):
-                x = tf.convert_to_tensor(x)
-                # 2 * l2_loss = sum(x**2): one op forward, one Mul backward (Square + Sum: two, and four back)
-                return tf.cast(2.0 * self.strength, x.dtype) * tf.nn.l2_loss(x)
+            def __init__(self, l2=1e-5):
+                super().__init__(l2=float(l2))
+                self.strength = tf.Variable(float(l2), trainable=False, dtype=tf.float32, name="threshold_pressure")
+                self.l2 = self.strength
 
             def get_config(self):
                 return {"l2": float(self.strength.numpy())}

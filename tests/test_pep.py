@@ -209,6 +209,79 @@ def test_fused_layout_equals_two_variables(kind):
     assert fused.nonzero_count() == split.nonzero_count()
 
 
+class _Cubed(keras.regularizers.Regularizer):
+    """Not a sum of |x| or x**2: the fused table takes its half by a split."""
+
+    def __call__(self, x):
+        return 0.3 * tf.reduce_sum(tf.convert_to_tensor(x) ** 3)
+
+
+class _ScaledL2(keras.regularizers.L2):
+    """An L2 subclass with its own ``__call__``: it must not be taken for a plain L2."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+def _numpy_penalty(spec, x):
+    """``(value, gradient)`` of a regularizer spec on ``x`` in float64."""
+    kind, c = spec
+    if kind is None:
+        return 0.0, np.zeros_like(x)
+    if kind == "l1":
+        return c * np.abs(x).sum(), c * np.sign(x)
+    if kind == "l2":
+        return c * (x ** 2).sum(), 2 * c * x
+    if kind == "l1l2":
+        return c * np.abs(x).sum() + 2 * c * (x ** 2).sum(), c * np.sign(x) + 4 * c * x
+    if kind == "scaled_l2":
+        return 2 * c * (x ** 2).sum(), 4 * c * x
+    return 0.3 * (x ** 3).sum(), 0.9 * x ** 2  # cubed
+
+
+def _make_regularizer(spec):
+    kind, c = spec
+    return {None: lambda: None, "l1": lambda: keras.regularizers.L1(c), "l2": lambda: keras.regularizers.L2(c),
+            "l1l2": lambda: keras.regularizers.L1L2(l1=c, l2=2 * c), "scaled_l2": lambda: _ScaledL2(c),
+            "cubed": lambda: _Cubed()}[kind]()
+
+
+REGULARIZER_SPECS = [(None, 0), ("l1", 0.03), ("l2", 0.05), ("l1l2", 0.02), ("scaled_l2", 0.04), ("cubed", 0)]
+
+
+@pytest.mark.parametrize("embeddings_spec", REGULARIZER_SPECS, ids=lambda s: str(s[0]))
+@pytest.mark.parametrize("threshold_spec", REGULARIZER_SPECS, ids=lambda s: str(s[0]))
+def test_fused_table_penalty_and_gradient_match_numpy(embeddings_spec, threshold_spec):
+    """The fused ``[V | s]`` variable's regularizer is the embeddings' regularizer on ``V`` plus the thresholds'
+    on ``s``, value and gradient, whichever way it is computed (per-column coefficients for Keras' L1 / L2 /
+    L1L2, a split for the others, including an L2 subclass that overrides ``__call__``)."""
+    layer, v, s = pep_case("feature_dim", seed=8, embeddings_regularizer=_make_regularizer(embeddings_spec),
+                           threshold_regularizer=_make_regularizer(threshold_spec))
+    assert layer.fused
+    if embeddings_spec[0] is None and threshold_spec[0] is None:
+        assert not layer.losses
+        return
+    value_v, grad_v = _numpy_penalty(embeddings_spec, v.astype(np.float64))
+    value_s, grad_s = _numpy_penalty(threshold_spec, s.astype(np.float64))
+    with tf.GradientTape() as tape:
+        (penalty,) = layer.losses  # the fused table's one regularization loss
+    grad = tf.convert_to_tensor(tape.gradient(penalty, layer.fused_table)).numpy()
+    np.testing.assert_allclose(float(penalty), value_v + value_s, rtol=2e-6)
+    np.testing.assert_allclose(grad, np.concatenate([grad_v, grad_s], axis=1), rtol=2e-6, atol=1e-8)
+
+
+def test_fused_table_penalty_reads_a_variable_coefficient():
+    """An L2 whose coefficient is a variable (a schedule raises it during the search) is read at every call, in
+    a traced function too."""
+    pressure = keras.regularizers.L2(0.01)
+    pressure.l2 = tf.Variable(0.01, trainable=False)
+    layer, v, s = pep_case("feature_dim", seed=9, threshold_regularizer=pressure)
+    penalty = tf.function(lambda: tf.add_n(layer.losses))
+    np.testing.assert_allclose(float(penalty()), 0.01 * (s.astype(np.float64) ** 2).sum(), rtol=2e-6)
+    pressure.l2.assign(0.07)
+    np.testing.assert_allclose(float(penalty()), 0.07 * (s.astype(np.float64) ** 2).sum(), rtol=2e-6)
+
+
 def test_column_view_reads_and_assigns_its_columns():
     layer, v, s = pep_case("feature_dim", seed=7)
     np.testing.assert_array_equal(np.asarray(layer.embeddings), v)
