@@ -875,25 +875,27 @@ def test_kept_count_equals_the_non_zeros_of_the_pruned_values():
 
 
 def test_grouped_count_equals_the_sum_of_the_layer_counts():
-    """``grouped_nonzero_count`` (what ``PEPSnapshots.count`` runs) concatenates the table-shaped operands per
-    ``(g_scale, dtype)``: the same count as adding every layer's own, for mixed threshold types, scales and a
-    layer in retrain mode."""
+    """``grouped_nonzero_count`` (what ``PEPSnapshots.count`` runs) stacks the ``[V | s]`` rows per ``(g_scale,
+    dtype, output_dim)``: the same count as adding every layer's own, for mixed threshold types, scales, widths,
+    the two-variable layout and a layer in retrain mode."""
     from tfemb.pep import grouped_nonzero_count
 
     rng = np.random.default_rng(11)
     layers = []
-    for i, (kind, g) in enumerate([("feature_dim", 3.0), ("feature_dim", 3.0), ("feature_dim", 1.0),
-                                   ("dimension", 3.0), ("global", 1.0)]):
-        layer = PEPEmbedding(V + i, D, threshold_type=kind, g_scale=g, name=f"t{i}")
+    for i, (kind, g, d, fused) in enumerate([("feature_dim", 3.0, D, True), ("feature_dim", 3.0, D, False),
+                                             ("feature_dim", 1.0, D, True), ("feature_dim", 3.0, D - 2, True),
+                                             ("dimension", 3.0, D, False), ("global", 1.0, D, False)]):
+        layer = PEPEmbedding(V + i, d, threshold_type=kind, g_scale=g, fused=fused, name=f"t{i}")
         layer.build()
-        layer.embeddings.assign(rng.normal(0, 0.6, size=(V + i, D)).astype(np.float32))
+        layer.embeddings.assign(rng.normal(0, 0.6, size=(V + i, d)).astype(np.float32))
         layer.threshold.assign(rng.normal(-1.0, 1.0, size=layer.threshold_shape()).astype(np.float32))
         layers.append(layer)
+    assert [layer.fused for layer in layers] == [True, False, True, True, False, False]
     mask = rng.random((V, D)) < 0.4
     retrained = PEPEmbedding(V, D, mask=mask, retrain=True, name="r")
     retrained.build()
     layers.append(retrained)
-    assert [layer.count_operands() is not None for layer in layers] == [True, True, True, False, False, False]
+    assert [layer.count_operands() is not None for layer in layers] == [True] * 4 + [False] * 3
     expected = sum(int(layer.nonzero_count_tensor()) for layer in layers)
     assert expected == sum(int(np.count_nonzero(layer.pruned_table().numpy())) for layer in layers)
     assert int(grouped_nonzero_count(layers)) == expected

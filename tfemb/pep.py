@@ -151,18 +151,19 @@ def _check_targets(targets):
 
 def grouped_nonzero_count(layers):
     """The sum of ``layer.nonzero_count_tensor()`` over ``layers`` (an int64 tensor), with the same elementwise
-    ops (so the same count, exactly) but fewer of them: the layers whose ``count_operands()`` are table-shaped
-    are concatenated per ``(g_scale, dtype)`` and counted at once; the others are counted one by one."""
+    ops (so the same count, exactly) but fewer of them: the ``[V | s]`` rows of the layers whose
+    ``count_operands()`` has them are stacked per ``(g_scale, dtype, output_dim)``, split once into values and
+    thresholds and counted at once; the others are counted one by one."""
     groups, parts = {}, []
     for layer in layers:
-        operands = layer.count_operands()
-        if operands is None:
+        rows = layer.count_operands()
+        if rows is None:
             parts.append(layer.nonzero_count_tensor())
         else:
-            groups.setdefault((float(layer.g_scale), operands[0].dtype), []).append(operands)
-    for (g_scale, _), operands in groups.items():
-        values = operands[0][0] if len(operands) == 1 else tf.concat([v for v, _ in operands], axis=0)
-        logits = operands[0][1] if len(operands) == 1 else tf.concat([s for _, s in operands], axis=0)
+            groups.setdefault((float(layer.g_scale), rows.dtype, int(layer.output_dim)), []).append(rows)
+    for (g_scale, _, _), tables in groups.items():
+        rows = tables[0] if len(tables) == 1 else tf.concat(tables, axis=0)
+        values, logits = tf.split(rows, 2, axis=1)
         parts.append(kept_count(values, logits, g_scale))
     return parts[0] if len(parts) == 1 else tf.add_n(parts)
 

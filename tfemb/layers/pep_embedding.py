@@ -611,19 +611,17 @@ class PEPEmbedding(EmbeddingScheme):
         return kept_count(tf.convert_to_tensor(self.embeddings), self._threshold_logits(), self.g_scale)
 
     def count_operands(self):
-        """``(values, logits)``, both 1-D of ``vocabulary_size * output_dim`` entries, when ``kept_count(values,
-        logits, g_scale)`` is this layer's count with ``s`` of the table's own shape (search mode, ``feature_dim``
-        thresholds), else None. ``PEPSnapshots`` concatenates the operands of layers with the same ``g_scale`` and
-        dtype and counts them with one chain of ops (a 26-table model: ~10 ops instead of ~260)."""
+        """The ``[vocabulary_size, 2 * output_dim]`` rows ``[V | s]`` when ``kept_count(rows[:, :d], rows[:, d:],
+        g_scale)`` is this layer's count (search mode, ``feature_dim`` thresholds), else None: the fused variable
+        itself, or the two variables side by side. ``PEPSnapshots`` stacks the rows of the layers with the same
+        ``g_scale``, dtype and ``output_dim`` and counts them with one chain of ops (a 26-table model: one concat
+        and one split, no per-table slices)."""
         self._ensure_built()
         if self.retrain or self.threshold_type != "feature_dim":
             return None
-        if self.fused:  # one read of the variable, its two column blocks
-            table = tf.convert_to_tensor(self.fused_table)
-            d = self.output_dim
-            return tf.reshape(table[:, :d], [-1]), tf.reshape(table[:, d:], [-1])
-        return (tf.reshape(tf.convert_to_tensor(self.embeddings), [-1]),
-                tf.reshape(tf.convert_to_tensor(self.threshold), [-1]))
+        if self.fused:
+            return tf.convert_to_tensor(self.fused_table)
+        return tf.concat([tf.convert_to_tensor(self.embeddings), tf.convert_to_tensor(self.threshold)], axis=1)
 
     def threshold_values(self):
         """NumPy ``g_scale * g(s)`` in the shape of ``s`` (None in retrain mode)."""
