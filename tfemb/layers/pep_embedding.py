@@ -158,7 +158,7 @@ def _pruned_with_grad(v, logits, g_scale):
     out = sign * tf.nn.relu(diff)
 
     def grad(upstream):
-        # Six ops (a search steps through one chain per table): ReluGrad is ``upstream`` where |v| - t > 0, else
+        # Six ops (a search step runs one such chain per table): ReluGrad is ``upstream`` where |v| - t > 0, else
         # 0 (the relu's own gradient); SigmoidGrad(p, x) is x * p * (1 - p), the exact sigmoid derivative (the
         # tanh form of the value is flat below s ~ -17.3, this is not); the sign of d/dt = -sign(v) and the
         # g_scale go in one product.
