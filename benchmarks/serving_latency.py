@@ -12,7 +12,9 @@ values, ~51k ids in the fitted Schema; DeepFM, embedding dim 16):
   ``tfemb.pep.PEPSnapshots`` when 25% of the dense embedding parameters are left, then retrained with the
   lottery-ticket rewind (``tfemb.pep.retrain``, ``mode="rewind"``) for the same epochs as the others: the
   exported PEP model is the *retrained snapshot* (``PackedEmbedding`` tables), not the search layer, exported
-  twice: in the default bitmask layout (the smallest) and with ``compact_layout="slots"`` (the fastest); and the
+  four times: in the default bitmask layout (the smallest) and with ``compact_layout="slots"`` (the fastest
+  packed lookup), each with the default ``compact_min_saving=0.25`` (a table its layout would shrink by less
+  than 25% is exported dense, one row gather) and with ``compact_min_saving=None`` (every table packed); and the
   fixed model exported again with int8 and float16 tables (``table_dtype``). Every model trains ``--epochs``
   epochs with the same data split, optimizer and seed (no validation pass).
 - **Size.** Each model is exported with ``tfemb.export.export_saved_model`` (warm-up rows included, as for TF
@@ -84,31 +86,56 @@ SCHEMES = {
     "md blocks 4x": ("md", {"compression": COMPRESSION}, None),
     "pep 25% (retrained)": ("pep", {}, None),
     "pep 25% (retrained, slots)": ("pep", {}, None),
+    "pep 25% (retrained, all packed)": ("pep", {}, None),
+    "pep 25% (retrained, slots, all packed)": ("pep", {}, None),
 }
 
-#: Export options of a variant that shares its trained model with another: the ``PEPEmbedding.compact_layout``
-#: of the compact tables (the default, "auto", is the bitmask layout, the smallest).
-EXPORT_OPTIONS = {"pep 25% (retrained, slots)": {"compact_layout": "slots"}}
+#: Export options of a variant that shares its trained model with another, as ``PEPEmbedding`` attributes:
+#: ``compact_layout`` (the default, "auto", is the bitmask layout, the smallest) and ``compact_min_saving``
+#: (the default, 0.25: a table that its packed layout would shrink by less than 25% is exported dense; None:
+#: every table packed).
+EXPORT_OPTIONS = {
+    "pep 25% (retrained, slots)": {"compact_layout": "slots"},
+    "pep 25% (retrained, all packed)": {"compact_min_saving": None},
+    "pep 25% (retrained, slots, all packed)": {"compact_layout": "slots", "compact_min_saving": None},
+}
 
 
-class compact_layout:
-    """Context manager: the PEP layers of ``model`` export with ``layout`` (None: as they are)."""
+class pep_export_options:
+    """Context manager: the PEP layers of ``model`` export with ``options`` (``PEPEmbedding`` attributes, e.g.
+    ``compact_layout``, ``compact_min_saving``); restored on exit."""
 
-    def __init__(self, model, layout):
+    def __init__(self, model, options):
         from tfemb.layers import PEPEmbedding
 
         self.layers = [l for l in model.embedding_list if isinstance(l, PEPEmbedding)]
-        self.layout, self.saved = layout, [l.compact_layout for l in self.layers]
+        self.options = dict(options or {})
+        self.saved = [{k: getattr(l, k) for k in self.options} for l in self.layers]
 
     def __enter__(self):
-        if self.layout is not None:
-            for layer in self.layers:
-                layer.compact_layout = self.layout
+        for layer in self.layers:
+            for key, value in self.options.items():
+                setattr(layer, key, value)
         return self
 
     def __exit__(self, *exc):
-        for layer, layout in zip(self.layers, self.saved):
-            layer.compact_layout = layout
+        for layer, saved in zip(self.layers, self.saved):
+            for key, value in saved.items():
+                setattr(layer, key, value)
+
+
+def pep_layouts(model):
+    """``{feature: {"layout", "vocabulary_size", "nnz"}}`` of the PEP layers' compact tables (as exported)."""
+    from tfemb.layers import PEPEmbedding
+
+    out = {}
+    for name in model.embedding_names:
+        layer = model.embedding_layers[name]
+        if isinstance(layer, PEPEmbedding):
+            nnz = int(layer.nonzero_count())
+            out[name] = {"layout": layer.compact_layout_for(nnz), "vocabulary_size": int(layer.vocabulary_size),
+                         "nnz": nnz}
+    return out
 
 
 def slug(name):
@@ -246,10 +273,10 @@ def export_all(args, trained, prepared, root, log):
             continue
         model, metrics, seconds, extra = trained[(scheme, json.dumps(params, sort_keys=True))]
         start = time.perf_counter()
-        layout = EXPORT_OPTIONS.get(name, {}).get("compact_layout")
-        with compact_layout(model, layout):
+        with pep_export_options(model, EXPORT_OPTIONS.get(name)):
             path = export_saved_model(model, os.path.join(root, slug(name)), version=1, table_dtype=table_dtype,
                                       warmup_rows=warmup)
+            layouts = pep_layouts(model)
         export_s = time.perf_counter() - start
         loaded = load_export(path)
         report = loaded.report
@@ -261,6 +288,7 @@ def export_all(args, trained, prepared, root, log):
         infos[name] = {
             "scheme": scheme, "scheme_params": params, "table_dtype": table_dtype or "float32",
             "export_options": EXPORT_OPTIONS.get(name, {}),
+            **({"pep_tables": layouts} if layouts else {}),
             "path": path, "model_name": slug(name),
             "test_metrics": metrics, "train_seconds": seconds, "export_seconds": export_s, **extra,
             "disk_bytes": usage["saved_model_pb"] + usage["variables"],
@@ -353,7 +381,7 @@ def profile_lookups(args, trained, prepared, log):
         if name not in args.schemes or table_dtype is not None:
             continue
         model = trained[(scheme, json.dumps(params, sort_keys=True))][0]
-        with compact_layout(model, EXPORT_OPTIONS.get(name, {}).get("compact_layout")):
+        with pep_export_options(model, EXPORT_OPTIONS.get(name)):
             layers = {f: model.embedding_layers[f].compact() for f in model.embedding_names}
         variants[f"{name}: compact layers"] = layers
         if scheme == "pep" and name not in EXPORT_OPTIONS:  # the bitmask layout; the CSR layout beside them
@@ -812,6 +840,17 @@ def target_notes(rows, infos):
         notes.append(f"pep: the exported model is the retrained snapshot (lottery-ticket rewind) of a search with "
                      f"threshold_init={pep['pep_threshold_init']:.2f}, taken at step {pep['pep_search_step']} with "
                      f"{pep['pep_kept']:,} of {pep['pep_dense']:,} embedding parameters kept.")
+    for name, info in infos.items():
+        tables = info.get("pep_tables")
+        if not tables:
+            continue
+        by_layout = {}
+        for feature, t in tables.items():
+            kept = t["nnz"] / (t["vocabulary_size"] * EMBEDDING_DIM)
+            by_layout.setdefault(t["layout"], []).append(f"{feature} ({t['vocabulary_size']:,} ids, {kept:.0%} kept)")
+        notes.append(f"{name}: tables by export layout (compact_min_saving="
+                     f"{info['export_options'].get('compact_min_saving', 0.25)}): "
+                     + "; ".join(f"{layout}: {', '.join(v)}" for layout, v in sorted(by_layout.items())) + ".")
     return notes
 
 

@@ -203,6 +203,13 @@ def test_export_matches_keras_for_every_scheme(scheme, ctr, exports):
     # A second batch size: one row (an edge row: unknown values everywhere).
     one = loaded.predict(ctr.query.iloc[[9]])["probability"]
     assert one.shape == (1,) and abs(float(one[0]) - float(expected[9])) <= ATOL
+    # PEP: the packed layouts, and (slots) tables that packing would not shrink by 25% exported dense.
+    layouts = {type(model.embedding_layers[n].compact()).__name__ + ":" + getattr(
+        model.embedding_layers[n].compact(), "layout", "") for n in model.embedding_names}
+    if scheme == "pep":
+        assert layouts == {"PackedEmbedding:bitmask"}
+    if scheme == "pep_slots":
+        assert layouts == {"PackedEmbedding:slots", "PackedEmbedding:dense"}
     # The compact layers' size accounting is what the export stores (float32 tables).
     report = loaded.report
     for row in report["features"]:

@@ -7,6 +7,7 @@ TF_USE_LEGACY_KERAS=1, Keras 2. Nothing creates a tensor at import time (tests/c
 """
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import tensorflow as tf
 from tfemb._keras import keras
 from tfemb.data.schema import CategoricalFeature, Label, Schema
 from tfemb.layers import SCHEMES, EmbeddingScheme, PackedEmbedding, PEPEmbedding, pep_preset, scheme_factory
-from tfemb.layers.packed_embedding import csr_from_dense, packed_storage_bytes
+from tfemb.layers.packed_embedding import choose_layout, csr_from_dense, packed_storage_bytes
 from tfemb.layers.pep_embedding import OFFICIAL_PRESETS, THRESHOLD_TYPES, threshold_sigmoid
 from tfemb.models import DeepFM
 from tfemb.pep import (
@@ -558,6 +559,58 @@ def test_compact_packs_the_pruned_table_exactly():
     np.testing.assert_allclose(packed_mean(tf.constant(MULTI)).numpy(), layer(tf.constant(MULTI)).numpy(), atol=1e-7)
 
 
+def test_compact_exports_dense_where_packing_saves_little():
+    """``compact_min_saving``: a table whose packed layout would save less than that fraction of the dense bytes
+    is exported in the "dense" layout (the pruned table with its zeros, one row gather); outputs are exact."""
+    dense_bytes = V * D * 4
+    # By hand: bitmask bytes = nnz * 4 + V * 1 + (V + 1) * 4; dense = V * D * 4 (V = 23, D = 7: 644 bytes).
+    assert packed_storage_bytes(V, D, 130, layout="bitmask") == 130 * 4 + V + (V + 1) * 4 == 639
+    assert packed_storage_bytes(V, D, 130, layout="dense") == dense_bytes == 644
+    assert choose_layout("auto", V, D, 130) == "dense"  # saves 5 of 644 bytes
+    assert choose_layout("auto", V, D, 130, min_saving=0.0) == "bitmask"  # 639 < 644: it does save
+    assert choose_layout("auto", V, D, 161, min_saving=0.0) == "dense"  # every entry kept: 763 > 644
+    assert choose_layout("auto", V, D, 130, min_saving=None) == "bitmask"
+    # 25%: packed at most 483 bytes; bitmask at 96 kept is 384 + 119 = 503 (dense), at 90 kept 479 (bitmask).
+    assert choose_layout("auto", V, D, 96) == "dense" and choose_layout("auto", V, D, 90) == "bitmask"
+    # slots at 30 kept: (30 + 23) * 4 + 23 * 7 + 24 * 4 = 469 bytes, a 27% saving.
+    assert choose_layout("slots", V, D, 30) == "slots" and choose_layout("slots", V, D, 30, min_saving=0.3) == "dense"
+    assert choose_layout("dense", V, D, 0, min_saving=None) == "dense"
+
+    for threshold, expected in ((-6.0, "dense"), (0.5, "bitmask")):  # few entries pruned / most entries pruned
+        layer, _, _ = pep_case("feature_dim", seed=8)
+        layer.threshold.assign(np.full((V, D), threshold, np.float32))
+        table = layer.pruned_table().numpy()
+        nnz = int((table != 0).sum())
+        packed = layer.compact()
+        assert packed.layout == expected == layer.compact_layout_for()
+        ids = np.concatenate([IDS, IDS[::-1]])
+        np.testing.assert_array_equal(packed(tf.constant(ids)).numpy(), table[ids])  # bit for bit
+        np.testing.assert_array_equal(packed(tf.constant(IDS[:20].reshape(4, 5))).numpy(),
+                                      table[IDS[:20].reshape(4, 5)])
+        assert packed.parameter_count() == layer.parameter_count() == nnz
+        stored = sum(int(np.prod(w.shape)) * tf.as_dtype(w.dtype).size for w in packed.weights)
+        assert stored == packed.storage_bytes() == layer.storage_bytes()
+        if expected == "dense":
+            assert stored == dense_bytes and [w.shape for w in packed.weights] == [(V, D)]
+            np.testing.assert_array_equal(packed.to_dense(), table)
+            np.testing.assert_array_equal(packed.dims_per_id(), layer.dims_per_id())
+        # Without the fallback the same table packs (and is larger when little is pruned).
+        layer.compact_min_saving = None
+        assert layer.compact().layout == "bitmask"
+        assert layer.storage_bytes() == packed_storage_bytes(V, D, nnz, layout="bitmask")
+
+    # The setting travels with the config; bad values and a trainable dense table are clear errors.
+    layer = PEPEmbedding(V, D, compact_min_saving=0.5)
+    assert PEPEmbedding.from_config(layer.get_config()).compact_min_saving == 0.5
+    assert PEPEmbedding(V, D, compact_min_saving=None).compact_min_saving is None
+    for bad in (1.0, -0.1, "high", True):
+        with pytest.raises(ValueError, match=f"compact_min_saving must be a number in \\[0, 1\\) or None. "
+                                             f"Received: compact_min_saving={re.escape(repr(bad))}"):
+            PEPEmbedding(V, D, compact_min_saving=bad)
+    with pytest.raises(ValueError, match="layout='dense' is inference-only"):
+        PackedEmbedding(V, D, 3, layout="dense", trainable=True)
+
+
 @pytest.mark.parametrize("layout", ["csr", "bitmask", "slots"])
 def test_packed_embedding_from_dense_edge_cases_and_reload(tmp_path, layout):
     empty = PackedEmbedding.from_dense(np.zeros((V, D), np.float32), layout=layout)
@@ -697,8 +750,8 @@ def test_bitmask_layout_matches_the_dense_table(dim):
                                                                                       "values"]
     with pytest.raises(ValueError, match="layout='bitmask' holds at most 64 dims. Received: output_dim=65"):
         PackedEmbedding(rows, 65, 3, layout="bitmask")
-    with pytest.raises(ValueError, match="layout must be one of .*Received: layout='dense'"):
-        PackedEmbedding(rows, dim, 3, layout="dense")
+    with pytest.raises(ValueError, match="layout must be one of .*Received: layout='dots'"):
+        PackedEmbedding(rows, dim, 3, layout="dots")
     assert PackedEmbedding(rows, 65, 3, layout="auto").layout == "csr"
 
 

@@ -1,9 +1,12 @@
-"""benchmarks/serving_latency.py on its quick setting: the PEP model exported in both packed layouts.
+"""benchmarks/serving_latency.py on its quick setting: the PEP model exported in both packed layouts, with and
+without the dense fallback.
 
-One run (synthetic data, no server, ~40 s): the bitmask export (the default) and the slots export
-(``compact_layout="slots"``) of the same retrained PEP model give the Keras model's outputs, store the same
-parameters, and differ in bytes by exactly the slots layout's index (per id: a zero slot, ``d`` int8 offsets,
-less the bitmask's int16 mask).
+One run (synthetic data, no server, ~60 s): the bitmask export (the default) and the slots export
+(``compact_layout="slots"``) of the same retrained PEP model give the Keras model's outputs and store the same
+parameters. With every table packed (``compact_min_saving=None``) the two differ in bytes by exactly the slots
+layout's index (per id: a zero slot, ``d`` int8 offsets, less the bitmask's int16 mask). With the default
+``compact_min_saving=0.25`` a table is exported dense exactly where its layout would save less than 25%, and the
+bytes are those of the layouts chosen.
 """
 
 import json
@@ -15,21 +18,38 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "serving_l
 
 
 def test_pep_exports_in_both_layouts(tmp_path):
+    from tfemb.layers.packed_embedding import packed_storage_bytes
+
     bitmask, slots = "pep 25% (retrained)", "pep 25% (retrained, slots)"
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-server", "--schemes", "fixed", bitmask, slots,
+    bitmask_all, slots_all = "pep 25% (retrained, all packed)", "pep 25% (retrained, slots, all packed)"
+    names = (bitmask, slots, bitmask_all, slots_all)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-server", "--schemes", "fixed", *names,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((tmp_path / "serving_latency.json").read_text())
     runs = payload["schemes"]
     assert runs[bitmask]["export_options"] == {} and runs[slots]["export_options"] == {"compact_layout": "slots"}
-    for name in (bitmask, slots):
+    assert runs[slots_all]["export_options"] == {"compact_layout": "slots", "compact_min_saving": None}
+    for name in names:
         assert runs[name]["max_abs_diff_vs_keras"] <= 1e-5, name
-    # The same trained model: the same kept entries.
-    assert runs[bitmask]["embedding_parameters"] == runs[slots]["embedding_parameters"] == runs[bitmask]["pep_kept"]
+        # The same trained model: the same kept entries.
+        assert runs[name]["embedding_parameters"] == runs[bitmask]["pep_kept"], name
     ids, dim = payload["config"]["ids"], payload["config"]["embedding_dim"]
     assert dim == 16  # int16 masks in the bitmask layout, int8 slot offsets
-    assert runs[slots]["embedding_bytes"] - runs[bitmask]["embedding_bytes"] == ids * (4 + dim - 2)
+    assert runs[slots_all]["embedding_bytes"] - runs[bitmask_all]["embedding_bytes"] == ids * (4 + dim - 2)
+    # The dense fallback: dense exactly where the layout would save < 25%, and the bytes of the layouts chosen.
+    for name, layout in ((bitmask, "bitmask"), (slots, "slots"), (bitmask_all, "bitmask"), (slots_all, "slots")):
+        tables = runs[name]["pep_tables"]
+        expected = 0
+        for feature, t in tables.items():
+            v, nnz = t["vocabulary_size"], t["nnz"]
+            packed, dense = packed_storage_bytes(v, dim, nnz, layout=layout), v * dim * 4
+            fallback = name in (bitmask, slots) and packed > 0.75 * dense
+            assert t["layout"] == ("dense" if fallback else layout), (name, feature, t)
+            expected += dense if fallback else packed
+        assert runs[name]["embedding_bytes"] == expected, name
+    assert sum(t["nnz"] for t in runs[bitmask]["pep_tables"].values()) == runs[bitmask]["pep_kept"]
     ops = {name: runs[name]["in_process"]["serving_default"]["graph_ops"] for name in runs}
-    assert ops[slots] < ops[bitmask]
+    assert ops[slots_all] < ops[bitmask_all]
     lookups = payload["lookups"]
-    assert lookups[f"{slots}: compact layers"]["ops"] < lookups[f"{bitmask}: compact layers"]["ops"]
+    assert lookups[f"{slots_all}: compact layers"]["ops"] < lookups[f"{bitmask_all}: compact layers"]["ops"]

@@ -21,8 +21,16 @@ def column_dtype(output_dim):
 
 #: ``PackedEmbedding`` layouts: ``"csr"`` (a column index per value), ``"bitmask"`` (a bit mask of kept
 #: columns per row, ``output_dim <= 64``), ``"slots"`` (each row's values and a zero, plus a small slot index per
-#: cell: the fastest lookup, a larger index; inference only) and ``"auto"`` (``"bitmask"`` whenever it applies).
-LAYOUTS = ("csr", "bitmask", "slots", "auto")
+#: cell: the fastest packed lookup, a larger index; inference only), ``"dense"`` (the pruned table as it is,
+#: zeros included: one row gather, no index; inference only) and ``"auto"`` (``"bitmask"`` whenever it applies).
+LAYOUTS = ("csr", "bitmask", "slots", "dense", "auto")
+
+#: Layouts that store more than the kept values and cannot train (a trained zero would change the pattern).
+INFERENCE_ONLY_LAYOUTS = ("slots", "dense")
+
+#: ``PEPEmbedding.compact()``'s default: a table whose packed layout would save less than this fraction of the
+#: dense table's bytes is exported dense (``"dense"`` layout).
+MIN_SAVING = 0.25
 
 #: Widest row a bit mask holds (an int64 per row).
 _BITMASK_MAX_DIM = 64
@@ -128,8 +136,12 @@ def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"
     239
     >>> packed_storage_bytes(23, 7, 30, layout="slots")  # (30 + 23) x 4 + 23 x 7 x 1 + 24 x 4
     469
+    >>> packed_storage_bytes(23, 7, 30, layout="dense")  # 23 x 7 x 4
+    644
     """
     layout = resolve_layout(layout, output_dim)
+    if layout == "dense":  # the whole table, zeros included
+        return int(vocabulary_size) * int(output_dim) * dtype_bytes(value_dtype)
     if layout == "slots":  # nnz values + a zero per row, a slot offset per cell, row offsets over the slots
         slots = int(nnz) + int(vocabulary_size)
         return (slots * dtype_bytes(value_dtype)
@@ -139,6 +151,41 @@ def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"
              else int(vocabulary_size) * dtype_bytes(mask_dtype(output_dim)))
     return (int(nnz) * dtype_bytes(value_dtype) + index
             + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(nnz)))
+
+
+def check_min_saving(min_saving):
+    """``min_saving`` as a float in ``[0, 1)``, or None; a clear error otherwise."""
+    if min_saving is None:
+        return None
+    if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(min_saving) < 1.0:
+        raise ValueError(f"compact_min_saving must be a number in [0, 1) or None. Received: compact_min_saving="
+                         f"{min_saving!r}")
+    return float(min_saving)
+
+
+def choose_layout(layout, vocabulary_size, output_dim, nnz, value_dtype="float32", min_saving=MIN_SAVING):
+    """The layout a pruned table is exported in: ``layout`` resolved, or ``"dense"`` when that packed layout
+    would save less than ``min_saving`` of the dense table's bytes (None: always ``layout``).
+
+    A packed lookup costs an index gather, index arithmetic and an element gather per id where the dense table
+    costs one row gather, and on a table that keeps most of its entries the packing saves little or nothing
+    (the slots layout is even larger than the dense table above ~60% kept at d = 16).
+
+    >>> choose_layout("auto", 100, 16, 400)  # 25% kept: bitmask is 34% of the dense bytes
+    'bitmask'
+    >>> choose_layout("auto", 100, 16, 1400)  # 88% kept: bitmask would save 3%
+    'dense'
+    >>> choose_layout("auto", 100, 16, 1400, min_saving=None)
+    'bitmask'
+    """
+    layout = resolve_layout(layout, output_dim)
+    min_saving = check_min_saving(min_saving)
+    if layout == "dense" or min_saving is None:
+        return layout
+    dense = packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype, "dense")
+    packed = packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype, layout)
+    return "dense" if packed > (1.0 - min_saving) * dense else layout
 
 
 def csr_from_dense(table, mask=None):
@@ -193,6 +240,11 @@ class PackedEmbedding(EmbeddingScheme):
     gathers, an add and one gather, the fewest ops of the three layouts, for ``V x (d + 4)`` more bytes than
     the bitmask at int8 offsets. ``parameter_count()`` is still ``nnz``.
 
+    ``layout="dense"`` (inference only) stores the pruned table as it is, ``[vocabulary_size, output_dim]`` values
+    with its zeros: one row gather per lookup, as a fixed table, and no index. ``PEPEmbedding.compact()`` uses it
+    for a table whose packed layout would save less than ``compact_min_saving`` of these bytes
+    (``choose_layout``). ``parameter_count()`` is still ``nnz``; ``storage_bytes()`` counts every stored value.
+
     A CSR lookup reads ``output_dim`` entry slots per id from its start (clipped into the buffer; the slots past the
     id's length are zeroed) and adds each value into its ``(row, column)`` cell with one
     ``tf.math.unsorted_segment_sum`` (``tf.gather``, ``tf.where``, ``unsorted_segment_sum``: stock TensorFlow ops,
@@ -212,8 +264,8 @@ class PackedEmbedding(EmbeddingScheme):
         vocabulary_size: int, number of ids (OOV id 0 included).
         output_dim: int, embedding dimension.
         nnz: int >= 0, number of stored entries.
-        layout: ``"csr"`` (default), ``"bitmask"`` (``output_dim <= 64``), ``"slots"`` (``trainable=False``
-            only) or ``"auto"``.
+        layout: ``"csr"`` (default), ``"bitmask"`` (``output_dim <= 64``), ``"slots"`` or ``"dense"``
+            (``trainable=False`` only) or ``"auto"``.
         **kwargs: ``combiner``, ``frequencies``, ``validate_ids`` and base Layer arguments.
 
     Input shape:
@@ -237,8 +289,9 @@ class PackedEmbedding(EmbeddingScheme):
         super().__init__(vocabulary_size, output_dim, **kwargs)
         self.layout = resolve_layout(layout, self.output_dim)
         self.nnz = check_positive_int("nnz", nnz, minimum=0)
-        if self.layout == "slots" and self.trainable:
-            raise ValueError(f"{self.name}: layout='slots' is inference-only (training would move the zero slots). "
+        if self.layout in INFERENCE_ONLY_LAYOUTS and self.trainable:
+            raise ValueError(f"{self.name}: layout={self.layout!r} is inference-only (training would change the "
+                             "stored zeros). "
                              "Received: trainable=True")
         if self.nnz > self.vocabulary_size * self.output_dim:
             raise ValueError(
@@ -260,6 +313,11 @@ class PackedEmbedding(EmbeddingScheme):
         layer = cls(table.shape[0], table.shape[1], int(values.shape[0]), **kwargs)
         layer.build()
         value_dtype = np.float32 if layer.variable_dtype is None else layer.variable_dtype
+        if layer.layout == "dense":
+            kept = np.zeros(table.shape, dtype=value_dtype)
+            kept[np.repeat(np.arange(table.shape[0]), np.diff(row_splits)), columns] = values
+            layer.values.assign(kept)
+            return layer
         if layer.layout == "slots":
             slot_splits, offsets, slot_values = slots_from_csr(row_splits, columns, values, table.shape[1])
             layer.row_splits.assign(slot_splits.astype(layer.row_splits_dtype))
@@ -295,7 +353,12 @@ class PackedEmbedding(EmbeddingScheme):
         # entries of the table in row-major order.
         d, nnz = self.output_dim, self.nnz
         splits = np.minimum(np.arange(self.vocabulary_size + 1) * d, nnz)
-        self.columns = self.row_masks = self.slot_offsets = None
+        self.columns = self.row_masks = self.slot_offsets = self.row_splits = None
+        if self.layout == "dense":
+            self.values = self.add_weight(name="values", shape=(self.vocabulary_size, d), initializer="zeros",
+                                          trainable=False)
+            self.built = True
+            return
         if self.layout == "slots":
             slot_splits, offsets, _ = slots_from_csr(splits, np.arange(nnz) % d, np.zeros(nnz, np.float32), d)
             self.row_splits = self.add_weight(
@@ -330,6 +393,8 @@ class PackedEmbedding(EmbeddingScheme):
 
     def lookup(self, ids):
         d = self.output_dim
+        if self.layout == "dense":
+            return self.gather_rows(self.values, ids)  # [*ids.shape, d]: a fixed table's lookup
         if self.layout == "slots":
             flat = ids if ids.shape.rank == 1 else tf.reshape(ids, [-1])
             out = self._slots_lookup(flat)
@@ -400,6 +465,8 @@ class PackedEmbedding(EmbeddingScheme):
     def _csr(self):
         if not self.built:
             self.build()
+        if self.layout == "dense":  # the stored non-zeros (a kept entry whose value is 0 reads as pruned)
+            return csr_from_dense(to_numpy(self.values))
         if self.layout == "slots":
             return csr_from_slots(to_numpy(self.row_splits), to_numpy(self.slot_offsets), to_numpy(self.values))
         splits = to_numpy(self.row_splits).astype(np.int64)

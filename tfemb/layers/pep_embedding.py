@@ -7,7 +7,9 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, sparse_gather
-from tfemb.layers.packed_embedding import PackedEmbedding, packed_storage_bytes, resolve_layout, to_numpy
+from tfemb.layers.packed_embedding import (
+    MIN_SAVING, PackedEmbedding, check_min_saving, choose_layout, packed_storage_bytes, resolve_layout, to_numpy,
+)
 from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Threshold granularities -> the shape of ``s`` (``V`` ids, ``d`` dims, ``F`` fields of a stacked table).
@@ -384,8 +386,14 @@ class PEPEmbedding(EmbeddingScheme):
         threshold_regularizer: optional regularizer of ``s``; see ``pep_preset`` for the official weight decay.
         fused: bool, store ``V`` and id-indexed ``s`` in one variable (see Storage). Default True.
         compact_layout: the ``PackedEmbedding`` layout of ``compact()`` (and ``storage_bytes()``): ``"auto"``
-            (the default ``COMPACT_LAYOUT``: ``"bitmask"`` up to 64 dims, the smallest), ``"bitmask"``, ``"csr"``
-            or ``"slots"`` (the fastest lookup, about twice the bytes of ``"bitmask"`` at d = 16).
+            (the default ``COMPACT_LAYOUT``: ``"bitmask"`` up to 64 dims, the smallest), ``"bitmask"``, ``"csr"``,
+            ``"slots"`` (the fastest packed lookup, about twice the bytes of ``"bitmask"`` at d = 16) or
+            ``"dense"`` (the pruned table with its zeros).
+        compact_min_saving: float in ``[0, 1)`` or None. ``compact()`` exports the table in the ``"dense"``
+            layout (one row gather per lookup, as a fixed table) when ``compact_layout`` would save less than
+            this fraction of the dense table's bytes: a packed lookup costs several ops per id, which a small
+            saving does not pay for. Default 0.25 (``packed_embedding.MIN_SAVING``); 0: dense only when packing
+            saves nothing; None: always ``compact_layout``. ``parameter_count()`` is the kept count either way.
         **kwargs: ``combiner``, ``frequencies`` (for reports), ``validate_ids`` and base Layer arguments.
 
     Input shape:
@@ -412,7 +420,7 @@ class PEPEmbedding(EmbeddingScheme):
     def __init__(self, vocabulary_size, output_dim, threshold_type="feature_dim", threshold_init=-15.0, g_scale=1.0,
                  field_offsets=None, mask=None, retrain=False, keep_initial=None,
                  embeddings_initializer="glorot_uniform", embeddings_regularizer=None, threshold_regularizer=None,
-                 fused=True, compact_layout=None, **kwargs):
+                 fused=True, compact_layout=None, compact_min_saving=MIN_SAVING, **kwargs):
         super().__init__(vocabulary_size, output_dim, **kwargs)
         if threshold_type not in THRESHOLD_TYPES:
             raise ValueError(
@@ -434,6 +442,7 @@ class PEPEmbedding(EmbeddingScheme):
         self.fused_threshold = bool(fused)
         self.compact_layout = COMPACT_LAYOUT if compact_layout is None else compact_layout
         resolve_layout(self.compact_layout, self.output_dim)  # a clear error for an unknown layout
+        self.compact_min_saving = check_min_saving(compact_min_saving)
         self.threshold = None
         self.mask = None
         self.initial_embeddings = None
@@ -693,19 +702,29 @@ class PEPEmbedding(EmbeddingScheme):
     def parameter_count(self):
         return self.nonzero_count()
 
+    def compact_layout_for(self, nnz=None):
+        """The layout ``compact()`` exports this table in at ``nnz`` kept entries (default: the current count):
+        ``compact_layout`` resolved, or ``"dense"`` under ``compact_min_saving`` (``choose_layout``)."""
+        nnz = self.nonzero_count() if nnz is None else nnz
+        return choose_layout(self.compact_layout, self.vocabulary_size, self.output_dim, nnz,
+                             self.variable_dtype or "float32", self.compact_min_saving)
+
     def storage_bytes(self):
-        return packed_storage_bytes(self.vocabulary_size, self.output_dim, self.nonzero_count(),
-                                    self.variable_dtype or "float32", layout=self.compact_layout)
+        nnz = self.nonzero_count()
+        return packed_storage_bytes(self.vocabulary_size, self.output_dim, nnz, self.variable_dtype or "float32",
+                                    layout=self.compact_layout_for(nnz))
 
     def dims_per_id(self):
         return self.current_mask().sum(axis=1).astype(np.int64)
 
     def compact(self):
-        """A frozen ``PackedEmbedding`` of the pruned table: outputs equal this layer's exactly."""
+        """A frozen ``PackedEmbedding`` of the pruned table, in ``compact_layout_for()``'s layout: outputs equal
+        this layer's exactly."""
         config = self.get_config()
         keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
-        return PackedEmbedding.from_dense(to_numpy(self.pruned_table()), mask=self.current_mask(),
-                                          trainable=False, layout=self.compact_layout, **keep)
+        mask = self.current_mask()
+        return PackedEmbedding.from_dense(to_numpy(self.pruned_table()), mask=mask, trainable=False,
+                                          layout=self.compact_layout_for(int(mask.sum())), **keep)
 
     def sparse_tables(self):
         self._ensure_built()
@@ -734,6 +753,7 @@ class PEPEmbedding(EmbeddingScheme):
                 if self.threshold_regularizer is not None else None,
                 "fused": self.fused_threshold,
                 "compact_layout": self.compact_layout,
+                "compact_min_saving": self.compact_min_saving,
             }
         )
         return config
