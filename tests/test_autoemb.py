@@ -309,11 +309,19 @@ def test_controller_matches_numpy():
     close(out, expected)
     close(out.sum(axis=1), np.ones(len(buckets)), atol=1e-6)
     assert out.std(axis=0).min() > 1e-3  # the inputs matter: rows differ
+    # check_inputs=False (AutoEmbEmbedding's own, valid-by-construction inputs): the same numbers, and no
+    # assertion ops in the traced graph (a [batch, 1] loss still accepted).
+    close(controller(inputs, training=False, check_inputs=False).numpy(), expected)
+    close(controller((inputs[0], inputs[1], losses[:, None]), check_inputs=False).numpy(), expected)
+    ops = {kind: {n.op for n in tf.function(lambda *t: controller(t, check_inputs=kind)).get_concrete_function(
+        *inputs).graph.as_graph_def().node} for kind in (True, False)}
+    assert "Assert" in ops[True] and "Assert" not in ops[False]
     # A [batch, 1] loss, int32 buckets and tf.function give the same; training mode uses the batch statistics.
     close(controller((tf.constant(buckets, tf.int32), weights, losses[:, None])).numpy(), expected)
     close(tf.function(lambda *t: controller(t))(*inputs).numpy(), expected)
     trained = np_controller(c, buckets, weights.astype(np.float64), losses.astype(np.float64), training=True)
     close(controller(inputs, training=True).numpy(), trained)
+    close(controller(inputs, training=True, check_inputs=False).numpy(), trained)  # batch statistics again
     assert tuple(controller.compute_output_shape(((7,), (7, 3), (7,)))) == (7, N)
 
 

@@ -172,8 +172,17 @@ class AutoEmbController(keras.layers.Layer):
             weights, loss = tf.identity(weights), tf.identity(loss)
         return popularity, weights, loss
 
-    def call(self, inputs, training=None):
-        popularity, weights, loss = self._check_inputs(inputs)
+    def call(self, inputs, training=None, check_inputs=True):
+        """``inputs`` as documented on the class. ``check_inputs=False`` skips the shape, dtype and bucket-range
+        assertions: for callers whose inputs are valid by construction (``AutoEmbEmbedding`` builds them from its
+        own state: capped buckets, ``[n, N]`` weights, ``[n]`` losses), where the assertions' ops and the order
+        they impose are a measurable part of a streaming step."""
+        if check_inputs:
+            popularity, weights, loss = self._check_inputs(inputs)
+        else:
+            popularity, weights, loss = (tf.convert_to_tensor(t) for t in inputs)
+            popularity = tf.cast(popularity, tf.int64)
+            loss = tf.reshape(loss, [-1])
         context = tf.concat([tf.cast(weights, self.compute_dtype),
                              tf.cast(loss, self.compute_dtype)[:, tf.newaxis]], axis=1)  # [batch, N + 1]
         # The kernel's rows only (a read of the whole 1001 x 512 kernel copies it each step when the same step
