@@ -5,7 +5,8 @@ vocabulary than the default so the tables dominate the model: 100,000 rows, eigh
 values, ~51k ids in the fitted Schema; DeepFM, embedding dim 16):
 
 - **Schemes.** ``fixed``; ``hashing``, ``qr`` (mult), ``double_hashing`` and ``md`` at compression 4
-  (``tfemb.layers.scheme_factory(name, compression=4)``), MD twice: one block per field (the paper's CTR setting,
+  (``tfemb.layers.scheme_factory(name, compression=4)``), double hashing exported twice (the hashes computed
+  in-graph, the default, and ``compact_lookup="index"``: each id's pair of rows stored), MD twice: one block per field (the paper's CTR setting,
   ``{"scheme": "md", "params": {"blocking": "field"}}``) and eight popularity blocks per field (its CF
   blocking); ``pep``: a PEP search whose ``threshold_init`` is
   calibrated (``pep_threshold_init``) so that the soft threshold starts near the target, snapshotted by
@@ -80,6 +81,7 @@ SCHEMES = {
     "hashing 4x": ("hashing", {"compression": COMPRESSION}, None),
     "qr 4x": ("qr", {"compression": COMPRESSION, "operation": "mult"}, None),
     "double_hashing 4x": ("double_hashing", {"compression": COMPRESSION}, None),
+    "double_hashing 4x (index)": ("double_hashing", {"compression": COMPRESSION}, None),
     # MD both ways: one block per field with dims across the fields (the paper's CTR setting, md_field_factory),
     # and Algorithm 2's popularity blocks within every field (the paper's CF blocking, scheme_factory("md")).
     "md per-field 4x": ("md", {"compression": COMPRESSION, "blocking": "field"}, None),
@@ -90,26 +92,27 @@ SCHEMES = {
     "pep 25% (retrained, slots, all packed)": ("pep", {}, None),
 }
 
-#: Export options of a variant that shares its trained model with another, as ``PEPEmbedding`` attributes:
+#: Export options of a variant that shares its trained model with another, as layer attributes: double
+#: hashing's ``compact_lookup`` ("hash", the default, or "index": each id's pair of rows stored), and PEP's
 #: ``compact_layout`` (the default, "auto", is the bitmask layout, the smallest) and ``compact_min_saving``
 #: (the default, 0.25: a table that its packed layout would shrink by less than 25% is exported dense; None:
 #: every table packed).
 EXPORT_OPTIONS = {
+    "double_hashing 4x (index)": {"compact_lookup": "index"},
     "pep 25% (retrained, slots)": {"compact_layout": "slots"},
     "pep 25% (retrained, all packed)": {"compact_min_saving": None},
     "pep 25% (retrained, slots, all packed)": {"compact_layout": "slots", "compact_min_saving": None},
 }
 
 
-class pep_export_options:
-    """Context manager: the PEP layers of ``model`` export with ``options`` (``PEPEmbedding`` attributes, e.g.
-    ``compact_layout``, ``compact_min_saving``); restored on exit."""
+class export_options:
+    """Context manager: the embedding layers of ``model`` that have every attribute of ``options`` (e.g. PEP's
+    ``compact_layout`` / ``compact_min_saving``, double hashing's ``compact_lookup``) export with those values;
+    restored on exit."""
 
     def __init__(self, model, options):
-        from tfemb.layers import PEPEmbedding
-
-        self.layers = [l for l in model.embedding_list if isinstance(l, PEPEmbedding)]
         self.options = dict(options or {})
+        self.layers = [l for l in model.embedding_list if self.options and all(hasattr(l, k) for k in self.options)]
         self.saved = [{k: getattr(l, k) for k in self.options} for l in self.layers]
 
     def __enter__(self):
@@ -273,7 +276,7 @@ def export_all(args, trained, prepared, root, log):
             continue
         model, metrics, seconds, extra = trained[(scheme, json.dumps(params, sort_keys=True))]
         start = time.perf_counter()
-        with pep_export_options(model, EXPORT_OPTIONS.get(name)):
+        with export_options(model, EXPORT_OPTIONS.get(name)):
             path = export_saved_model(model, os.path.join(root, slug(name)), version=1, table_dtype=table_dtype,
                                       warmup_rows=warmup)
             layouts = pep_layouts(model)
@@ -381,7 +384,7 @@ def profile_lookups(args, trained, prepared, log):
         if name not in args.schemes or table_dtype is not None:
             continue
         model = trained[(scheme, json.dumps(params, sort_keys=True))][0]
-        with pep_export_options(model, EXPORT_OPTIONS.get(name)):
+        with export_options(model, EXPORT_OPTIONS.get(name)):
             layers = {f: model.embedding_layers[f].compact() for f in model.embedding_names}
         variants[f"{name}: compact layers"] = layers
         if scheme == "pep" and name not in EXPORT_OPTIONS:  # the bitmask layout; the CSR layout beside them

@@ -48,6 +48,9 @@ SCHEMES = {
     "qr_add": lambda: scheme_factory("qr", output_dim=DIM, num_buckets=3, operation="add"),
     "qr_concat": lambda: scheme_factory("qr", output_dim=DIM, num_buckets=3, operation="concat"),
     "double_hashing": lambda: scheme_factory("double_hashing", output_dim=DIM, num_hot=3, num_buckets=4),
+    # The same scheme exported with each id's pair of rows stored (DoubleHashingEmbedding(compact_lookup=...)).
+    "double_hashing_index": lambda: scheme_factory("double_hashing", output_dim=DIM, num_hot=3, num_buckets=4,
+                                                   compact_lookup="index"),
     # MD keeping its blocks in the export (premultiplied only where smaller), as a larger table's export does,
     # and with the default "fast", which exports a table as small as these as one plain table.
     "md": lambda: scheme_factory("md", output_dim=DIM, num_blocks=2, compact_premultiply="auto"),
@@ -210,6 +213,8 @@ def test_export_matches_keras_for_every_scheme(scheme, ctr, exports):
         assert layouts == {"PackedEmbedding:bitmask"}
     if scheme == "pep_slots":
         assert layouts == {"PackedEmbedding:slots", "PackedEmbedding:dense"}
+    if scheme == "double_hashing_index":
+        assert layouts == {"IndexedRowsEmbedding:"}
     # The compact layers' size accounting is what the export stores (float32 tables).
     report = loaded.report
     for row in report["features"]:
@@ -317,7 +322,8 @@ OUTPUT_BOUND = {"int8": 1e-2, "float16": 1e-3}
 
 
 @pytest.mark.parametrize("scheme,table_dtype", [
-    ("fixed", "int8"), ("fixed", "float16"), ("qr_mult", "int8"), ("double_hashing", "float16"), ("md", "int8"),
+    ("fixed", "int8"), ("fixed", "float16"), ("qr_mult", "int8"), ("double_hashing", "float16"),
+    ("double_hashing_index", "int8"), ("md", "int8"),
     ("md_fast", "float16"),
     ("pep", "int8"), ("pep", "float16"), ("pep_slots", "int8"),
 ])
@@ -343,7 +349,7 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
         size = int(np.prod(row["shape"]))
         scales = (row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)) if table_dtype == "int8" else 0
         assert row["bytes"] == (size + 4 * scales if table_dtype == "int8" else 2 * size)
-    if scheme in ("pep", "pep_slots", "md", "md_fast"):
+    if scheme in ("pep", "pep_slots", "md", "md_fast", "double_hashing_index"):
         return
     # The schemes whose compact tables are their training tables (not PEP's packed ones, nor MD's, whose small
     # blocks and OOV row are premultiplied): the Keras model with the same dequantised tables gives the export's

@@ -299,6 +299,61 @@ def test_compact_keeps_the_hot_remap():
     assert compact.storage_bytes() == layer.storage_bytes() and not compact.trainable_weights
 
 
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("frequencies", [None, "remap", "sorted"])
+def test_double_hashing_index_compact_matches_the_layer(combine, frequencies, tmp_path):
+    """compact_lookup="index": one stacked table and a stored pair of rows per id; the same vectors, bit for bit
+    on these values, for every id, hot (remapped or a range) or cold, single ids and pooled multi-hot lists."""
+    freqs = {None: None, "remap": FREQS, "sorted": SORTED_FREQS}[frequencies]
+    layer, reference = double_hashing_case(combine, frequencies=freqs, compact_lookup="index")
+    compact = layer.compact()
+    assert type(compact).__name__ == "IndexedRowsEmbedding" and not compact.trainable_weights
+    np.testing.assert_array_equal(compact(tf.constant(IDS)).numpy(), layer(tf.constant(IDS)).numpy())
+    np.testing.assert_allclose(compact(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-6)
+    np.testing.assert_array_equal(compact(tf.constant(IDS.reshape(23, 1))).numpy(),
+                                  layer(tf.constant(IDS.reshape(23, 1))).numpy())
+    # Sizes: the same parameters; the table holds the hot and shared rows (+ one zero row for "sum"), the index
+    # two int16 per id.
+    assert compact.parameter_count() == layer.parameter_count() == HOT * 6 + BUCKETS * (6 if combine == "sum" else 3)
+    rows = HOT + BUCKETS + 1 if combine == "sum" else 2 * HOT + BUCKETS
+    width = 6 if combine == "sum" else 3
+    assert compact.storage_bytes() == rows * width * 4 + V * 2 * 2
+    assert {w.name.split("/")[-1].split(":")[0]: tuple(w.shape) for w in compact.weights} == {
+        "table": (rows, width), "row_index": (V, 2)}
+    assert tf.as_dtype(compact.row_index.dtype).name == "int16"
+    np.testing.assert_array_equal(compact.dims_per_id(), np.full(V, 6))
+    # Config round trip (the option travels with the layer) and a frozen reload.
+    again = DoubleHashingEmbedding.from_config(layer.get_config())
+    assert again.compact_lookup == "index"
+    copy = type(compact).from_config(compact.get_config())
+    copy.build()
+    copy.set_weights(compact.get_weights())
+    np.testing.assert_array_equal(copy(tf.constant(IDS)).numpy(), compact(tf.constant(IDS)).numpy())
+    # With a combiner, as the layer.
+    pooled = DoubleHashingEmbedding.from_config({**layer.get_config(), "combiner": "mean"})
+    pooled.build()
+    pooled.set_weights(layer.get_weights())
+    np.testing.assert_allclose(pooled.compact()(tf.constant(MULTI)).numpy(), pooled(tf.constant(MULTI)).numpy(),
+                               rtol=1e-6)
+
+
+def test_indexed_rows_bad_input():
+    from tfemb.layers import IndexedRowsEmbedding
+
+    with pytest.raises(ValueError, match=r"compact_lookup must be one of \('hash', 'index'\). Received: "
+                                         r"compact_lookup='fast'"):
+        DoubleHashingEmbedding(V, 6, HOT, BUCKETS, compact_lookup="fast")
+    with pytest.raises(ValueError, match=r"rows must index table rows 0..2. Received: values in \[0, 3\]"):
+        IndexedRowsEmbedding.from_arrays(np.zeros((3, 4), np.float32), [[0, 3], [1, 2]])
+    with pytest.raises(ValueError, match=r"rows \[vocabulary_size, 2\]. Received: shapes \(3, 4\) and \(2, 3\)"):
+        IndexedRowsEmbedding.from_arrays(np.zeros((3, 4), np.float32), [[0, 1, 2], [1, 2, 0]])
+    with pytest.raises(ValueError, match="inference-only. Received: trainable=True"):
+        IndexedRowsEmbedding(5, 4, 3, trainable=True)
+    layer = IndexedRowsEmbedding.from_arrays(np.zeros((3, 4), np.float32), [[0, 1], [1, 2]])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="ids must be < vocabulary_size=2"):
+        layer(tf.constant([0, 2]))
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 BAD_ARGS = [
     (FixedEmbedding, {"vocabulary_size": 0, "output_dim": 7}, r"vocabulary_size=0"),

@@ -6,7 +6,8 @@ One run (synthetic data, no server, ~60 s): the bitmask export (the default) and
 parameters. With every table packed (``compact_min_saving=None``) the two differ in bytes by exactly the slots
 layout's index (per id: a zero slot, ``d`` int8 offsets, less the bitmask's int16 mask). With the default
 ``compact_min_saving=0.25`` a table is exported dense exactly where its layout would save less than 25%, and the
-bytes are those of the layouts chosen.
+bytes are those of the layouts chosen. Double hashing exported with each id's row pair stored
+(``compact_lookup="index"``) gives the same outputs for exactly its index's bytes more.
 """
 
 import json
@@ -23,7 +24,9 @@ def test_pep_exports_in_both_layouts(tmp_path):
     bitmask, slots = "pep 25% (retrained)", "pep 25% (retrained, slots)"
     bitmask_all, slots_all = "pep 25% (retrained, all packed)", "pep 25% (retrained, slots, all packed)"
     names = (bitmask, slots, bitmask_all, slots_all)
+    hashed, indexed = "double_hashing 4x", "double_hashing 4x (index)"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-server", "--schemes", "fixed", *names,
+                           hashed, indexed,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((tmp_path / "serving_latency.json").read_text())
@@ -53,3 +56,11 @@ def test_pep_exports_in_both_layouts(tmp_path):
     assert ops[slots_all] < ops[bitmask_all]
     lookups = payload["lookups"]
     assert lookups[f"{slots_all}: compact layers"]["ops"] < lookups[f"{bitmask_all}: compact layers"]["ops"]
+    # Double hashing with each id's row pair stored: the same model and outputs; the bytes of one zero row per
+    # field (16 float32) and two int16 per id more; fewer graph ops than the in-graph hashes.
+    assert runs[indexed]["export_options"] == {"compact_lookup": "index"}
+    assert runs[indexed]["max_abs_diff_vs_keras"] <= 1e-5
+    assert runs[indexed]["embedding_parameters"] == runs[hashed]["embedding_parameters"]
+    fields = len(payload["config"]["vocabulary_sizes"])  # one double-hashed table per sparse field
+    assert runs[indexed]["embedding_bytes"] - runs[hashed]["embedding_bytes"] == fields * dim * 4 + ids * 2 * 2
+    assert lookups[f"{indexed}: compact layers"]["ops"] < lookups[f"{hashed}: compact layers"]["ops"]

@@ -11,6 +11,9 @@ from tfemb.layers.qr_embedding import fresh_initializer
 
 COMBINES = ("sum", "concat")
 
+#: ``DoubleHashingEmbedding.compact()`` forms: the hashes computed in-graph, or the row pair of each id stored.
+COMPACT_LOOKUPS = ("hash", "index")
+
 #: Bytes per entry of the id -> hot-row remap (int32).
 REMAP_BYTES = 4
 
@@ -61,6 +64,12 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         seed: int >= 0, seed of the two hashes (not of the initialiser). Default 0.
         frequencies: optional per-id training counts (length ``vocabulary_size``) that pick the hot ids.
         embeddings_initializer: initializer of both tables. Default ``"uniform"`` (U(-0.05, 0.05)).
+        compact_lookup: ``"hash"`` (default) or ``"index"``, the form of ``compact()``. ``"hash"``: the two
+            tables as trained, the hashes computed at each lookup (the smallest export). ``"index"``: an
+            ``IndexedRowsEmbedding``: the tables stacked into one, and per id the two rows it sums (or
+            concatenates) stored as a pair of small ints (int16 up to 32,767 rows): one index gather and one
+            row gather per lookup instead of the hash arithmetic and the hot / cold select, for ``2 x 2`` more
+            bytes per id at int16 (the same outputs).
         **kwargs: ``combiner``, ``validate_ids`` and base Layer arguments.
 
     Example:
@@ -78,7 +87,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
     """
 
     def __init__(self, vocabulary_size, output_dim, num_hot, num_buckets, combine="sum", seed=0,
-                 frequencies=None, embeddings_initializer="uniform", **kwargs):
+                 frequencies=None, embeddings_initializer="uniform", compact_lookup="hash", **kwargs):
         super().__init__(vocabulary_size, output_dim, frequencies=frequencies, **kwargs)
         check_hashable_vocabulary(self.vocabulary_size)
         self.num_hot = check_positive_int("num_hot", num_hot, minimum=0)
@@ -94,6 +103,10 @@ class DoubleHashingEmbedding(EmbeddingScheme):
                 f"output_dim must be even with combine='concat' (two halves). Received: output_dim={self.output_dim}"
             )
         self.combine = combine
+        if compact_lookup not in COMPACT_LOOKUPS:
+            raise ValueError(f"compact_lookup must be one of {COMPACT_LOOKUPS}. Received: compact_lookup="
+                             f"{compact_lookup!r}")
+        self.compact_lookup = compact_lookup
         self.seed = check_positive_int("seed", seed, minimum=0)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         a, b = universal_hash_params(self.seed, 2)
@@ -202,8 +215,49 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
 
     def compact(self):
-        # Tables are already the smallest form; frequencies stay in the config because they define the hot set.
-        return self.frozen_copy()
+        """``compact_lookup="hash"``: a frozen copy (the tables are already the smallest form; frequencies stay in
+        the config because they define the hot set). ``"index"``: the ``IndexedRowsEmbedding`` of
+        ``indexed_rows()``."""
+        if self.compact_lookup == "hash":
+            return self.frozen_copy()
+        table, rows, zero_row = self.indexed_rows()
+        config = self.get_config()
+        keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
+        return IndexedRowsEmbedding.from_arrays(table, rows, combine=self.combine, zero_row=zero_row, **keep)
+
+    def indexed_rows(self):
+        """``(table, rows, zero_row)`` (NumPy): every vector of this layer as the sum (``combine="sum"``) or the
+        concatenation (``"concat"``) of two rows of one stacked ``table``, ``rows[id]`` holding their indices.
+
+        ``"sum"``: ``table = [H; S; 0]``; a hot id reads ``(its hot row, the zero row)``, a cold id ``(h1, h2)``
+        offset by ``num_hot``. ``"concat"``: ``table = [H split in halves; S]`` (rows of ``output_dim / 2``); a hot
+        id reads its two halves, a cold id ``(h1, h2)``. Both reproduce ``lookup`` exactly (``x + 0 = x``)."""
+        if not self.built:
+            self.build()
+        ids = np.arange(self.vocabulary_size, dtype=np.int64)
+        pairs = np.asarray(self.hash_pairs(tf.constant(ids)), dtype=np.int64)  # [V, 2]
+        shared = np.asarray(tf.convert_to_tensor(self.shared_embeddings))
+        if self.hot_embeddings is None:
+            hot_table = np.zeros((0, self.output_dim), shared.dtype)
+            hot_row = np.full(self.vocabulary_size, -1, np.int64)
+        else:
+            hot_table = np.asarray(tf.convert_to_tensor(self.hot_embeddings))
+            if self._remap is None:
+                hot_row = ids - self._hot_offset
+                hot_row = np.where((hot_row >= 0) & (hot_row < self.num_hot), hot_row, -1)
+            else:
+                hot_row = self._remap.astype(np.int64)
+        hot = hot_row >= 0
+        if self.combine == "sum":
+            table = np.concatenate([hot_table, shared, np.zeros((1, self.output_dim), shared.dtype)])
+            zero = table.shape[0] - 1
+            rows = np.where(hot[:, None], np.stack([hot_row, np.full_like(hot_row, zero)], axis=1),
+                            pairs + self.num_hot)
+            return table, rows, True
+        half = self.output_dim // 2
+        table = np.concatenate([hot_table.reshape(-1, half), shared])  # hot row r -> rows 2r, 2r + 1
+        rows = np.where(hot[:, None], np.stack([2 * hot_row, 2 * hot_row + 1], axis=1), pairs + 2 * self.num_hot)
+        return table, rows, False
 
     def sparse_tables(self):
         tables = [] if self.hot_embeddings is None else [self.hot_embeddings]
@@ -218,6 +272,113 @@ class DoubleHashingEmbedding(EmbeddingScheme):
                 "combine": self.combine,
                 "seed": self.seed,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "compact_lookup": self.compact_lookup,
             }
         )
+        return config
+
+
+def index_dtype(num_rows):
+    """Smallest signed integer dtype of a row index below ``num_rows``: int16 or int32."""
+    return "int16" if num_rows <= 2**15 else "int32"
+
+
+@register
+class IndexedRowsEmbedding(EmbeddingScheme):
+    """A frozen table of vectors made of two stored rows each: ``e(id) = T[r0(id)] + T[r1(id)]`` (``"sum"``) or
+    ``[T[r0(id)], T[r1(id)]]`` (``"concat"``), with ``r(id)`` stored per id.
+
+    The ``compact_lookup="index"`` form of ``DoubleHashingEmbedding`` (``indexed_rows()``): its hot and shared
+    tables stacked into ``table`` and each id's pair of rows in ``row_index`` (``[vocabulary_size, 2]``, int16 up to
+    32,767 rows, else int32). A lookup is one gather of the pairs, a cast, one gather of the rows and a sum (or a
+    reshape): no hash arithmetic and no select, for the index bytes. Inference only (``trainable=False``).
+
+    Args:
+        vocabulary_size: int, number of ids.
+        output_dim: int, embedding dimension (the row width is ``output_dim`` for ``"sum"``, half of it for
+            ``"concat"``).
+        num_rows: int >= 1, rows of ``table``.
+        combine: ``"sum"`` or ``"concat"``.
+        zero_row: bool, the last row is an all-zero padding row (``"sum"``: what a hot id adds to its own row);
+            it is not counted in ``parameter_count()``.
+        **kwargs: ``combiner``, ``validate_ids`` and base Layer arguments.
+
+    Example:
+
+    >>> layer = IndexedRowsEmbedding.from_arrays(np.eye(3, dtype="float32"), [[0, 2], [1, 1]])
+    >>> layer(tf.constant([0, 1])).numpy().tolist()
+    [[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]
+    """
+
+    def __init__(self, vocabulary_size, output_dim, num_rows, combine="sum", zero_row=False, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(vocabulary_size, output_dim, **kwargs)
+        if self.trainable:
+            raise ValueError(f"{self.name}: IndexedRowsEmbedding is inference-only. Received: trainable=True")
+        self.num_rows = check_positive_int("num_rows", num_rows)
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}. Received: combine={combine!r}")
+        if combine == "concat" and self.output_dim % 2:
+            raise ValueError(
+                f"output_dim must be even with combine='concat' (two halves). Received: output_dim={self.output_dim}"
+            )
+        self.combine = combine
+        self.zero_row = bool(zero_row)
+
+    @classmethod
+    def from_arrays(cls, table, rows, combine="sum", zero_row=False, **kwargs):
+        """A built layer holding ``table`` (``[num_rows, width]``) and ``rows`` (``[vocabulary_size, 2]`` ints)."""
+        table = np.asarray(table)
+        rows = np.asarray(rows)
+        if table.ndim != 2 or rows.ndim != 2 or rows.shape[1] != 2:
+            raise ValueError(f"table must be [num_rows, width] and rows [vocabulary_size, 2]. Received: shapes "
+                             f"{table.shape} and {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= table.shape[0]):
+            raise ValueError(f"rows must index table rows 0..{table.shape[0] - 1}. Received: values in "
+                             f"[{rows.min()}, {rows.max()}]")
+        width = table.shape[1] * (2 if combine == "concat" else 1)
+        layer = cls(rows.shape[0], width, table.shape[0], combine=combine, zero_row=zero_row, **kwargs)
+        layer.build()
+        layer.table.assign(table.astype(np.float32 if layer.variable_dtype is None else layer.variable_dtype))
+        layer.row_index.assign(rows.astype(layer.index_dtype))
+        return layer
+
+    @property
+    def index_dtype(self):
+        return index_dtype(self.num_rows)
+
+    @property
+    def row_width(self):
+        return self.output_dim // 2 if self.combine == "concat" else self.output_dim
+
+    def build(self, input_shape=None):
+        self.table = self.add_weight(name="table", shape=(self.num_rows, self.row_width), initializer="zeros",
+                                     trainable=False)
+        self.row_index = self.add_weight(name="row_index", shape=(self.vocabulary_size, 2), dtype=self.index_dtype,
+                                         initializer="zeros", trainable=False)
+        self.built = True
+
+    def lookup(self, ids):
+        pairs = tf.cast(sparse_gather(self.row_index, ids), tf.int32)  # [..., 2]
+        rows = self.gather_rows(self.table, pairs)  # [..., 2, width]
+        if self.combine == "sum":
+            return tf.reduce_sum(rows, axis=-2)  # one addition: r0 + r1
+        return reshape_to_ids(rows, ids, self.output_dim)
+
+    def parameter_count(self):
+        return (self.num_rows - int(self.zero_row)) * self.row_width
+
+    def storage_bytes(self):
+        return (self.num_rows * self.row_width * dtype_bytes(self.variable_dtype)
+                + self.vocabulary_size * 2 * dtype_bytes(self.index_dtype))
+
+    def dims_per_id(self):
+        return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
+
+    def compact(self):
+        return self.frozen_copy()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_rows": self.num_rows, "combine": self.combine, "zero_row": self.zero_row})
         return config
