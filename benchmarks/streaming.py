@@ -193,8 +193,9 @@ def timing_markdown(timing):
              "|---|---|" + "---|" * len(methods)]
     for d, t in pairs:
         row = timing[d][t]
-        cells = [f"{row[m]['time_per_example_vs_fse']:.2f}× ({row[m]['cpu_vs_fse']:.2f}×)" if "time_per_example_vs_fse"
-                 in row[m] else f"{row[m]['examples_per_second']:,.0f} ex/s" for m in methods]
+        cells = [f"{row[m]['time_per_example_vs_fse']:.2f}× ({row[m]['cpu_vs_fse']:.2f}×)"
+                 if "time_per_example_vs_fse" in row[m] else f"{row[m]['examples_per_second']:,.0f} ex/s"
+                 for m in methods]
         fse = f"{row['fse']['examples_per_second']:,.0f}" if "fse" in row else "n/a"
         lines.append(f"| {d} / {t} | {fse} | " + " | ".join(cells) + " |")
     return lines

@@ -18,6 +18,17 @@ COMPACT_LOOKUPS = ("hash", "index")
 REMAP_BYTES = 4
 
 
+def check_combine(combine, output_dim):
+    """``combine`` (``"sum"`` or ``"concat"``, the latter with an even ``output_dim``); a clear error otherwise."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}. Received: combine={combine!r}")
+    if combine == "concat" and output_dim % 2:
+        raise ValueError(
+            f"output_dim must be even with combine='concat' (two halves). Received: output_dim={output_dim}"
+        )
+    return combine
+
+
 def hot_ids_from_frequencies(frequencies, num_hot):
     """The ``num_hot`` ids with the largest counts, most frequent first, ties broken by the lower id."""
     order = np.argsort(-np.asarray(frequencies, dtype=np.float64), kind="stable")
@@ -96,13 +107,7 @@ class DoubleHashingEmbedding(EmbeddingScheme):
                 f"num_hot must be <= vocabulary_size={self.vocabulary_size}. Received: num_hot={self.num_hot}"
             )
         self.num_buckets = check_positive_int("num_buckets", num_buckets)
-        if combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}. Received: combine={combine!r}")
-        if combine == "concat" and self.output_dim % 2:
-            raise ValueError(
-                f"output_dim must be even with combine='concat' (two halves). Received: output_dim={self.output_dim}"
-            )
-        self.combine = combine
+        self.combine = check_combine(combine, self.output_dim)
         if compact_lookup not in COMPACT_LOOKUPS:
             raise ValueError(f"compact_lookup must be one of {COMPACT_LOOKUPS}. Received: compact_lookup="
                              f"{compact_lookup!r}")
@@ -316,13 +321,7 @@ class IndexedRowsEmbedding(EmbeddingScheme):
         if self.trainable:
             raise ValueError(f"{self.name}: IndexedRowsEmbedding is inference-only. Received: trainable=True")
         self.num_rows = check_positive_int("num_rows", num_rows)
-        if combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}. Received: combine={combine!r}")
-        if combine == "concat" and self.output_dim % 2:
-            raise ValueError(
-                f"output_dim must be even with combine='concat' (two halves). Received: output_dim={self.output_dim}"
-            )
-        self.combine = combine
+        self.combine = check_combine(combine, self.output_dim)
         self.zero_row = bool(zero_row)
 
     @classmethod
