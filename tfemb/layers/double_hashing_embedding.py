@@ -242,17 +242,11 @@ class DoubleHashingEmbedding(EmbeddingScheme):
         ids = np.arange(self.vocabulary_size, dtype=np.int64)
         pairs = np.asarray(self.hash_pairs(tf.constant(ids)), dtype=np.int64)  # [V, 2]
         shared = np.asarray(tf.convert_to_tensor(self.shared_embeddings))
-        if self.hot_embeddings is None:
-            hot_table = np.zeros((0, self.output_dim), shared.dtype)
-            hot_row = np.full(self.vocabulary_size, -1, np.int64)
-        else:
-            hot_table = np.asarray(tf.convert_to_tensor(self.hot_embeddings))
-            if self._remap is None:
-                hot_row = ids - self._hot_offset
-                hot_row = np.where((hot_row >= 0) & (hot_row < self.num_hot), hot_row, -1)
-            else:
-                hot_row = self._remap.astype(np.int64)
+        hot_row = np.full(self.vocabulary_size, -1, np.int64)  # id -> its hot row, -1 for a cold id
+        hot_row[self.hot_ids()] = np.arange(self.num_hot)
         hot = hot_row >= 0
+        hot_table = (np.zeros((0, self.output_dim), shared.dtype) if self.hot_embeddings is None
+                     else np.asarray(tf.convert_to_tensor(self.hot_embeddings)))
         if self.combine == "sum":
             table = np.concatenate([hot_table, shared, np.zeros((1, self.output_dim), shared.dtype)])
             zero = table.shape[0] - 1
