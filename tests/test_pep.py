@@ -541,14 +541,14 @@ def test_compact_packs_the_pruned_table_exactly():
     np.testing.assert_array_equal(packed(tf.constant(IDS[:20].reshape(4, 5))).numpy(), table[IDS[:20].reshape(4, 5)])
     assert packed.parameter_count() == layer.parameter_count() == nnz
     np.testing.assert_array_equal(packed.dims_per_id(), layer.dims_per_id())
-    # Physically smaller: nnz float32 values + one int8 bit mask per row (7 dims) + 24 int32 offsets, no dense
-    # matrix (the bitmask layout, COMPACT_LAYOUT "auto" up to 64 dims).
+    # Physically smaller: nnz float32 values and a zero + one int32 row index per row (start << 7 | 7-bit mask),
+    # no dense matrix (the bitmask layout, COMPACT_LAYOUT "auto" up to 64 dims).
     assert packed.layout == "bitmask"
-    assert packed.storage_bytes() == layer.storage_bytes() == nnz * 4 + V + (V + 1) * 4 < V * D * 4
+    assert packed.storage_bytes() == layer.storage_bytes() == (nnz + 1) * 4 + V * 4 < V * D * 4
     stored = sum(int(np.prod(w.shape)) * tf.as_dtype(w.dtype).size for w in packed.weights)
     assert stored == packed.storage_bytes()
     assert {w.name.split("/")[-1].split(":")[0]: tf.as_dtype(w.dtype).name for w in packed.weights} == {
-        "row_splits": "int32", "row_masks": "int8", "values": "float32"}
+        "row_index": "int32", "values": "float32"}
     csr = PackedEmbedding.from_dense(table, layout="csr")  # a column index per value
     assert csr.storage_bytes() == nnz * 5 + (V + 1) * 4
     np.testing.assert_array_equal(csr(tf.constant(ids)).numpy(), table[ids])
@@ -563,15 +563,17 @@ def test_compact_exports_dense_where_packing_saves_little():
     """``compact_min_saving``: a table whose packed layout would save less than that fraction of the dense bytes
     is exported in the "dense" layout (the pruned table with its zeros, one row gather); outputs are exact."""
     dense_bytes = V * D * 4
-    # By hand: bitmask bytes = nnz * 4 + V * 1 + (V + 1) * 4; dense = V * D * 4 (V = 23, D = 7: 644 bytes).
-    assert packed_storage_bytes(V, D, 130, layout="bitmask") == 130 * 4 + V + (V + 1) * 4 == 639
-    assert packed_storage_bytes(V, D, 130, layout="dense") == dense_bytes == 644
-    assert choose_layout("auto", V, D, 130) == "dense"  # saves 5 of 644 bytes
-    assert choose_layout("auto", V, D, 130, min_saving=0.0) == "bitmask"  # 639 < 644: it does save
-    assert choose_layout("auto", V, D, 161, min_saving=0.0) == "dense"  # every entry kept: 763 > 644
-    assert choose_layout("auto", V, D, 130, min_saving=None) == "bitmask"
-    # 25%: packed at most 483 bytes; bitmask at 96 kept is 384 + 119 = 503 (dense), at 90 kept 479 (bitmask).
-    assert choose_layout("auto", V, D, 96) == "dense" and choose_layout("auto", V, D, 90) == "bitmask"
+    # By hand: bitmask bytes = (nnz + 1) * 4 + V * 4 (an int32 row index: start << 7 | mask); dense = V * D * 4
+    # (V = 23, D = 7: 644 bytes).
+    assert packed_storage_bytes(V, D, 135, layout="bitmask") == 136 * 4 + V * 4 == 636
+    assert packed_storage_bytes(V, D, 135, layout="dense") == dense_bytes == 644
+    assert choose_layout("auto", V, D, 135) == "dense"  # saves 8 of 644 bytes
+    assert choose_layout("auto", V, D, 135, min_saving=0.0) == "bitmask"  # 636 < 644: it does save
+    assert choose_layout("auto", V, D, 161, min_saving=0.0) == "dense"  # every entry kept: 740 > 644
+    assert choose_layout("auto", V, D, 135, min_saving=None) == "bitmask"
+    # 25%: packed at most 483 bytes; bitmask at 98 kept is 396 + 92 = 488 (dense), at 97 kept 484 (dense), at
+    # 96 kept 480 (bitmask).
+    assert choose_layout("auto", V, D, 97) == "dense" and choose_layout("auto", V, D, 96) == "bitmask"
     # slots at 30 kept: (30 + 23) * 4 + 23 * 7 + 24 * 4 = 469 bytes, a 27% saving.
     assert choose_layout("slots", V, D, 30) == "slots" and choose_layout("slots", V, D, 30, min_saving=0.3) == "dense"
     assert choose_layout("dense", V, D, 0, min_saving=None) == "dense"
@@ -615,7 +617,8 @@ def test_compact_exports_dense_where_packing_saves_little():
 def test_packed_embedding_from_dense_edge_cases_and_reload(tmp_path, layout):
     empty = PackedEmbedding.from_dense(np.zeros((V, D), np.float32), layout=layout)
     assert empty.parameter_count() == 0
-    index = {"csr": 0, "bitmask": V, "slots": V * 4 + V * D}[layout]  # slots: a zero per row, a slot per cell
+    # slots: a zero per row, a slot per cell; bitmask: a trailing zero, an int32 row index per row, no offsets
+    index = {"csr": 0, "bitmask": 4 + V * 4 - (V + 1) * 4, "slots": V * 4 + V * D}[layout]
     assert empty.storage_bytes() == (V + 1) * 4 + index
     np.testing.assert_array_equal(empty(tf.constant(IDS)).numpy(), np.zeros((V, D)))
     # A mask keeps an entry even when its value is 0 (retrain tables count the mask).
@@ -734,7 +737,10 @@ def test_bitmask_layout_matches_the_dense_table(dim):
     bitmask = PackedEmbedding.from_dense(table, mask=keep, layout="bitmask")
     csr = PackedEmbedding.from_dense(table, mask=keep, layout="csr")
     assert PackedEmbedding.from_dense(table, mask=keep, layout="auto").layout == "bitmask"
-    assert tf.as_dtype(bitmask.row_masks.dtype).name == mask_dtype(dim)
+    if dim > 32:  # the masks apart from the row offsets; up to 32 dims, one int32 / int64 per row holds both
+        assert tf.as_dtype(bitmask.row_masks.dtype).name == mask_dtype(dim)
+    else:
+        assert tf.as_dtype(bitmask.row_index.dtype).name == ("int32" if keep.sum() < 2 ** (31 - dim) else "int64")
     ids = np.concatenate([np.arange(rows), rng.integers(0, rows, 50)])
     np.testing.assert_array_equal(bitmask(tf.constant(ids)).numpy(), table[ids])
     np.testing.assert_array_equal(bitmask(tf.constant(ids)).numpy(), csr(tf.constant(ids)).numpy())
@@ -746,8 +752,9 @@ def test_bitmask_layout_matches_the_dense_table(dim):
     if dim in (8, 16, 32, 64):  # the mask's top bit is column dim - 1: two's complement makes it negative
         assert int(masks[2]) < 0
     np.testing.assert_array_equal(columns_from_row_masks(masks, dim), cols)
-    assert sorted(w.name.split("/")[-1].split(":")[0] for w in bitmask.weights) == ["row_masks", "row_splits",
-                                                                                      "values"]
+    names = ["row_index", "values"] if dim <= 32 else ["row_masks", "row_splits", "values"]
+    assert sorted(w.name.split("/")[-1].split(":")[0] for w in bitmask.weights) == names
+    assert bitmask.storage_bytes() == sum(int(np.prod(w.shape)) * tf.as_dtype(w.dtype).size for w in bitmask.weights)
     with pytest.raises(ValueError, match="layout='bitmask' holds at most 64 dims. Received: output_dim=65"):
         PackedEmbedding(rows, 65, 3, layout="bitmask")
     with pytest.raises(ValueError, match="layout must be one of .*Received: layout='dots'"):

@@ -3,8 +3,9 @@ without the dense fallback.
 
 One run (synthetic data, no server, ~60 s): the bitmask export (the default) and the slots export
 (``compact_layout="slots"``) of the same retrained PEP model give the Keras model's outputs and store the same
-parameters. With every table packed (``compact_min_saving=None``) the two differ in bytes by exactly the slots
-layout's index (per id: a zero slot, ``d`` int8 offsets, less the bitmask's int16 mask). With the default
+parameters. With every table packed (``compact_min_saving=None``) the two differ in bytes by exactly the layouts'
+indexes (slots: per id a zero slot, ``d`` int8 offsets and an offset; bitmask: per id a row index, per table a
+trailing zero). With the default
 ``compact_min_saving=0.25`` a table is exported dense exactly where its layout would save less than 25%, and the
 bytes are those of the layouts chosen. Double hashing exported with each id's row pair stored
 (``compact_lookup="index"``) gives the same outputs for exactly its index's bytes more.
@@ -38,8 +39,14 @@ def test_pep_exports_in_both_layouts(tmp_path):
         # The same trained model: the same kept entries.
         assert runs[name]["embedding_parameters"] == runs[bitmask]["pep_kept"], name
     ids, dim = payload["config"]["ids"], payload["config"]["embedding_dim"]
-    assert dim == 16  # int16 masks in the bitmask layout, int8 slot offsets
-    assert runs[slots_all]["embedding_bytes"] - runs[bitmask_all]["embedding_bytes"] == ids * (4 + dim - 2)
+    assert dim == 16  # a 16-bit mask in each bitmask row index, int8 slot offsets
+    # Per table: slots store a zero and 16 int8 offsets per id and (V + 1) int32 offsets; the bitmask one trailing
+    # zero and one row index per id (int32 while nnz < 2**15, else int64).
+    index_bytes = sum(t["vocabulary_size"] * (4 if t["nnz"] < 2 ** 15 else 8) + 4
+                      for t in runs[bitmask_all]["pep_tables"].values())
+    tables = len(runs[bitmask_all]["pep_tables"])
+    assert runs[slots_all]["embedding_bytes"] - runs[bitmask_all]["embedding_bytes"] == (
+        ids * (4 + dim + 4) + tables * 4 - index_bytes)
     # The dense fallback: dense exactly where the layout would save < 25%, and the bytes of the layouts chosen.
     for name, layout in ((bitmask, "bitmask"), (slots, "slots"), (bitmask_all, "bitmask"), (slots_all, "slots")):
         tables = runs[name]["pep_tables"]

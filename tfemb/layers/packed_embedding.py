@@ -44,6 +44,33 @@ def mask_dtype(output_dim):
     raise ValueError(f"the bitmask layout holds at most {_BITMASK_MAX_DIM} dims. Received: output_dim={output_dim}")
 
 
+#: Widest row whose bit mask shares one integer with the row's start (``row_index``, bitmask layout).
+_ROW_INDEX_MAX_DIM = 32
+
+
+def row_index_dtype(output_dim, nnz):
+    """dtype of the bitmask layout's combined per-row index ``start << output_dim | mask`` (``row_index``):
+    ``"int32"`` while every start (at most ``nnz``) fits in the bits above the mask, ``"int64"`` otherwise; None
+    above 32 dims, where the starts and masks are stored apart (``row_splits``, ``row_masks``)."""
+    if output_dim > _ROW_INDEX_MAX_DIM:
+        return None
+    return "int32" if int(nnz) < 2 ** (31 - int(output_dim)) else "int64"
+
+
+def row_index_from_csr(row_splits, columns, output_dim, dtype):
+    """The bitmask layout's ``row_index``: per row, its start in the values shifted above its bit mask."""
+    masks = row_masks_from_csr(row_splits, columns, "int64").view(np.uint64) & np.uint64((1 << output_dim) - 1)
+    starts = np.asarray(row_splits[:-1], dtype=np.uint64) << np.uint64(output_dim)
+    return (starts | masks).astype(np.int64).astype(dtype)
+
+
+def csr_parts_from_row_index(row_index, output_dim, nnz):
+    """``(row_splits, masks)`` (int64, uint64) of a ``row_index`` array: its inverse."""
+    row_index = np.asarray(row_index, dtype=np.int64)
+    splits = np.concatenate([row_index >> output_dim, [int(nnz)]]).astype(np.int64)
+    return splits, row_index.view(np.uint64) & np.uint64((1 << output_dim) - 1)
+
+
 def resolve_layout(layout, output_dim):
     """``layout`` with ``"auto"`` resolved: ``"bitmask"`` up to 64 dims, else ``"csr"``."""
     if layout not in LAYOUTS:
@@ -127,13 +154,17 @@ def to_numpy(variable):
 
 
 def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32", layout="csr"):
-    """Bytes of a packed table: ``nnz`` values, ``vocabulary_size + 1`` row offsets and either ``nnz`` column
-    indices (``"csr"``) or ``vocabulary_size`` row bit masks (``"bitmask"``).
+    """Bytes of a packed table: ``nnz`` values, ``vocabulary_size + 1`` row offsets and ``nnz`` column indices
+    (``"csr"``); ``nnz + 1`` values (the last one a zero) and ``vocabulary_size`` row indices of the start and bit
+    mask together, int32 or int64 (``"bitmask"`` up to 32 dims; above, the masks and ``vocabulary_size + 1`` row
+    offsets apart); see ``PackedEmbedding`` for ``"slots"`` and ``"dense"``.
 
     >>> packed_storage_bytes(23, 7, 30)  # 30 x (4 + 1) + 24 x 4
     246
-    >>> packed_storage_bytes(23, 7, 30, layout="bitmask")  # 30 x 4 + 23 x 1 + 24 x 4
-    239
+    >>> packed_storage_bytes(23, 7, 30, layout="bitmask")  # (30 + 1) x 4 + 23 x 4 (int32 row_index)
+    216
+    >>> packed_storage_bytes(23, 40, 30, layout="bitmask")  # (30 + 1) x 4 + 23 x 8 (masks) + 24 x 4 (offsets)
+    404
     >>> packed_storage_bytes(23, 7, 30, layout="slots")  # (30 + 23) x 4 + 23 x 7 x 1 + 24 x 4
     469
     >>> packed_storage_bytes(23, 7, 30, layout="dense")  # 23 x 7 x 4
@@ -147,9 +178,13 @@ def packed_storage_bytes(vocabulary_size, output_dim, nnz, value_dtype="float32"
         return (slots * dtype_bytes(value_dtype)
                 + int(vocabulary_size) * int(output_dim) * dtype_bytes(slot_offset_dtype(output_dim))
                 + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(slots)))
-    index = (int(nnz) * dtype_bytes(column_dtype(output_dim)) if layout == "csr"
-             else int(vocabulary_size) * dtype_bytes(mask_dtype(output_dim)))
-    return (int(nnz) * dtype_bytes(value_dtype) + index
+    if layout == "bitmask":  # nnz values and a zero, one row_index per row (or a mask per row and row offsets)
+        combined = row_index_dtype(output_dim, nnz)
+        index = (int(vocabulary_size) * dtype_bytes(combined) if combined else
+                 int(vocabulary_size) * dtype_bytes(mask_dtype(output_dim))
+                 + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(nnz)))
+        return (int(nnz) + 1) * dtype_bytes(value_dtype) + index
+    return (int(nnz) * (dtype_bytes(value_dtype) + dtype_bytes(column_dtype(output_dim)))
             + (int(vocabulary_size) + 1) * dtype_bytes(row_splits_dtype(nnz)))
 
 
@@ -223,15 +258,20 @@ class PackedEmbedding(EmbeddingScheme):
     - ``row_splits`` (``vocabulary_size + 1`` ints, int32 or int64): the entries of row ``r`` are
       ``row_splits[r]:row_splits[r + 1]``;
     - ``columns`` (``nnz`` ints, int8 up to 128 dims, else int16 / int32): each entry's column (``layout="csr"``,
-      the default), or ``row_masks`` (``vocabulary_size`` ints of ``output_dim`` bits, int8 .. int64, at most 64
-      dims): bit ``c`` of row ``r``'s mask is set iff column ``c`` is kept (``layout="bitmask"``);
+      the default), or a bit mask per row of ``output_dim`` bits, at most 64 dims: bit ``c`` of row ``r``'s mask
+      is set iff column ``c`` is kept (``layout="bitmask"``, below);
     - ``values`` (``nnz`` floats): each entry's value.
 
     ``layout="auto"`` is ``"bitmask"`` up to 64 dims, else ``"csr"``; ``PEPEmbedding.compact()`` uses it. A
     bitmask lookup reads column ``c`` of a row from entry ``start + popcount(mask & (2**c - 1))`` and zeroes the
     columns whose bit is clear (a gather, bitwise ops, one select: fewer ops than the CSR lookup below, no
-    scatter). Its index bytes are ``vocabulary_size x mask bytes`` instead of ``nnz x column bytes``: smaller when
-    rows keep more than ~2 of 16 dims, larger for nearly empty tables.
+    scatter). Up to 32 dims the row's start and mask share one integer, ``row_index = start << output_dim |
+    mask`` (``vocabulary_size`` ints, int32 while ``nnz < 2**(31 - output_dim)``, else int64), so a lookup gathers
+    one index instead of two; above 32 dims they are stored apart (``row_splits`` and ``row_masks``). ``values``
+    ends with one zero (``nnz + 1`` floats): a pruned column after a row's last kept value reads the next row's
+    first value or that zero, inside the buffer, so no clipping is needed. Its index bytes are
+    ``vocabulary_size x (4 or 8)`` instead of ``nnz x column bytes + (vocabulary_size + 1) x offset bytes``:
+    smaller when rows keep more than ~1 of 16 dims, larger for nearly empty tables.
 
     ``layout="slots"`` (inference only) stores each row's kept values followed by one 0 (``values`` holds ``nnz +
     vocabulary_size`` floats; ``row_splits`` indexes them) and ``slot_offsets`` (``vocabulary_size x output_dim``
@@ -324,12 +364,17 @@ class PackedEmbedding(EmbeddingScheme):
             layer.slot_offsets.assign(offsets.astype(layer.slot_offset_dtype))
             layer.values.assign(slot_values.astype(value_dtype))
             return layer
+        if layer.layout == "bitmask":
+            if layer.row_index_dtype:
+                layer.row_index.assign(row_index_from_csr(row_splits, columns, table.shape[1], layer.row_index_dtype))
+            else:
+                layer.row_splits.assign(row_splits.astype(layer.row_splits_dtype))
+                layer.row_masks.assign(row_masks_from_csr(row_splits, columns, layer.mask_dtype))
+            layer.values.assign(np.append(values, 0).astype(value_dtype))  # the zero that pruned columns read
+            return layer
         layer.row_splits.assign(row_splits.astype(layer.row_splits_dtype))
-        if layer.layout == "csr":
-            layer.columns.assign(columns.astype(layer.column_dtype))
-        else:
-            layer.row_masks.assign(row_masks_from_csr(row_splits, columns, layer.mask_dtype))
-        layer.values.assign(values.astype(np.float32 if layer.variable_dtype is None else layer.variable_dtype))
+        layer.columns.assign(columns.astype(layer.column_dtype))
+        layer.values.assign(values.astype(value_dtype))
         return layer
 
     @property
@@ -348,12 +393,17 @@ class PackedEmbedding(EmbeddingScheme):
     def mask_dtype(self):
         return mask_dtype(self.output_dim)
 
+    @property
+    def row_index_dtype(self):
+        """The bitmask layout's combined per-row index dtype (None: starts and masks apart, or another layout)."""
+        return row_index_dtype(self.output_dim, self.nnz) if self.layout == "bitmask" else None
+
     def build(self, input_shape=None):
         # Before from_dense or loaded weights fill it, the layer holds a valid layout of zeros: the first nnz
         # entries of the table in row-major order.
         d, nnz = self.output_dim, self.nnz
         splits = np.minimum(np.arange(self.vocabulary_size + 1) * d, nnz)
-        self.columns = self.row_masks = self.slot_offsets = self.row_splits = None
+        self.columns = self.row_masks = self.slot_offsets = self.row_splits = self.row_index = None
         if self.layout == "dense":
             self.values = self.add_weight(name="values", shape=(self.vocabulary_size, d), initializer="zeros",
                                           trainable=False)
@@ -373,21 +423,36 @@ class PackedEmbedding(EmbeddingScheme):
                                           trainable=False)
             self.built = True
             return
+        if self.layout == "bitmask":
+            columns = np.arange(nnz) % d
+            if self.row_index_dtype:
+                index = row_index_from_csr(splits, columns, d, self.row_index_dtype)
+                self.row_index = self.add_weight(
+                    name="row_index", shape=(self.vocabulary_size,), dtype=self.row_index_dtype, trainable=False,
+                    initializer=lambda shape, dtype=None: tf.constant(index, self.row_index_dtype),
+                )
+            else:
+                masks = row_masks_from_csr(splits, columns, self.mask_dtype)
+                self.row_splits = self.add_weight(
+                    name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype,
+                    trainable=False, initializer=lambda shape, dtype=None: tf.constant(splits, self.row_splits_dtype),
+                )
+                self.row_masks = self.add_weight(
+                    name="row_masks", shape=(self.vocabulary_size,), dtype=self.mask_dtype, trainable=False,
+                    initializer=lambda shape, dtype=None: tf.constant(masks, self.mask_dtype),
+                )
+            # The kept values, then one zero: the entry a pruned column past its row's last value reads.
+            self.values = self.add_weight(name="values", shape=(nnz + 1,), initializer="zeros", trainable=True)
+            self.built = True
+            return
         self.row_splits = self.add_weight(
             name="row_splits", shape=(self.vocabulary_size + 1,), dtype=self.row_splits_dtype, trainable=False,
             initializer=lambda shape, dtype=None: tf.constant(splits, self.row_splits_dtype),
         )
-        if self.layout == "csr":
-            self.columns = self.add_weight(
-                name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
-                initializer=lambda shape, dtype=None: tf.constant(np.arange(nnz) % d, self.column_dtype),
-            )
-        else:
-            masks = row_masks_from_csr(splits, np.arange(nnz) % d, self.mask_dtype)
-            self.row_masks = self.add_weight(
-                name="row_masks", shape=(self.vocabulary_size,), dtype=self.mask_dtype, trainable=False,
-                initializer=lambda shape, dtype=None: tf.constant(masks, self.mask_dtype),
-            )
+        self.columns = self.add_weight(
+            name="columns", shape=(nnz,), dtype=self.column_dtype, trainable=False,
+            initializer=lambda shape, dtype=None: tf.constant(np.arange(nnz) % d, self.column_dtype),
+        )
         self.values = self.add_weight(name="values", shape=(nnz,), initializer="zeros", trainable=True)
         self.built = True
 
@@ -436,18 +501,26 @@ class PackedEmbedding(EmbeddingScheme):
     def _bitmask_lookup(self, flat):
         """``[n, d]`` rows of ids ``flat`` from the bitmask layout: column ``c`` of a row with mask ``m`` is kept
         iff bit ``c`` of ``m`` is set, and its value is entry ``start + popcount(m & (2**c - 1))`` (the number of
-        kept columns before it). Every column reads one entry (clipped into the buffer) and the columns not kept
-        are zeroed: a gather, bitwise ops and a select, no scatter."""
-        d, dtype = self.output_dim, tf.as_dtype(self.mask_dtype)
+        kept columns before it). Every column reads one entry (a pruned column after the row's last value reads
+        the next row's first, or the trailing zero) and the columns not kept are zeroed: one index gather (up to
+        32 dims, the start and the mask in one integer), a shift, bitwise ops, a gather of values and a select;
+        no clipping, no scatter."""
+        d = self.output_dim
+        combined = self.row_index_dtype
+        dtype = tf.as_dtype(combined or self.mask_dtype)
         bits = np.left_shift(np.uint64(1), np.arange(d, dtype=np.uint64))
-        low = tf.constant(_signed_bits(bits - np.uint64(1), self.mask_dtype))  # [d]: the columns before c
-        bit = tf.constant(_signed_bits(bits, self.mask_dtype))  # [d]: column c
-        column = tf.expand_dims(flat, 1)  # [n, 1]: one reshape of the ids for both index gathers
-        starts = sparse_gather(self.row_splits, column)  # [n, 1]
-        masks = sparse_gather(self.row_masks, column)  # [n, 1]
+        low = tf.constant(_signed_bits(bits - np.uint64(1), dtype.name))  # [d]: the columns before c
+        bit = tf.constant(_signed_bits(bits, dtype.name))  # [d]: column c
+        column = tf.expand_dims(flat, 1)  # [n, 1]
+        if combined:  # one index gather: the start above the mask
+            masks = sparse_gather(self.row_index, column)  # [n, 1]
+            starts = tf.bitwise.right_shift(masks, tf.constant(d, dtype))  # [n, 1]
+        else:
+            starts = sparse_gather(self.row_splits, column)  # [n, 1]
+            masks = sparse_gather(self.row_masks, column)  # [n, 1]
         before = tf.cast(tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_and(masks, low)), starts.dtype)  # [n, d]
-        positions = tf.minimum(starts + before, tf.constant(self.nnz - 1, starts.dtype))
-        values = self.gather_rows(self.values, positions)  # [n, d]; the export's hook
+        # At most the next row's start (nnz for the last row): inside the values, whose last entry is a zero.
+        values = self.gather_rows(self.values, starts + before)  # [n, d]; the export's hook
         kept = tf.not_equal(tf.bitwise.bitwise_and(masks, bit), tf.zeros([], dtype))
         return tf.where(kept, values, tf.constant(0, values.dtype))
 
@@ -469,12 +542,15 @@ class PackedEmbedding(EmbeddingScheme):
             return csr_from_dense(to_numpy(self.values))
         if self.layout == "slots":
             return csr_from_slots(to_numpy(self.row_splits), to_numpy(self.slot_offsets), to_numpy(self.values))
+        if self.layout == "bitmask":
+            values = to_numpy(self.values)[:self.nnz]  # without the trailing zero
+            if self.row_index_dtype:
+                splits, masks = csr_parts_from_row_index(to_numpy(self.row_index), self.output_dim, self.nnz)
+                return splits, columns_from_row_masks(masks, self.output_dim), values
+            masks = to_numpy(self.row_masks)
+            return to_numpy(self.row_splits).astype(np.int64), columns_from_row_masks(masks, self.output_dim), values
         splits = to_numpy(self.row_splits).astype(np.int64)
-        if self.layout == "csr":
-            columns = to_numpy(self.columns).astype(np.int64)
-        else:
-            columns = columns_from_row_masks(to_numpy(self.row_masks), self.output_dim)
-        return splits, columns, to_numpy(self.values)
+        return splits, to_numpy(self.columns).astype(np.int64), to_numpy(self.values)
 
     def stored_mask(self):
         """Bool array ``[vocabulary_size, output_dim]``: the entries the layer stores."""
