@@ -134,9 +134,9 @@ def interleaved_timing(stream, task, methods, candidates, args, passes=1, seed=0
     """Time per example of every method on the same batches, the methods taking turns batch by batch.
 
     Each method is built afresh (``tfemb.streaming.build``, ``seed``) and streams the whole stream once per pass,
-    exactly as ``stream_fit`` steps it (the θ / policy step on the previous batch, then the training step on the
-    batch, its outputs fetched), but the methods alternate at every batch in a random order, so a change in the
-    machine's speed hits all of them alike. Returns ``{method: {"examples_per_second", "cpu_ms_per_example",
+    through the search's ``stream_batch``, as ``stream_fit`` steps it (the θ / policy step on the previous batch,
+    then the training step on the batch, its outputs fetched), but the methods alternate at every batch in a
+    random order, so a change in the machine's speed hits all of them alike. Returns ``{method: {"examples_per_second", "cpu_ms_per_example",
     "time_per_example_vs_fse", "cpu_vs_fse", "batches"}}``.
     """
     from tfemb.autoemb import _cpu_seconds
@@ -154,18 +154,12 @@ def interleaved_timing(stream, task, methods, candidates, args, passes=1, seed=0
     for _ in range(passes):
         searches = {m: build(m, schema, task, candidates, seed, args.binary_loss)[0] for m in methods}
 
-        def step(method, t, xt, yt, previous):
-            search = searches[method]
-            every = getattr(search, "policy_update_every", 1)  # ESAPN: its policy step every k batches
-            if previous is not None and t % every == 0:
-                return search.stream_step(xt, yt, *previous)
-            return search.stream_step(xt, yt)
 
         previous = None
         for t, (xt, yt) in enumerate(batches):
             for method in rng.permutation(methods):
                 w, c = time.perf_counter(), _cpu_seconds()
-                out = step(method, t, xt, yt, previous)
+                out = searches[method].stream_batch(t, xt, yt, previous)  # as stream_fit steps the batch
                 out[0].numpy(), out[1].numpy()  # the predictions and losses, as stream_fit fetches them
                 if t >= warmup_batches:
                     wall[method] += time.perf_counter() - w

@@ -1126,6 +1126,23 @@ def test_stream_fit_without_validation_leaves_theta_and_checks_arguments():
         stream_fit(AutoEmbSearch(cf_model()), x, y)
 
 
+def test_stream_batch_runs_the_theta_step_only_with_a_previous_batch():
+    """``stream_batch`` (what ``stream_fit`` and the streaming benchmark's interleaved timing call): batch 0 has no
+    previous batch and trains W alone (θ unchanged); a later batch first takes the θ-step on the previous one."""
+    _, _, x, y = cf_data()
+    search = AutoEmbSearch(cf_model())
+    search.compile(optimizer=keras.optimizers.Adam(0.05), controller_optimizer=keras.optimizers.Adam(0.05))
+    first = {k: tf.constant(v) for k, v in rows(0, 40)[0].items()}, tf.constant(rows(0, 40)[1])
+    second = {k: tf.constant(v) for k, v in rows(40, 80)[0].items()}, tf.constant(rows(40, 80)[1])
+    theta = architecture_variables(search.rec_model)
+    before = snapshot(theta)
+    y_pred, losses = search.stream_batch(0, *first)
+    assert y_pred.shape[0] == 40 and losses.shape == (40,)
+    assert_moved(before, snapshot(theta))  # no θ-step without a previous batch
+    search.stream_batch(1, *second, previous=first)
+    assert any(not np.array_equal(b, a) for b, a in zip(before, snapshot(theta)))
+
+
 def test_stream_step_is_traced_once_for_a_partial_last_batch():
     """120 rows in batches of 50: the last batch has 20 rows. The step (θ-step + W-step) is traced once, with the
     batch dimension open, not again for the short batch (a second trace of a bilevel step costs seconds)."""

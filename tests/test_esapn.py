@@ -603,6 +603,22 @@ def test_fit_alternates_policy_and_model_steps():
         search.fit(x, y)
 
 
+def test_stream_batch_takes_the_policy_step_every_k_batches():
+    """``stream_batch`` (``stream_fit``'s step, and the streaming benchmark's): the policy step on the previous
+    batch at batches 2 and 4 of 5 with ``policy_update_every=2`` (batch 0 has no previous batch)."""
+    model, _, x, y = _tiny_cf(rows=250)
+    search = ESAPNSearch(model, popularity_embedding_dim=3, policy_units=5, policy_update_every=2)
+    search.compile(optimizer=keras.optimizers.Adam(1e-2))
+    previous = None
+    for t in range(5):
+        batch = _batch(x, y, 50 * t, 50)
+        y_pred, losses, enlarged, stats = search.stream_batch(t, *batch, previous=previous)
+        assert y_pred.shape[0] == 50 and losses.shape == (50,)
+        assert bool(stats) == (t in (2, 4)), t
+        previous = batch
+    assert int(search.policy_updates.numpy()) == 2
+
+
 def test_frequency_report_buckets():
     report = frequency_report({"user_id": np.array([3, 3, 5, 3, 3, 3, 5])}, y=np.array([1, 0, 1, 1, 0, 1, 1]),
                               y_pred=np.array([0.9, 0.2, 0.4, 0.6, 0.7, 0.8, 0.6]),

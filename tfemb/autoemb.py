@@ -489,6 +489,12 @@ class AutoEmbSearch(keras.Model):
 
         return cached_stream_step(self, key, step, (x, y, x_val, y_val))
 
+    def stream_batch(self, t, x, y, previous=None):
+        """Batch ``t`` of a stream as ``stream_fit`` steps it: ``stream_step(x, y, *previous)`` (the θ-step on the
+        previous batch ``(x, y)``, then the W-step) when ``previous`` is given, else the W-step alone."""
+        del t  # every batch after the first has its θ-step
+        return self.stream_step(x, y, *previous) if previous is not None else self.stream_step(x, y)
+
     def get_config(self):
         return {"name": self.name, "mode": self.mode, "sparse_theta_updates": self.sparse_theta_updates,
                 "model": keras.utils.serialize_keras_object(self.rec_model)}
@@ -603,10 +609,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         b_wall, b_cpu = time.perf_counter(), _cpu_seconds()
         xt = {k: tf.convert_to_tensor(v) for k, v in xb.items()}
         yt = tf.convert_to_tensor(yb)
-        if validation == PREVIOUS_BATCH and previous is not None:
-            y_pred, losses = search.stream_step(xt, yt, *previous)
-        else:
-            y_pred, losses = search.stream_step(xt, yt)
+        y_pred, losses = search.stream_batch(t, xt, yt, previous if validation == PREVIOUS_BATCH else None)
         p = y_pred.numpy()
         row_losses = losses.numpy()
         loss = float(np.mean(row_losses))

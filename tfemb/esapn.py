@@ -525,6 +525,13 @@ class ESAPNSearch(keras.Model):
 
         return cached_stream_step(self, key, step, (x, y, x_prev, y_prev))
 
+    def stream_batch(self, t, x, y, previous=None):
+        """Batch ``t`` of a stream as ``stream_fit`` steps it: the policy step on ``previous`` (the previous batch
+        ``(x, y)``) every ``policy_update_every`` batches, then the model step (``stream_step``)."""
+        if previous is not None and t % self.policy_update_every == 0:
+            return self.stream_step(x, y, *previous)
+        return self.stream_step(x, y)
+
     def get_config(self):
         policy = dict(self.policy_config)
         return {"name": self.name, "validation": self.validation, "policy_update_every": self.policy_update_every,
@@ -757,10 +764,7 @@ def stream_fit(model, x, y, batch_size=500, validation=PREVIOUS_BATCH, evaluate_
         b_wall, b_cpu = time.perf_counter(), _cpu_seconds()
         xt = {k: tf.convert_to_tensor(v) for k, v in xb.items()}
         yt = tf.convert_to_tensor(yb)
-        if previous is not None and t % search.policy_update_every == 0:
-            y_pred, losses, enlarged, stats = search.stream_step(xt, yt, *previous)
-        else:
-            y_pred, losses, enlarged, stats = search.stream_step(xt, yt)
+        y_pred, losses, enlarged, stats = search.stream_batch(t, xt, yt, previous)
         p, row_losses = y_pred.numpy(), losses.numpy()
         record = {"start": start, "size": len(yb), "loss": float(np.mean(row_losses))}
         record.update(_batch_metrics(task, yb, p))
