@@ -92,33 +92,45 @@ SCHEMES = {
     "pep 25% (retrained, slots, all packed)": ("pep", {}, None),
 }
 
-#: Export options of a variant that shares its trained model with another, as layer attributes: double
-#: hashing's ``compact_lookup`` ("hash", the default, or "index": each id's pair of rows stored), and PEP's
-#: ``compact_layout`` (the default, "auto", is the bitmask layout, the smallest) and ``compact_min_saving``
+#: Export options of a variant that shares its trained model with another: ``optimize_for`` (the argument of
+#: ``export_saved_model``: "latency" exports double hashing with each id's pair of rows stored,
+#: ``compact_lookup="index"``, and PEP in the slots layout; "size", the default, their smallest forms), or layer
+#: attributes: PEP's ``compact_layout`` (the default, "auto", is the bitmask layout) and ``compact_min_saving``
 #: (the default, 0.25: a table that its packed layout would shrink by less than 25% is exported dense; None:
 #: every table packed).
 EXPORT_OPTIONS = {
-    "double_hashing 4x (index)": {"compact_lookup": "index"},
-    "pep 25% (retrained, slots)": {"compact_layout": "slots"},
+    "double_hashing 4x (index)": {"optimize_for": "latency"},
+    "pep 25% (retrained, slots)": {"optimize_for": "latency"},
     "pep 25% (retrained, all packed)": {"compact_min_saving": None},
     "pep 25% (retrained, slots, all packed)": {"compact_layout": "slots", "compact_min_saving": None},
 }
 
 
-class export_options:
-    """Context manager: the embedding layers of ``model`` that have every attribute of ``options`` (e.g. PEP's
-    ``compact_layout`` / ``compact_min_saving``, double hashing's ``compact_lookup``) export with those values;
-    restored on exit."""
+def layer_options(options, expand=True):
+    """The layer attributes of a variant's ``options``: with ``expand``, ``optimize_for`` replaced by the
+    attributes that mode sets (``tfemb.export.saved_model.OPTIMIZE_FOR``); without, dropped (``export_saved_model``
+    applies it itself)."""
+    from tfemb.export.saved_model import OPTIMIZE_FOR
 
-    def __init__(self, model, options):
-        self.options = dict(options or {})
-        self.layers = [l for l in model.embedding_list if self.options and all(hasattr(l, k) for k in self.options)]
-        self.saved = [{k: getattr(l, k) for k in self.options} for l in self.layers]
+    options = dict(options or {})
+    mode = options.pop("optimize_for", "size")
+    return {**(OPTIMIZE_FOR[mode] if expand else {}), **options}
+
+
+class export_options:
+    """Context manager: every embedding layer of ``model`` takes the attributes of ``options`` it has (e.g. PEP's
+    ``compact_layout`` / ``compact_min_saving``, double hashing's ``compact_lookup``; ``optimize_for`` expanded
+    by ``layer_options``) for the block; restored on exit."""
+
+    def __init__(self, model, options, expand=True):
+        self.options = layer_options(options, expand)
+        self.layers = [l for l in model.embedding_list if any(hasattr(l, k) for k in self.options)]
+        self.saved = [{k: getattr(l, k) for k in self.options if hasattr(l, k)} for l in self.layers]
 
     def __enter__(self):
-        for layer in self.layers:
-            for key, value in self.options.items():
-                setattr(layer, key, value)
+        for layer, saved in zip(self.layers, self.saved):
+            for key in saved:
+                setattr(layer, key, self.options[key])
         return self
 
     def __exit__(self, *exc):
@@ -276,9 +288,11 @@ def export_all(args, trained, prepared, root, log):
             continue
         model, metrics, seconds, extra = trained[(scheme, json.dumps(params, sort_keys=True))]
         start = time.perf_counter()
-        with export_options(model, EXPORT_OPTIONS.get(name)):
+        options = EXPORT_OPTIONS.get(name, {})
+        with export_options(model, options, expand=False):
             path = export_saved_model(model, os.path.join(root, slug(name)), version=1, table_dtype=table_dtype,
-                                      warmup_rows=warmup)
+                                      warmup_rows=warmup, optimize_for=options.get("optimize_for", "size"))
+        with export_options(model, options):
             layouts = pep_layouts(model)
         export_s = time.perf_counter() - start
         loaded = load_export(path)
@@ -290,7 +304,7 @@ def export_all(args, trained, prepared, root, log):
         usage = report["bytes_on_disk"]
         infos[name] = {
             "scheme": scheme, "scheme_params": params, "table_dtype": table_dtype or "float32",
-            "export_options": EXPORT_OPTIONS.get(name, {}),
+            "export_options": EXPORT_OPTIONS.get(name, {}), "optimize_for": report.get("optimize_for"),
             **({"pep_tables": layouts} if layouts else {}),
             "path": path, "model_name": slug(name),
             "test_metrics": metrics, "train_seconds": seconds, "export_seconds": export_s, **extra,
@@ -852,7 +866,7 @@ def target_notes(rows, infos):
             kept = t["nnz"] / (t["vocabulary_size"] * EMBEDDING_DIM)
             by_layout.setdefault(t["layout"], []).append(f"{feature} ({t['vocabulary_size']:,} ids, {kept:.0%} kept)")
         notes.append(f"{name}: tables by export layout (compact_min_saving="
-                     f"{info['export_options'].get('compact_min_saving', 0.25)}): "
+                     f"{layer_options(info['export_options']).get('compact_min_saving', 0.25)}): "
                      + "; ".join(f"{layout}: {', '.join(v)}" for layout, v in sorted(by_layout.items())) + ".")
     return notes
 

@@ -224,6 +224,34 @@ def test_export_matches_keras_for_every_scheme(scheme, ctr, exports):
     assert report["table_dtype"] == "float32"
 
 
+@pytest.mark.parametrize("scheme,tables", [("pep", {"row_splits", "slot_offsets", "values"}),
+                                           ("double_hashing", {"row_index", "table"})])
+def test_optimize_for_latency_exports_the_faster_forms(scheme, tables, ctr, exports, tmp_path):
+    """``optimize_for="latency"``: PEP exported in the slots layout, double hashing with each id's row pair
+    stored, the same outputs as the Keras model; the layers keep their own options; the report records the mode.
+    The default exports (``"size"``) are the smallest forms: PEP's bitmask and double hashing's hashes."""
+    require_scheme(scheme)
+    model, default_path = exports(scheme)
+    path = export_saved_model(model, tmp_path / scheme, optimize_for="latency")
+    loaded = load_export(path)
+    expected = keras_outputs(model, ctr.query)
+    assert max_diff(loaded.predict(ctr.query)["probability"], expected) <= ATOL
+    report, default = loaded.report, load_export(default_path).report
+    assert report["optimize_for"] == "latency" and default["optimize_for"] == "size"
+    names = {row["table"].split("/")[-1].split(":")[0] for row in report["tables"]
+             if row["scheme"] != "FixedEmbedding" and row["feature"] in model.embedding_names}
+    assert tables <= names, names
+    assert not tables <= {row["table"].split("/")[-1].split(":")[0] for row in default["tables"]}
+    # More bytes for the faster lookups (a slot per cell / a row pair per id).
+    assert report["embedding"]["bytes"] > default["embedding"]["bytes"]
+    layer = next(model.embedding_layers[n] for n in model.embedding_names)
+    assert getattr(layer, "compact_layout", "auto") == "auto" and getattr(layer, "compact_lookup", "hash") == "hash"
+    with pytest.raises(ValueError, match=r"optimize_for must be one of \['latency', 'size'\]. Received: "
+                                         r"optimize_for='speed'"):
+        export_saved_model(model, tmp_path / "bad", optimize_for="speed")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def test_raw_signature_dtypes_and_direct_tensors(ctr, exports):
     model, path = exports("fixed")
     loaded = load_export(path)

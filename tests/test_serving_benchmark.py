@@ -2,13 +2,13 @@
 without the dense fallback.
 
 One run (synthetic data, no server, ~60 s): the bitmask export (the default) and the slots export
-(``compact_layout="slots"``) of the same retrained PEP model give the Keras model's outputs and store the same
+(``optimize_for="latency"``) of the same retrained PEP model give the Keras model's outputs and store the same
 parameters. With every table packed (``compact_min_saving=None``) the two differ in bytes by exactly the layouts'
 indexes (slots: per id a zero slot, ``d`` int8 offsets and an offset; bitmask: per id a row index, per table a
 trailing zero). With the default
 ``compact_min_saving=0.25`` a table is exported dense exactly where its layout would save less than 25%, and the
 bytes are those of the layouts chosen. Double hashing exported with each id's row pair stored
-(``compact_lookup="index"``) gives the same outputs for exactly its index's bytes more.
+(``optimize_for="latency"``: ``compact_lookup="index"``) gives the same outputs for exactly its index's bytes more.
 """
 
 import json
@@ -32,7 +32,9 @@ def test_pep_exports_in_both_layouts(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((tmp_path / "serving_latency.json").read_text())
     runs = payload["schemes"]
-    assert runs[bitmask]["export_options"] == {} and runs[slots]["export_options"] == {"compact_layout": "slots"}
+    # The slots export is export_saved_model(optimize_for="latency"); the report records the mode.
+    assert runs[bitmask]["export_options"] == {} and runs[slots]["export_options"] == {"optimize_for": "latency"}
+    assert runs[bitmask]["optimize_for"] == "size" and runs[slots]["optimize_for"] == "latency"
     assert runs[slots_all]["export_options"] == {"compact_layout": "slots", "compact_min_saving": None}
     for name in names:
         assert runs[name]["max_abs_diff_vs_keras"] <= 1e-5, name
@@ -65,7 +67,7 @@ def test_pep_exports_in_both_layouts(tmp_path):
     assert lookups[f"{slots_all}: compact layers"]["ops"] < lookups[f"{bitmask_all}: compact layers"]["ops"]
     # Double hashing with each id's row pair stored: the same model and outputs; the bytes of one zero row per
     # field (16 float32) and two int16 per id more; fewer graph ops than the in-graph hashes.
-    assert runs[indexed]["export_options"] == {"compact_lookup": "index"}
+    assert runs[indexed]["export_options"] == {"optimize_for": "latency"} and runs[indexed]["optimize_for"] == "latency"
     assert runs[indexed]["max_abs_diff_vs_keras"] <= 1e-5
     assert runs[indexed]["embedding_parameters"] == runs[hashed]["embedding_parameters"]
     fields = len(payload["config"]["vocabulary_sizes"])  # one double-hashed table per sparse field

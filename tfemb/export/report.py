@@ -139,7 +139,8 @@ def summary_lines(report):
     usage = report["bytes_on_disk"]
     fixed = report["fixed_reference"]
     lines = [
-        f"model: {report['model']} ({report['task']}), tables stored as {report['table_dtype']}",
+        f"model: {report['model']} ({report['task']}), tables stored as {report['table_dtype']}"
+        + (f", compact forms for {report['optimize_for']}" if report.get("optimize_for") else ""),
         f"bytes on disk: {_mb(usage['total'])} (saved_model.pb {_mb(usage['saved_model_pb'])}, variables "
         f"{_mb(usage['variables'])}, assets {_mb(usage['assets'])}, assets.extra {_mb(usage['assets_extra'])})",
         f"embedding tables: {report['embedding']['parameters']:,} parameters, {_mb(report['embedding']['bytes'])}",

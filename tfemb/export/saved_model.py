@@ -351,6 +351,38 @@ def _named_outputs(y, task):
     return {"probability": y} if task == "binary" else {"score": y}
 
 
+#: ``export_saved_model(optimize_for=...)``: the compact-form options each mode sets, for the export, on the
+#: embedding layers that have them. ``"size"``: every scheme's own defaults, the smallest compact forms (PEP's
+#: bitmask layout, double hashing's in-graph hashes). ``"latency"``: the faster forms where a scheme has one, at
+#: more bytes (PEP's ``"slots"`` layout, double hashing's stored row pairs; ``docs/export.md``). Schemes without
+#: such an option export the same way in both modes (MD's default ``compact_premultiply="fast"`` is its faster
+#: form already).
+OPTIMIZE_FOR = {
+    "size": {},
+    "latency": {"compact_layout": "slots", "compact_lookup": "index"},
+}
+
+
+def check_optimize_for(optimize_for):
+    if not isinstance(optimize_for, str) or optimize_for not in OPTIMIZE_FOR:
+        raise ValueError(f"optimize_for must be one of {sorted(OPTIMIZE_FOR)}. Received: optimize_for={optimize_for!r}")
+    return optimize_for
+
+
+def compact_layer(layer, optimize_for="size"):
+    """``layer.compact()`` with the ``optimize_for`` mode's options (``OPTIMIZE_FOR``) set on ``layer`` for the
+    call, where it has the attribute; the layer's own values are restored afterwards."""
+    options = {k: v for k, v in OPTIMIZE_FOR[check_optimize_for(optimize_for)].items() if hasattr(layer, k)}
+    saved = {k: getattr(layer, k) for k in options}
+    try:
+        for key, value in options.items():
+            setattr(layer, key, value)
+        return layer.compact()
+    finally:
+        for key, value in saved.items():
+            setattr(layer, key, value)
+
+
 class ExportModule(tf.Module):
     """What ``export_saved_model`` saves: the raw-feature encoder, the variables the graph reads and two
     ``tf.function`` endpoints, ``serve_raw`` and ``serve_encoded`` (the signatures).
@@ -359,9 +391,10 @@ class ExportModule(tf.Module):
         model: a built ``RecModel``.
         table_dtype: None, ``"float16"`` or ``"int8"``: storage of the schemes' tables.
         schema_path: optional path of the Schema JSON to save as an asset.
+        optimize_for: ``"size"`` (default) or ``"latency"``: the compact forms (``OPTIMIZE_FOR``).
     """
 
-    def __init__(self, model, table_dtype=None, schema_path=None):
+    def __init__(self, model, table_dtype=None, schema_path=None, optimize_for="size"):
         super().__init__(name="tfemb_export")
         from tfemb.models.rec_model import RecModel
 
@@ -371,11 +404,12 @@ class ExportModule(tf.Module):
                 "compact embedding layers and cannot reproduce a custom forward pass"
             )
         self.table_dtype = quantize.check_table_dtype(table_dtype)
+        self.optimize_for = check_optimize_for(optimize_for)
         names = model_input_names(model)
         spec = signature_spec(model)
         compact, gathered, quantized = {}, {}, {}
         for name in model.embedding_names:
-            layer = model.embedding_layers[name].compact()
+            layer = compact_layer(model.embedding_layers[name], self.optimize_for)
             gathered[name] = quantize.gathered_tables(layer)
             if self.table_dtype and not gathered[name]:
                 raise ExportError(
@@ -510,6 +544,7 @@ class ExportModule(tf.Module):
             "model": type(model).__name__,
             "task": model.task,
             "table_dtype": self.table_dtype or "float32",
+            "optimize_for": self.optimize_for,
             "keras": backend_name(),
             "tensorflow_version": tf.__version__,
             "tfemb_version": __version__,
@@ -635,12 +670,12 @@ def _fixed_reference_info(model, fixed_reference):
     )
 
 
-def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, model_name):
+def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, model_name, optimize_for="size"):
     staging = tempfile.mkdtemp(prefix="tfemb-export-schema-")
     try:
         schema_path = os.path.join(staging, SCHEMA_ASSET)
         model.schema.save(schema_path)
-        module = ExportModule(model, table_dtype=table_dtype, schema_path=schema_path)
+        module = ExportModule(model, table_dtype=table_dtype, schema_path=schema_path, optimize_for=optimize_for)
         tf.saved_model.save(module, folder, signatures=module.signatures)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -664,7 +699,7 @@ def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, mod
 
 
 def export_saved_model(model, export_dir, version=None, overwrite=False, table_dtype=None, warmup_rows=None,
-                       fixed_reference=None):
+                       fixed_reference=None, optimize_for="size"):
     """Writes ``model`` as ``export_dir/<version>/``, a SavedModel stock TF Serving loads.
 
     Every embedding scheme is replaced by its ``compact()`` layer (physically smaller tables, stock ops); with
@@ -686,6 +721,10 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
             scheme's tables replaced by ``vocabulary_size x output_dim`` float32 tables), ``"export"`` (the
             same network with ``FixedEmbedding`` is exported to a temporary directory and measured) or the path
             of an export of the fixed model.
+        optimize_for: ``"size"`` (default: every scheme's smallest compact form) or ``"latency"`` (the faster
+            forms where a scheme has one, at more bytes: PEP's ``"slots"`` layout, double hashing's stored row
+            pairs; ``OPTIMIZE_FOR``). The layers' own ``compact_layout`` / ``compact_lookup`` are set for the
+            export only. The export report records the mode.
 
     Returns:
         The path of the version directory.
@@ -697,6 +736,7 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     """
     _check_model(model)
     table_dtype = quantize.check_table_dtype(table_dtype)
+    optimize_for = check_optimize_for(optimize_for)
     export_dir = os.path.abspath(os.fspath(export_dir))
     os.makedirs(export_dir, exist_ok=True)
     auto = version is None
@@ -706,7 +746,8 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        _write_version(model, tmp, table_dtype, warmup_rows, fixed_reference, os.path.basename(export_dir))
+        _write_version(model, tmp, table_dtype, warmup_rows, fixed_reference, os.path.basename(export_dir),
+                       optimize_for)
         _fsync_tree(tmp)
         for _ in range(100):
             try:
