@@ -107,6 +107,59 @@ def test_train_then_inspect(tmp_path, capsys):
     assert sum(r["parameters"] for r in rows) == result["embedding_parameters"]
 
 
+def test_train_then_export(tmp_path, capsys):
+    """tfemb export: a run directory -> a compact export TF Serving loads, its report, warm-up and how to serve it."""
+    import numpy as np
+
+    from tfemb.data.synthetic import make_synthetic_ctr
+    from tfemb.export import WARMUP_PATH, load_export, read_warmup_requests
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: tiny\n"
+        "data: {source: synthetic_ctr, params: {num_rows: 2000, seed: 2}}\n"
+        "model: {name: fm, embedding_dim: 4}\n"
+        "embedding: {scheme: double_hashing, params: {compression: 2}}\n"
+        "train: {epochs: 1, batch_size: 256, verbose: 0}\n"
+    )
+    run, exports = tmp_path / "run", tmp_path / "exports" / "tiny"
+    assert cli.main(["train", "--config", str(recipe), "--out", str(run)]) == 0
+    rows, _ = make_synthetic_ctr(num_rows=300, seed=2)
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    capsys.readouterr()
+    args = ["export", str(run), str(exports), "--optimize-for", "latency", "--warmup-rows", str(tmp_path / "rows.csv")]
+    assert cli.main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(exports / "1")
+    assert out["report"]["optimize_for"] == "latency"
+    assert [t["scheme"] for t in out["report"]["tables"]][0] == "DoubleHashingEmbedding"
+    assert len(read_warmup_requests(str(exports / "1" / WARMUP_PATH))) == 2
+
+    # The export computes what the trained model computes on the same raw rows.
+    model = cli.load_saved_model(str(run))
+    features, _ = model.schema.transform(rows.head(32), with_label=False)
+    expected = model.predict(features, verbose=0).reshape(-1)
+    got = load_export(str(exports)).predict(rows.head(32))["probability"].reshape(-1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    # The console form: the report, then how to serve and query it with one of the given rows.
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert f"exported to {exports / '2'}" in text and "compact forms for latency" in text
+    assert f"serve {exports} --port 8501" in text and "/v1/models/tiny:predict" in text
+    assert f'"C1": ["{rows["C1"].iloc[0]}"]' in text
+
+    # Errors name what is wrong and write nothing.
+    assert cli.main(["export", str(run), str(exports), "--version", "1"]) == 2
+    assert "--overwrite replaces it" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "nothing"), str(exports)]) == 2
+    assert "no saved model at" in capsys.readouterr().err
+    assert cli.main(["export", str(run), str(exports), "--warmup-rows", str(tmp_path / "none.csv")]) == 2
+    assert "--warmup-rows: no file at" in capsys.readouterr().err
+    assert sorted(p.name for p in exports.iterdir()) == ["1", "2"]
+    assert cli.main(["export", str(run), str(exports), "--version", "1", "--overwrite"]) == 0
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``tfemb`` command: ``train``, ``compare``, ``inspect``, ``serve``."""
+"""The ``tfemb`` command: ``train``, ``compare``, ``inspect``, ``export``, ``serve``."""
 
 import argparse
 import json
@@ -44,6 +44,20 @@ def cmd_compare(args):
     return 0
 
 
+def load_saved_model(path):
+    """The Keras model of a ``.keras`` file or of a run directory (``tfemb train``'s ``model.keras``)."""
+    from tfemb._keras import keras
+    import tfemb.layers  # noqa: F401  (registers the schemes)
+    import tfemb.models  # noqa: F401
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.keras")):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no saved model at {path}: expected a .keras file or a run directory "
+                                "(tfemb train writes <run>/model.keras)")
+    return keras.models.load_model(path, compile=False)  # export and inspect need no optimizer or loss
+
+
 def inspect_path(path):
     """Per-table rows, dims, parameters and bytes of a saved model (a ``.keras`` file or a run directory), or of
     an export (a SavedModel version directory or its parent: ``tfemb.export.report``)."""
@@ -51,16 +65,7 @@ def inspect_path(path):
 
     if is_export(path):
         return table_rows(inspect_export(path))
-    from tfemb._keras import keras
-    import tfemb.layers  # noqa: F401  (registers the schemes)
-    import tfemb.models  # noqa: F401
-
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.keras")):
-        path = os.path.join(path, "model.keras")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"nothing to inspect at {path}: expected a .keras file or a run directory")
-    model = keras.models.load_model(path)
-    return model.embedding_report()
+    return load_saved_model(path).embedding_report()
 
 
 def cmd_inspect(args):
@@ -78,6 +83,46 @@ def cmd_inspect(args):
         total = {"feature": "TOTAL", "parameters": sum(r["parameters"] for r in rows),
                  "bytes": sum(r["bytes"] for r in rows)}
         print(report.console_table(rows + [total]))
+    return 0
+
+
+def _read_rows(path):
+    """Raw rows for warm-up requests: a CSV or Parquet file with the training columns."""
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--warmup-rows: no file at {path}")
+    return pd.read_parquet(path) if path.endswith((".parquet", ".pq")) else pd.read_csv(path)
+
+
+def cmd_export(args):
+    from tfemb.export import export_saved_model, inspect_export
+    from tfemb.export.commands import log_serving_commands, serving_commands
+    from tfemb.export.report import console_report
+
+    from tfemb.models.rec_model import RecModel
+
+    model = load_saved_model(args.model)
+    if not isinstance(model, RecModel):
+        raise ValueError(f"MODEL: {args.model} holds a {type(model).__name__}, not a tfemb RecModel")
+    rows = _read_rows(args.warmup_rows) if args.warmup_rows else None
+    reference = args.fixed_reference
+    if reference == "estimate":
+        reference = None
+    try:
+        path = export_saved_model(model, args.export_dir, version=args.version, overwrite=args.overwrite,
+                                  table_dtype=args.table_dtype, warmup_rows=None if rows is None else rows.head(64),
+                                  fixed_reference=reference, optimize_for=args.optimize_for)
+    except FileExistsError as exc:
+        raise FileExistsError(f"{exc.args[0].split(';')[0]}; --overwrite replaces it") from exc
+    report = inspect_export(path)
+    if args.json:
+        print(json.dumps({"path": path, "report": report}, indent=2))
+        return 0
+    print(console_report(report))
+    print(f"\nexported to {path}\n")
+    log_serving_commands(serving_commands(model, args.export_dir, rows=rows),
+                         log=lambda m: (print(m), sys.stdout.flush()))
     return 0
 
 
@@ -112,6 +157,22 @@ def build_parser():
                                 "its parent)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("export", help="export a trained model as a compact SavedModel version for TF Serving")
+    p.add_argument("model", metavar="MODEL", help="a run directory (tfemb train's output) or a .keras file")
+    p.add_argument("export_dir", metavar="EXPORT_DIR",
+                   help="the model's export directory (TF Serving's base_path): writes EXPORT_DIR/<version>/")
+    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--table-dtype", choices=["float16", "int8"], help="store the tables in float16 or int8")
+    p.add_argument("--optimize-for", choices=["size", "latency"], default="size",
+                   help="the smallest compact forms (default) or the faster ones where a scheme has one")
+    p.add_argument("--fixed-reference", default="estimate", metavar="{estimate,export,PATH}",
+                   help="the report's fixed-embedding baseline: estimated (default), exported and measured, or "
+                        "the path of a fixed export")
+    p.add_argument("--warmup-rows", metavar="FILE", help="CSV or Parquet of raw rows: the export's warm-up "
+                                                         "requests (first 64) and the printed example")
+    p.add_argument("--json", action="store_true", help="print the path and the export report as JSON")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="serve SavedModel exports over TF Serving's REST and gRPC APIs (local)")
     p.add_argument("export_dir", metavar="EXPORT_DIR",
                    help="a model's export dir (integer version subdirs) or a dir of such model dirs")
@@ -131,7 +192,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"tfemb {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,6 @@
 """``tfemb compare``: every implemented scheme against the fixed baseline, at comparable budgets, one run."""
 
-import json
 import os
-import shlex
 import sys
 import time
 
@@ -241,23 +239,6 @@ def _slug(text):
     return out.strip("_-") or "model"
 
 
-def _example_row(model, rows):
-    """One row of raw values the export's ``serving_default`` takes, as JSON-ready lists (the first row of
-    ``rows``, a DataFrame or a dict of raw values, without missing values among the model's inputs)."""
-    from tfemb.export import raw_inputs
-    from tfemb.export.saved_model import model_input_names
-
-    names = model_input_names(model)
-    values = raw_inputs(model.schema, rows.head(256) if hasattr(rows, "head") else rows, names)
-    n = len(next(iter(values.values()))) if values else 0
-    pick = 0
-    for i in range(n):
-        if all(not (v.dtype.kind == "f" and v[i] != v[i]) for v in values.values()):
-            pick = i
-            break
-    return {name: [v[pick].item() if hasattr(v[pick], "item") else v[pick]] for name, v in values.items()}
-
-
 def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compare", rows=None, log=print):
     """Exports the best variant within a budget for TF Serving and prints how to serve and query it.
 
@@ -284,7 +265,7 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
         ``curl``, ``python``) and ``_model`` (the exported Keras model).
     """
     from tfemb.export import export_saved_model
-    from tfemb.export.saved_model import output_spec
+    from tfemb.export.commands import log_serving_commands, serving_commands
 
     pairs = [tuple(p) for p in results_and_models]
     chosen = select_best([r for r, _ in pairs], budget_fraction)
@@ -301,30 +282,7 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
     warmup = None if rows is None else rows.head(64)
     path = export_saved_model(model, export_dir, warmup_rows=warmup)
 
-    if rows is None:  # the most frequent value of each vocabulary, 0.0 for numbers
-        from tfemb.export.saved_model import model_input_names
-
-        rows = {}
-        for feature_name in model_input_names(model):
-            feature = model.schema.feature(feature_name)
-            vocab = getattr(feature, "vocabulary", None) if feature.kind in ("categorical", "multi_hot") else None
-            rows[feature_name] = [vocab.values[0] if vocab is not None and vocab.values else 0.0]
-    example = _example_row(model, rows)
-    output = next(iter(output_spec(model.task, model.num_classes)))
-    tfemb_bin = os.path.join(".venv", "bin", "tfemb")
-    tfemb_cmd = tfemb_bin if os.path.exists(tfemb_bin) else "tfemb"
-    body = json.dumps({"inputs": example})
-    commands = {
-        "serve": f"{tfemb_cmd} serve {shlex.quote(export_dir)} --port 8501 --grpc-port 8500",
-        "curl": f"curl -d {shlex.quote(body)} http://127.0.0.1:8501/v1/models/{name}:predict",
-        "python": "\n".join([
-            "from tfemb.serving import Client",
-            f'client = Client(url="http://127.0.0.1:8501", grpc_target="127.0.0.1:8500", model_name="{name}")',
-            f"row = {example!r}",
-            f'client.predict(row)["{output}"]                     # REST',
-            f'client.predict(row, transport="grpc")["{output}"]   # gRPC',
-        ]),
-    }
+    commands = serving_commands(model, export_dir, name=name, rows=rows)
     share = result["embedding_parameters"] / max(baseline["embedding_parameters"], 1)
     log("")
     log(f"Best variant within {budget_fraction:.0%} of {baseline['name']}'s embedding parameters: "
@@ -332,14 +290,7 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
         f"{share:.1%} of {baseline['name']})")
     log(f"exported to {path}")
     log("")
-    log("Serve it (TF Serving's REST API on 8501, gRPC on 8500; Ctrl-C stops):")
-    log(f"  {commands['serve']}")
-    log("Query it over REST (one test row, raw values):")
-    log(f"  {commands['curl']}")
-    log("Or from Python:")
-    for line in commands["python"].splitlines():
-        log(f"  {line}")
-    log("(stock TF Serving serves the same directory: see serving/README.md and docker/README.md)")
+    log_serving_commands(commands, log)
     return {"variant": result["name"], "name": name, "export_dir": export_dir, "path": path, "metric": metric,
             "value": value, "embedding_parameters": result["embedding_parameters"], "baseline": baseline["name"],
             "baseline_embedding_parameters": baseline["embedding_parameters"], "budget_fraction": budget_fraction,
