@@ -99,7 +99,6 @@ def cmd_export(args):
     from tfemb.export import export_saved_model, inspect_export
     from tfemb.export.commands import log_serving_commands, serving_commands
     from tfemb.export.report import console_report
-
     from tfemb.models.rec_model import RecModel
 
     model = load_saved_model(args.model)
