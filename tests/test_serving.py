@@ -732,3 +732,21 @@ def test_serves_a_tfemb_export(tmp_path):
         for kwargs in ({"format": "columnar"}, {"format": "row"}, {"transport": "grpc"}):
             assert_outputs_equal(client.predict(inputs, **kwargs), want)
         assert set(client.metadata()["metadata"]["signature_def"]["signature_def"]) >= {"serving_default", "encoded"}
+
+
+def test_registry_refuses_a_trained_keras_model_instead_of_an_export(tmp_path):
+    """A tfemb train run directory (model.keras, no versions) or a .keras file would wait forever for versions:
+    a clear error points to tfemb export. A model directory that also holds versions serves them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"PK")
+    for path in (run, run / "model.keras"):
+        with pytest.raises(ValueError, match=r"holds a trained Keras model \(model.keras\).*tfemb export"):
+            ModelRegistry(str(path), poll_seconds=0)
+    (run / "3").mkdir()
+    (run / "3" / "saved_model.pb").write_bytes(b"")
+    registry = ModelRegistry(str(run), poll_seconds=0)
+    assert registry.model_names == ["run"]
+    empty = tmp_path / "empty"  # TF Serving's behaviour: an empty base path waits for its first version
+    empty.mkdir()
+    assert ModelRegistry(str(empty), poll_seconds=0).model_names == ["empty"]

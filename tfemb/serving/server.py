@@ -278,6 +278,16 @@ def _policy_from_proto(config):
     return ("latest", 1)
 
 
+def _check_not_a_keras_model(path):
+    """``ValueError`` when ``path`` is a saved Keras model (a ``.keras`` file, or a ``tfemb train`` run directory
+    with no SavedModel version in it) instead of an export: it would otherwise wait for versions that never come."""
+    keras_file = path if path.endswith(".keras") else os.path.join(path, "model.keras")
+    if os.path.isfile(keras_file) and not (os.path.isdir(path) and scan_versions(path)):
+        raise ValueError(
+            f"{path} holds a trained Keras model ({os.path.basename(keras_file)}), not SavedModel versions: "
+            f"export it first, e.g. `tfemb export {path} exports/<name>`, then serve exports/<name>")
+
+
 class ModelRegistry:
     """The models a server answers for, and a thread that keeps their versions up to date.
 
@@ -304,6 +314,8 @@ class ModelRegistry:
         self._lock = threading.Lock()  # one poll at a time
         self._stop = threading.Event()
         self._thread = None
+        if not model_config:
+            _check_not_a_keras_model(self.export_dir)
         subdir_models = {} if model_config or model_name else self._subdir_models()
         if model_config:
             self._models_from_config(model_config)
