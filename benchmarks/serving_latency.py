@@ -8,7 +8,8 @@ values, ~51k ids in the fitted Schema; DeepFM, embedding dim 16):
   (``tfemb.layers.scheme_factory(name, compression=4)``), double hashing exported twice (the hashes computed
   in-graph, the default, and ``compact_lookup="index"``: each id's pair of rows stored), MD twice: one block per field (the paper's CTR setting,
   ``{"scheme": "md", "params": {"blocking": "field"}}``) and eight popularity blocks per field (its CF
-  blocking); ``pep``: a PEP search whose ``threshold_init`` is
+  blocking), the latter exported twice (blocks, the default, and ``compact_premultiply="head"``: the popular
+  blocks premultiplied into one table, ``HeadTailEmbedding``); ``pep``: a PEP search whose ``threshold_init`` is
   calibrated (``pep_threshold_init``) so that the soft threshold starts near the target, snapshotted by
   ``tfemb.pep.PEPSnapshots`` when 25% of the dense embedding parameters are left, then retrained with the
   lottery-ticket rewind (``tfemb.pep.retrain``, ``mode="rewind"``) for the same epochs as the others: the
@@ -86,6 +87,7 @@ SCHEMES = {
     # and Algorithm 2's popularity blocks within every field (the paper's CF blocking, scheme_factory("md")).
     "md per-field 4x": ("md", {"compression": COMPRESSION, "blocking": "field"}, None),
     "md blocks 4x": ("md", {"compression": COMPRESSION}, None),
+    "md blocks 4x (head-tail)": ("md", {"compression": COMPRESSION}, None),
     "pep 25% (retrained)": ("pep", {}, None),
     "pep 25% (retrained, slots)": ("pep", {}, None),
     "pep 25% (retrained, all packed)": ("pep", {}, None),
@@ -94,12 +96,14 @@ SCHEMES = {
 
 #: Export options of a variant that shares its trained model with another: ``optimize_for`` (the argument of
 #: ``export_saved_model``: "latency" exports double hashing with each id's pair of rows stored,
-#: ``compact_lookup="index"``, and PEP in the slots layout; "size", the default, their smallest forms), or layer
+#: ``compact_lookup="index"``, MD's popularity blocks as a head-tail table, ``compact_premultiply="head"``, and PEP in
+#: the slots layout; "size", the default, their smallest forms), or layer
 #: attributes: PEP's ``compact_layout`` (the default, "auto", is the bitmask layout) and ``compact_min_saving``
 #: (the default, 0.25: a table that its packed layout would shrink by less than 25% is exported dense; None:
 #: every table packed).
 EXPORT_OPTIONS = {
     "double_hashing 4x (index)": {"optimize_for": "latency"},
+    "md blocks 4x (head-tail)": {"optimize_for": "latency"},
     "pep 25% (retrained, slots)": {"optimize_for": "latency"},
     "pep 25% (retrained, all packed)": {"compact_min_saving": None},
     "pep 25% (retrained, slots, all packed)": {"compact_layout": "slots", "compact_min_saving": None},

@@ -252,6 +252,29 @@ def test_optimize_for_latency_exports_the_faster_forms(scheme, tables, ctr, expo
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
+@pytest.mark.parametrize("table_dtype", [None, "int8"])
+def test_optimize_for_latency_exports_md_head_tail(table_dtype, ctr, exports, tmp_path, monkeypatch):
+    """``optimize_for="latency"`` exports MD as ``HeadTailEmbedding`` (its popular blocks premultiplied into one
+    d0-wide head, the last block factored): the Keras model's outputs, the tables quantised like any other. These
+    fields are small enough to be plain tables in both modes; ``PLAIN_TABLE_ENTRIES = 0`` treats them as large."""
+    from tfemb.layers import mixed_dimension_embedding as md_module
+
+    monkeypatch.setattr(md_module, "PLAIN_TABLE_ENTRIES", 0)
+    model, _ = exports("md")
+    path = export_saved_model(model, tmp_path / "md", optimize_for="latency", table_dtype=table_dtype)
+    loaded = load_export(path)
+    bound = ATOL if table_dtype is None else OUTPUT_BOUND[table_dtype]
+    assert max_diff(loaded.predict(ctr.query)["probability"], keras_outputs(model, ctr.query)) <= bound
+    applicable = [n for n in model.embedding_names if model.embedding_layers[n].head_tail() is not None]
+    assert len(applicable) >= 2  # the discretised fields rank their ids by a permutation: the blocks form
+    for name in applicable:
+        kinds = {row["table"].split("/")[-1].split(":")[0]: row["kind"] for row in loaded.report["tables"]
+                 if row["feature"] == name}
+        assert kinds == {"head": "table", "tail": "table", "projection": "dense"}, (name, kinds)
+    if table_dtype:
+        assert {row["dtype"] for row in loaded.report["tables"] if row["kind"] == "table"} == {table_dtype}
+
+
 def test_raw_signature_dtypes_and_direct_tensors(ctr, exports):
     model, path = exports("fixed")
     loaded = load_export(path)

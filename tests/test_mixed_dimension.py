@@ -19,6 +19,7 @@ import tensorflow as tf
 from tfemb._keras import keras
 from tfemb.data.schema import schema_from_dataframe
 from tfemb.layers import (
+    HeadTailEmbedding,
     MixedDimensionEmbedding,
     alpha_power_dims,
     block_probabilities,
@@ -32,6 +33,7 @@ from tfemb.layers import (
     scheme_factory,
     stacked_md_blocks,
 )
+from tfemb.layers import mixed_dimension_embedding as md_module
 from tfemb.layers.mixed_dimension_embedding import PLAIN_TABLE_ENTRIES
 from tfemb.layers.md_dims import block_masses, equal_mass_block_sizes, md_parameter_count, ranks_from_oov_rank
 from tfemb.testing import run_scheme_test
@@ -860,6 +862,63 @@ def test_compact_fast_exports_small_tables_plain():
     for bad in (1, "fastest", None):
         with pytest.raises(ValueError, match=f"compact_premultiply must be one of .*Received: compact_premultiply={bad!r}"):
             MixedDimensionEmbedding(V, D0, SIZES, DIMS, compact_premultiply=bad)
+
+
+@pytest.mark.parametrize("kind", ["identity", "oov_rank"])
+def test_head_tail_form_matches_algorithm1(kind, monkeypatch):
+    """``compact_premultiply="head"``: blocks 0..k-1 premultiplied into one d0-wide head (ids 0..h-1), the last
+    block factored (tail + projection); the outputs of Algorithm 1, two row gathers and a matmul per lookup."""
+    layer, reference = md_case(kind)
+    layer_mean = md_case(kind, combiner="mean")[0]
+    ht, ht_mean = layer.head_tail(), layer_mean.head_tail()
+    assert isinstance(ht, HeadTailEmbedding) and not ht.trainable_weights
+    t = SIZES[0] + SIZES[1]  # ranks of blocks 0 and 1
+    # With the Schema's OOV rank (16, in the last block) id 0's vector joins the head: ids 1..16 keep rank id - 1.
+    h = t + 1 if kind == "oov_rank" else t
+    assert ht.head_rows == h
+    np.testing.assert_allclose(ht(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ht_mean(tf.constant(MULTI)).numpy(), layer_mean(tf.constant(MULTI)).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    two_d = IDS[:20].reshape(5, 4)
+    np.testing.assert_allclose(ht(tf.constant(two_d)).numpy(), reference(two_d), rtol=1e-5, atol=1e-5)
+    # Sizes by hand: h d0-wide rows, V - h rows of dim 3, the 3 x 7 projection; stored with two zero rows.
+    assert ht.parameter_count() == h * D0 + (V - h) * 3 + 3 * D0
+    assert ht.storage_bytes() == 4 * (ht.parameter_count() + D0 + 3)
+    assert ht.dims_per_id().tolist() == [D0] * h + [3] * (V - h)
+    ops = set(_op_types(ht, IDS))
+    assert "MatMul" in ops and not {"Bucketize", "FloorMod"} & ops
+    copy = HeadTailEmbedding.from_config(ht.get_config())
+    copy.build()
+    copy.set_weights(ht.get_weights())
+    np.testing.assert_array_equal(copy(tf.constant(IDS)).numpy(), ht(tf.constant(IDS)).numpy())
+    # compact(premultiply="head") gives it above the plain-table size; a plain table at or below, as "fast".
+    assert layer.compact(premultiply="head").block_sizes == [V]
+    monkeypatch.setattr(md_module, "PLAIN_TABLE_ENTRIES", 0)
+    assert isinstance(layer.compact(premultiply="head"), HeadTailEmbedding)
+
+
+def test_head_tail_form_where_it_does_not_apply(monkeypatch):
+    """No head-tail form for one block, a last block at d0, or a permutation that scatters the last block's ids
+    among the first (h would be far above the last block's offset): compact(premultiply="head") is then "fast"."""
+    monkeypatch.setattr(md_module, "PLAIN_TABLE_ENTRIES", 0)
+    layer, reference = md_case("permutation")
+    assert layer.head_tail() is None
+    fallback = layer.compact(premultiply="head")
+    assert isinstance(fallback, MixedDimensionEmbedding)
+    np.testing.assert_allclose(fallback(tf.constant(IDS)).numpy(), reference(IDS), rtol=1e-5, atol=1e-5)
+    for sizes, dims in (([V], [3]), (SIZES, [7, 5, 7])):
+        assert MixedDimensionEmbedding(V, D0, sizes, dims).head_tail() is None
+
+
+def test_head_tail_bad_arguments_are_named():
+    for kwargs, message in (({"head_rows": V + 1, "tail_dim": 3}, f"head_rows must be in \\[0, vocabulary_size={V}\\]. "
+                                                                   f"Received: head_rows={V + 1}"),
+                            ({"head_rows": 3, "tail_dim": 8}, "tail_dim must be at most output_dim=7. Received: tail_dim=8"),
+                            ({"head_rows": 3, "tail_dim": 3, "trainable": True}, "inference-only. Received: trainable=True")):
+        with pytest.raises(ValueError, match=message):
+            HeadTailEmbedding(V, D0, **kwargs)
+    with pytest.raises(ValueError, match=r"projection \[d_k, d0\]. Received: shapes \(3, 7\), \(20, 3\), \(7, 3\)"):
+        HeadTailEmbedding.from_arrays(np.zeros((3, 7)), np.zeros((20, 3)), np.zeros((7, 3)))
 
 
 # ------------------------------------------------------------------------------------------------ contract

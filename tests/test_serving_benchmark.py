@@ -26,8 +26,9 @@ def test_pep_exports_in_both_layouts(tmp_path):
     bitmask_all, slots_all = "pep 25% (retrained, all packed)", "pep 25% (retrained, slots, all packed)"
     names = (bitmask, slots, bitmask_all, slots_all)
     hashed, indexed = "double_hashing 4x", "double_hashing 4x (index)"
+    blocks, head_tail = "md blocks 4x", "md blocks 4x (head-tail)"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-server", "--schemes", "fixed", *names,
-                           hashed, indexed,
+                           hashed, indexed, blocks, head_tail,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads((tmp_path / "serving_latency.json").read_text())
@@ -73,3 +74,7 @@ def test_pep_exports_in_both_layouts(tmp_path):
     fields = len(payload["config"]["vocabulary_sizes"])  # one double-hashed table per sparse field
     assert runs[indexed]["embedding_bytes"] - runs[hashed]["embedding_bytes"] == fields * dim * 4 + ids * 2 * 2
     assert lookups[f"{indexed}: compact layers"]["ops"] < lookups[f"{hashed}: compact layers"]["ops"]
+    # MD's popularity blocks as head-tail tables: the same model and outputs, more bytes, fewer lookup ops.
+    assert runs[head_tail]["optimize_for"] == "latency" and runs[head_tail]["max_abs_diff_vs_keras"] <= 1e-5
+    assert runs[head_tail]["embedding_bytes"] > runs[blocks]["embedding_bytes"]
+    assert lookups[f"{head_tail}: compact layers"]["ops"] < lookups[f"{blocks}: compact layers"]["ops"]

@@ -359,7 +359,7 @@ def _named_outputs(y, task):
 #: form already).
 OPTIMIZE_FOR = {
     "size": {},
-    "latency": {"compact_layout": "slots", "compact_lookup": "index"},
+    "latency": {"compact_layout": "slots", "compact_lookup": "index", "compact_premultiply": "head"},
 }
 
 

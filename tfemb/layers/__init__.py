@@ -19,7 +19,7 @@ from tfemb.layers.md_dims import (
     pow2_round,
     stacked_md_blocks,
 )
-from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_field_factory
+from tfemb.layers.mixed_dimension_embedding import HeadTailEmbedding, MixedDimensionEmbedding, md_field_factory
 from tfemb.layers.multi_dim_embedding import MultiDimEmbedding
 from tfemb.layers.packed_embedding import PackedEmbedding
 from tfemb.layers.pep_embedding import PEPEmbedding, pep_preset

@@ -15,7 +15,7 @@ from tfemb.layers.qr_embedding import fresh_initializer
 #: Bytes per entry of a stored id -> rank permutation (int32).
 PERMUTATION_BYTES = 4
 
-PREMULTIPLY = (False, True, "auto", "fast")
+PREMULTIPLY = (False, True, "auto", "fast", "head")
 
 #: ``premultiply="fast"``: a layer with at most this many ``d0``-wide table entries (``vocabulary_size * d0``;
 #: 64 KB in float32) is exported as one plain ``[vocabulary_size, d0]`` table.
@@ -709,9 +709,19 @@ class MixedDimensionEmbedding(EmbeddingScheme):
                 as plain tables, for 9% more embedding parameters and ~10% faster lookups (``docs/methods.md``,
                 MD export). A premultiplied block reports ``d0`` in ``dims_per_id`` and ``parameter_count``: it
                 is what the compact layer stores.
+                ``"head"``: a ``HeadTailEmbedding`` (``head_tail()``): every block but the last premultiplied
+                into one ``d0``-wide table, the last block factored; a lookup is two row gathers and one matmul.
+                Larger than ``"fast"`` (on the serving benchmark 0.33 against 0.26 of the fixed tables' bytes),
+                faster (its lookups ~25% less time). Layers of at most ``PLAIN_TABLE_ENTRIES`` entries are plain
+                tables as with ``"fast"``; where ``head_tail()`` does not apply, ``"fast"``.
+                ``export_saved_model(..., optimize_for="latency")`` sets it.
         """
         premultiply = _check_premultiply(self.compact_premultiply if premultiply is None else premultiply)
-        if premultiply == "fast":
+        if premultiply == "head" and self.vocabulary_size * self.output_dim > PLAIN_TABLE_ENTRIES:
+            layer = self.head_tail()
+            if layer is not None:
+                return layer
+        if premultiply in ("fast", "head"):
             premultiply = True if self.vocabulary_size * self.output_dim <= PLAIN_TABLE_ENTRIES else "auto"
         if not self.built:
             self.build()
@@ -761,6 +771,40 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         layer.set_block_weights(merged_tables, merged_projections)
         return layer
 
+    def head_tail(self):
+        """The ``HeadTailEmbedding`` of this layer (same outputs), or None where it does not apply.
+
+        Every block but the last is premultiplied (``E_i @ P_i``) into one ``d0``-wide ``head`` table holding ids
+        ``0..h-1``, ``h`` the smallest count such that every id from ``h`` on is in the last block; the last block's
+        rows of those ids stay factored (``tail``, ``d_k`` wide, and its projection). Without a ``permutation``
+        ids follow ranks, so ``h`` is the last block's offset ``t_k``, or ``t_k + 1`` when the OOV id (``oov_rank``)
+        is in the last block (its vector is then stored premultiplied in the head). None with one block, a last
+        block at ``d0``, or a ``permutation`` that scatters the last block's ids among the others
+        (``h > t_k + 1``)."""
+        if not self.built:
+            self.build()
+        k = self.num_blocks
+        if k < 2 or not self._projected(k - 1):
+            return None
+        ranks, blocks = self.ranks_array(), self.blocks_array()
+        offsets = np.asarray(self._offsets)
+        t = int(offsets[k - 1])
+        head_ids = np.flatnonzero(ranks < t)
+        h = int(head_ids.max()) + 1 if head_ids.size else 0
+        if h > t + 1:
+            return None
+        tables, projections = self.block_tables(), self.block_projections()
+        head = np.zeros((h, self.output_dim), np.float32)
+        for b in range(k):
+            ids = np.flatnonzero(blocks[:h] == b)
+            if ids.size:
+                rows = tables[b][ranks[ids] - offsets[b]]
+                head[ids] = rows if projections[b] is None else tf.matmul(rows, projections[b]).numpy()
+        tail = tables[k - 1][ranks[h:] - t]
+        config = self.get_config()
+        keep = {key: config[key] for key in ("name", "dtype", "combiner", "validate_ids") if key in config}
+        return HeadTailEmbedding.from_arrays(head, tail, projections[k - 1], **keep)
+
     def sparse_tables(self):
         """``[flat_parameters]``: its gradient lists the looked-up table entries and the projections' entries."""
         return [self.flat_parameters]
@@ -783,6 +827,102 @@ class MixedDimensionEmbedding(EmbeddingScheme):
 
 
 # --------------------------------------------------------------------------------------------------- factories
+@register
+class HeadTailEmbedding(EmbeddingScheme):
+    """A frozen mixed-dimension table in two tiers: the ids of the popular blocks read one ``d0``-wide row, the
+    others a row of the last (rarest, narrowest) block times its projection::
+
+        e(id) = head[min(id, h)] + tail[max(id - h + 1, 0)] @ projection
+
+    ``head`` holds ids ``0..h-1`` (their block vectors premultiplied by their projections, ``E_i @ P_i``) and a zero
+    row ``h``; ``tail`` a zero row 0 and ids ``h..V-1`` of the last block (``d_k`` wide). A lookup is two row
+    gathers, one matmul and an add, against the blocks form's bucketize, index arithmetic, an element gather of
+    ``d_max`` entries per id and a wide matmul: the ``compact_premultiply="head"`` form of
+    ``MixedDimensionEmbedding`` (``head_tail()``), which ``export_saved_model(..., optimize_for="latency")`` takes.
+    It stores ``h x d0`` numbers for the head instead of its blocks' ``n_i x d_i`` and projections. Inference only.
+
+    Args:
+        vocabulary_size: int, number of ids.
+        output_dim: int, ``d0``.
+        head_rows: int in ``[0, vocabulary_size]``, ``h``: ids below it read the head.
+        tail_dim: int in ``[1, output_dim]``, the last block's dim ``d_k``.
+        **kwargs: ``combiner``, ``validate_ids`` and base Layer arguments.
+
+    Example:
+
+    >>> layer = HeadTailEmbedding.from_arrays(np.eye(2, 3, dtype="float32"), np.ones((2, 1), "float32"),
+    ...                                       np.full((1, 3), 0.5, "float32"))
+    >>> layer(tf.constant([0, 1, 2, 3])).numpy().tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]
+    """
+
+    def __init__(self, vocabulary_size, output_dim, head_rows, tail_dim, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(vocabulary_size, output_dim, **kwargs)
+        if self.trainable:
+            raise ValueError(f"{self.name}: HeadTailEmbedding is inference-only. Received: trainable=True")
+        head_rows = int(head_rows)
+        if not 0 <= head_rows <= self.vocabulary_size:
+            raise ValueError(f"head_rows must be in [0, vocabulary_size={self.vocabulary_size}]. "
+                             f"Received: head_rows={head_rows}")
+        tail_dim = check_positive_int("tail_dim", tail_dim)
+        if tail_dim > self.output_dim:
+            raise ValueError(f"tail_dim must be at most output_dim={self.output_dim}. Received: tail_dim={tail_dim}")
+        self.head_rows, self.tail_dim = head_rows, tail_dim
+
+    @classmethod
+    def from_arrays(cls, head, tail, projection, **kwargs):
+        """A built layer: ``head`` ``[h, d0]`` (the vectors of ids ``0..h-1``), ``tail`` ``[V - h, d_k]`` (ids
+        ``h..V-1`` before projection), ``projection`` ``[d_k, d0]``; the zero rows are added here."""
+        head, tail, projection = (np.asarray(a) for a in (head, tail, projection))
+        if head.ndim != 2 or tail.ndim != 2 or projection.shape != (tail.shape[1], head.shape[1]):
+            raise ValueError(f"head must be [h, d0], tail [V - h, d_k] and projection [d_k, d0]. Received: shapes "
+                             f"{head.shape}, {tail.shape}, {projection.shape}")
+        layer = cls(head.shape[0] + tail.shape[0], head.shape[1], head.shape[0], tail.shape[1], **kwargs)
+        layer.build()
+        dtype = np.float32 if layer.variable_dtype is None else layer.variable_dtype
+        layer.head.assign(np.concatenate([head, np.zeros((1, head.shape[1]))]).astype(dtype))
+        layer.tail.assign(np.concatenate([np.zeros((1, tail.shape[1])), tail]).astype(dtype))
+        layer.projection.assign(projection.astype(dtype))
+        return layer
+
+    def build(self, input_shape=None):
+        h, v, d, dk = self.head_rows, self.vocabulary_size, self.output_dim, self.tail_dim
+        self.head = self.add_weight(name="head", shape=(h + 1, d), initializer="zeros", trainable=False)
+        self.tail = self.add_weight(name="tail", shape=(v - h + 1, dk), initializer="zeros", trainable=False)
+        self.projection = self.add_weight(name="projection", shape=(dk, d), initializer="zeros", trainable=False)
+        self.built = True
+
+    def lookup(self, ids):
+        one_dim = ids.shape.rank == 1
+        flat = ids if one_dim else tf.reshape(ids, [-1])
+        h = tf.constant(self.head_rows, flat.dtype)
+        head = self.gather_rows(self.head, tf.minimum(flat, h))  # [n, d0]; the tail's ids read the zero row h
+        tail = self.gather_rows(self.tail, tf.maximum(flat - (h - 1), 0))  # [n, d_k]; the head's read row 0 (zero)
+        out = head + tf.matmul(tail, tf.cast(self.projection, tail.dtype))
+        return out if one_dim else reshape_to_ids(out, ids, self.output_dim)
+
+    def parameter_count(self):
+        h = self.head_rows
+        return h * self.output_dim + (self.vocabulary_size - h) * self.tail_dim + self.tail_dim * self.output_dim
+
+    def storage_bytes(self):  # the two zero rows are stored too
+        return (self.parameter_count() + self.output_dim + self.tail_dim) * dtype_bytes(self.variable_dtype)
+
+    def dims_per_id(self):
+        dims = np.full(self.vocabulary_size, self.tail_dim, dtype=np.int64)
+        dims[:self.head_rows] = self.output_dim
+        return dims
+
+    def compact(self):
+        return self.frozen_copy()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"head_rows": self.head_rows, "tail_dim": self.tail_dim})
+        return config
+
+
 def md_scheme(feature_name, vocabulary_size, frequencies, output_dim, compression=None, num_blocks=8, alpha=0.3,
               round_pow2=False, **kwargs):
     """The layer ``scheme_factory("md", ...)`` builds for one feature (CF blocking of that feature's counts).
