@@ -353,10 +353,9 @@ def _named_outputs(y, task):
 
 #: ``export_saved_model(optimize_for=...)``: the compact-form options each mode sets, for the export, on the
 #: embedding layers that have them. ``"size"``: every scheme's own defaults, the smallest compact forms (PEP's
-#: bitmask layout, double hashing's in-graph hashes). ``"latency"``: the faster forms where a scheme has one, at
-#: more bytes (PEP's ``"slots"`` layout, double hashing's stored row pairs; ``docs/export.md``). Schemes without
-#: such an option export the same way in both modes (MD's default ``compact_premultiply="fast"`` is its faster
-#: form already).
+#: bitmask layout, double hashing's in-graph hashes, MD's blocks). ``"latency"``: the faster forms where a scheme
+#: has one, at more bytes (PEP's ``"slots"`` layout, double hashing's stored row pairs, MD's head-tail table;
+#: ``docs/export.md``). Schemes without such an option export the same way in both modes.
 OPTIMIZE_FOR = {
     "size": {},
     "latency": {"compact_layout": "slots", "compact_lookup": "index", "compact_premultiply": "head"},
@@ -723,8 +722,9 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
             of an export of the fixed model.
         optimize_for: ``"size"`` (default: every scheme's smallest compact form) or ``"latency"`` (the faster
             forms where a scheme has one, at more bytes: PEP's ``"slots"`` layout, double hashing's stored row
-            pairs; ``OPTIMIZE_FOR``). The layers' own ``compact_layout`` / ``compact_lookup`` are set for the
-            export only. The export report records the mode.
+            pairs, MD's head-tail table; ``OPTIMIZE_FOR``). The layers' own ``compact_layout`` /
+            ``compact_lookup`` / ``compact_premultiply`` are set for the export only. The export report records
+            the mode.
 
     Returns:
         The path of the version directory.
