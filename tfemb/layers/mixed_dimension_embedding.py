@@ -786,8 +786,8 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         k = self.num_blocks
         if k < 2 or not self._projected(k - 1):
             return None
-        ranks, blocks = self.ranks_array(), self.blocks_array()
-        offsets = np.asarray(self._offsets)
+        ranks, offsets = self.ranks_array(), np.asarray(self._offsets)
+        blocks = np.searchsorted(offsets, ranks, side="right") - 1  # blocks_array(), without a second rank pass
         t = int(offsets[k - 1])
         head_ids = np.flatnonzero(ranks < t)
         h = int(head_ids.max()) + 1 if head_ids.size else 0
