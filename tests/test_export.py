@@ -604,6 +604,28 @@ def test_versions_are_atomic_and_never_overwritten(tmp_path, small_cf):
     assert _entries(base) == ["1", "2"]
 
 
+def test_a_version_number_picked_by_the_export_is_never_overwritten(tmp_path, small_cf, monkeypatch):
+    """overwrite=True replaces only a version the caller named: with version=None, a number that another writer
+    published while this export was being written is theirs, and the export takes the next one."""
+    from tfemb.export import saved_model as saved_model_module
+
+    df, (first, second) = small_cf
+    base = tmp_path / "mf"
+    write, raced = saved_model_module._write_version, []
+
+    def write_while_another_writer_publishes(*args, **kwargs):
+        write(*args, **kwargs)
+        if not raced:  # the first call only: the other writer, done first, publishes version 1
+            raced.append(True)
+            export_saved_model(first, base, version=1)
+    monkeypatch.setattr(saved_model_module, "_write_version", write_while_another_writer_publishes)
+    assert export_saved_model(second, base, overwrite=True).endswith(os.sep + "2")
+    rows = df.head(6)
+    assert max_diff(load_export(base / "1").predict(rows)["probability"], keras_outputs(first, rows)) <= ATOL
+    assert max_diff(load_export(base / "2").predict(rows)["probability"], keras_outputs(second, rows)) <= ATOL
+    assert _entries(base) == ["1", "2"]
+
+
 def test_next_version_ignores_other_names(tmp_path):
     for name in ("7", "3", "abc", ".tmp-9-xyz", "12.bak"):
         (tmp_path / name).mkdir()

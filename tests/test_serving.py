@@ -9,7 +9,9 @@ tells which version computed it.
 import base64
 import http.client
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -279,6 +281,8 @@ BAD = [
      "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"),
     ("no inputs", "POST", P, {"signature_name": "serving_default"}, 400, "Missing 'inputs' or 'instances' key"),
     ("empty instances", "POST", P, {"instances": []}, 400, "No values in 'instances' array"),
+    ("lone surrogate in a string", "POST", P, b'{"inputs": {"user": ["\\ud800"], "age": [1.0], "tags": [[1, 2]]}}',
+     400, 'JSON Value: "\\ud800" is not a valid UTF-8 string'),
     ("unknown signature", "POST", P, {"signature_name": "nope", "inputs": BATCH}, 400,
      'Serving signature name: "nope" not found in signature def'),
     ("signature_name not a string", "POST", P, {"signature_name": 3, "inputs": BATCH}, 400,
@@ -325,6 +329,12 @@ def test_oversized_bodies_are_refused_with_413(server, exports):
         sock.sendall(f"POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * MAX_BODY}\r\n"
                      "Expect: 100-continue\r\n\r\n".encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+    # A negative Content-Length would read to EOF (past the limit, or forever on a kept-alive socket): 400 at once.
+    for length in ("-1", "abc"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and f"Malformed Content-Length: {length}".encode() in answer
     assert_healthy(server, exports)
 
 
@@ -750,3 +760,18 @@ def test_registry_refuses_a_trained_keras_model_instead_of_an_export(tmp_path):
     empty = tmp_path / "empty"  # TF Serving's behaviour: an empty base path waits for its first version
     empty.mkdir()
     assert ModelRegistry(str(empty), poll_seconds=0).model_names == ["empty"]
+    # One version directory, or a file, is not a base path either: the error names the directory to serve.
+    with pytest.raises(ValueError, match=r"is one SavedModel version .* serve the directory of its versions, " +
+                       re.escape(str(run))):
+        ModelRegistry(str(run / "3"), poll_seconds=0)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is a file, not a model's base path"):
+        ModelRegistry(str(tmp_path / "notes.txt"), poll_seconds=0)
+
+
+def test_registry_waits_for_a_missing_base_path_with_a_warning(tmp_path, caplog):
+    missing = tmp_path / "not_yet"
+    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
+        registry = ModelRegistry(str(missing), poll_seconds=0)
+    assert registry.model_names == ["not_yet"]
+    assert f"{missing} does not exist (yet)" in caplog.text

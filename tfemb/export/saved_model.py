@@ -711,7 +711,8 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
         model: a ``tfemb.models.RecModel`` (built, or buildable from its schema).
         export_dir: the model's base directory (TF Serving's ``base_path``); created if missing.
         version: int version; default the largest existing version + 1 (1 for a new directory).
-        overwrite: replace an existing ``version`` (atomically where the OS can exchange two directories).
+        overwrite: replace an existing ``version`` (atomically where the OS can exchange two directories). Only
+            a version given explicitly: with ``version=None`` the export always takes a free number.
         table_dtype: None (float32), ``"float16"`` or ``"int8"``.
         warmup_rows: optional raw rows (a pandas DataFrame or a dict of raw values, as ``raw_inputs`` takes)
             written as ``assets.extra/tf_serving_warmup_requests`` (one request with up to 256 rows, one with one
@@ -751,7 +752,9 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
         _fsync_tree(tmp)
         for _ in range(100):
             try:
-                _publish(tmp, target, overwrite)
+                # overwrite only ever replaces a version the caller named: a version number picked here that
+                # another writer claimed meanwhile is theirs, and this export takes the next one.
+                _publish(tmp, target, overwrite and not auto)
                 break
             except FileExistsError:
                 if not auto:  # another writer took this version meanwhile

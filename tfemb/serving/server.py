@@ -278,14 +278,26 @@ def _policy_from_proto(config):
     return ("latest", 1)
 
 
-def _check_not_a_keras_model(path):
-    """``ValueError`` when ``path`` is a saved Keras model (a ``.keras`` file, or a ``tfemb train`` run directory
-    with no SavedModel version in it) instead of an export: it would otherwise wait for versions that never come."""
+def _check_base_path(path):
+    """``ValueError`` when ``path`` cannot be a model's base path and the server would wait forever for versions
+    that never come: a saved Keras model (a ``.keras`` file, or a ``tfemb train`` run directory with no SavedModel
+    version in it), a file, or one SavedModel version directory (``saved_model.pb`` inside: serve its parent). A
+    base path that does not exist yet is allowed (TF Serving waits for it too) and logged as a warning."""
     keras_file = path if path.endswith(".keras") else os.path.join(path, "model.keras")
     if os.path.isfile(keras_file) and not (os.path.isdir(path) and scan_versions(path)):
         raise ValueError(
             f"{path} holds a trained Keras model ({os.path.basename(keras_file)}), not SavedModel versions: "
             f"export it first, e.g. `tfemb export {path} exports/<name>`, then serve exports/<name>")
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        parent = os.path.dirname(path.rstrip(os.sep))
+        raise ValueError(
+            f"{path} is one SavedModel version (saved_model.pb inside), not a model's base path: serve the "
+            f"directory of its versions, {parent}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not a model's base path (a directory of integer version folders)")
+    if not os.path.exists(path):
+        log.warning(
+            "%s does not exist (yet): the model is served once a version directory appears in it", path)
 
 
 class ModelRegistry:
@@ -315,7 +327,7 @@ class ModelRegistry:
         self._stop = threading.Event()
         self._thread = None
         if not model_config:
-            _check_not_a_keras_model(self.export_dir)
+            _check_base_path(self.export_dir)
         subdir_models = {} if model_config or model_name else self._subdir_models()
         if model_config:
             self._models_from_config(model_config)
@@ -545,7 +557,10 @@ def _scalar(val, dtype):
         raise _type_error(val, dtype)
     if dtype == "string":
         if kind is str:
-            return val.encode("utf-8")
+            try:
+                return val.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\\ud800"): not a string TF Serving's parser accepts
+                raise _invalid(f"JSON Value: {_json_str(val)} is not a valid UTF-8 string") from None
         if _is_b64(val):
             try:
                 return base64.b64decode(val["b64"], validate=True)
@@ -1089,7 +1104,9 @@ class _RestHandler(BaseHTTPRequestHandler):
         try:
             n = int(length)
         except ValueError:
-            raise _BodyError(400, f"Malformed Content-Length: {length}") from None
+            n = -1
+        if n < 0:  # a negative length would read to EOF: past the body limit, or forever on a kept-alive socket
+            raise _BodyError(400, f"Malformed Content-Length: {length}")
         if n > limit:
             raise _BodyError(413, _too_large(n, limit), unread=n)
         return self.rfile.read(n)
