@@ -439,6 +439,29 @@ def test_training_call_updates_counts_and_previous_weights():
     close(layer.selection_weights(), after, atol=1e-6)
 
 
+@pytest.mark.parametrize("selection", ["controller", "darts"])
+def test_trains_under_mixed_float16(selection):
+    """The stream state (float32 counts / weights) is updated by row scatters while the layer computes in float16:
+    under Keras 2 the state variables read float16 in the call, under Keras 3 a cast tensor; both must update the
+    float32 variable, eagerly and in model.fit."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = AutoEmbEmbedding(V, candidate_dims=(2, 4, 8), controller_units=16, selection=selection)
+        ids = np.array([0, 3, 5, 3, 7, 1], np.int64)
+        out = layer(tf.constant(ids), training=True)
+        assert out.dtype == tf.float16 and layer.previous_weights.dtype == "float32"
+        np.testing.assert_array_equal(np_value(layer.counts), np.bincount(ids, minlength=V))
+        inputs = keras.Input(shape=(), dtype="int64")
+        model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(layer(inputs)))
+        model.compile(keras.optimizers.Adam(1e-2), "mse")
+        history = model.fit(ids, np.ones((6, 1)), epochs=2, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+        np.testing.assert_array_equal(np_value(layer.counts), 3 * np.bincount(ids, minlength=V))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
 def test_darts_training_call_stores_softmax_weights_and_graph_mode_agrees():
     layer, _, alpha = darts_layer("id")
     ids = np.array([[4, 9], [4, 1]])

@@ -406,16 +406,20 @@ LAYERS = {
 def test_bad_ids_name_the_field_and_value(scheme):
     with pytest.raises(TypeError, match=r"ids must be an integer tensor. Received: dtype=float32"):
         LAYERS[scheme]()(tf.constant([1.0, 2.0]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be < vocabulary_size=23.*\[ *3 +30\]"):
-        LAYERS[scheme]()(tf.constant([3, 30]))
+    # The offending values and their positions, also when they are not among the first entries of the batch.
+    ids = np.zeros(100, np.int64)
+    ids[[60, 97]] = [30, 777]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)ids must be < vocabulary_size=23.*30.*777.*at positions:.*60.*97"):
+        LAYERS[scheme]()(tf.constant(ids))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be >= 0.*\[ *-5\]"):
         LAYERS[scheme]()(tf.constant([-5]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be >= -1.*-2"):
         LAYERS[scheme](combiner="sum")(tf.constant([[1, -2]]))
     # Inside a compiled function too.
     layer = LAYERS[scheme]()
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be < vocabulary_size=23.*23"):
-        tf.function(lambda x: layer(x))(tf.constant([23]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)ids must be < vocabulary_size=23.*\[23\]"):
+        tf.function(lambda x: layer(x))(tf.constant([1, 2, 23]))
 
 
 # ------------------------------------------------------------------------------------------------------- factory

@@ -22,8 +22,20 @@ def _dedupe(grad):
     return unique, values
 
 
+def _resource_variable(var):
+    """The ``tf.Variable`` under a Keras variable. Under a mixed-precision policy, inside a layer's call, Keras
+    reads float variables in the compute dtype: Keras 2's ``AutoCastVariable`` reports float16 as its ``dtype``,
+    and Keras 3's variable returns a cast tensor (no ``handle``) as its value; a row update needs neither."""
+    for attr in ("_value", "_variable"):  # Keras 3 variable (TF backend); Keras 2 AutoCastVariable
+        inner = getattr(var, attr, None)
+        if isinstance(inner, tf.Variable):
+            return inner
+    return var
+
+
 def _scatter(op, var, indices, updates):
-    """Row update of a tf.Variable or a Keras 3 variable (which wraps one and has no scatter methods)."""
+    """Row update of a tf.Variable or a Keras variable (which wraps one and has no scatter methods)."""
+    var = _resource_variable(var)
     return op(resource=var.handle, indices=indices, updates=tf.cast(updates, var.dtype))
 
 

@@ -72,6 +72,33 @@ def reshape_to_ids(out, ids, output_dim):
     return tf.reshape(out, [s if s is not None else dynamic[j] for j, s in enumerate(static)] + [output_dim])
 
 
+def _assert_all(ok, ids, message):
+    """Fails (``InvalidArgumentError``) unless every entry of ``ok`` holds, printing ``message``, the first 8
+    offending ``ids`` and their positions. The offending values are computed only on failure (inside the false
+    branch of a ``cond``), so a passing check costs what ``tf.debugging.assert_*`` costs; those print the first
+    entries of the whole tensor instead, which in a real batch are rarely the bad ones."""
+    all_ok = tf.reduce_all(ok)
+    if tf.executing_eagerly():
+        if not bool(all_ok):
+            bad = np.logical_not(ok.numpy())
+            positions = [tuple(int(i) for i in p) if len(p) > 1 else int(p[0]) for p in np.argwhere(bad)[:8]]
+            raise tf.errors.InvalidArgumentError(
+                None, None, f"{message}; offending ids (first 8): {ids.numpy()[bad][:8].tolist()} at positions: "
+                f"{positions}")
+        return all_ok
+
+    def fail():
+        positions = tf.where(tf.logical_not(ok))[:8]  # works for ids of any (even unknown) rank
+        report = tf.debugging.Assert(
+            tf.constant(False),
+            [message, "offending ids (first 8):", tf.gather_nd(ids, positions), "at positions:", positions],
+            summarize=16)
+        with tf.control_dependencies([report]):
+            return tf.identity(all_ok)
+
+    return tf.cond(all_ok, lambda: all_ok, fail)
+
+
 class EmbeddingScheme(keras.layers.Layer):
     """Base class of every tfemb embedding method.
 
@@ -158,17 +185,11 @@ class EmbeddingScheme(keras.layers.Layer):
     def _checked(self, ids, allow_padding):
         low = PADDING_ID if allow_padding else 0
         checks = [
-            tf.debugging.assert_greater_equal(
-                ids, tf.constant(low, tf.int64),
-                message=f"{self.name}: ids must be >= {low} ({'-1 pads multi-hot lists, ' if allow_padding else ''}"
-                f"0 is the out-of-vocabulary id); received a smaller id",
-                summarize=8,
-            ),
-            tf.debugging.assert_less(
-                ids, tf.constant(self.vocabulary_size, tf.int64),
-                message=f"{self.name}: ids must be < vocabulary_size={self.vocabulary_size}; received a larger id",
-                summarize=8,
-            ),
+            _assert_all(tf.greater_equal(ids, tf.constant(low, tf.int64)), ids,
+                        f"{self.name}: ids must be >= {low} ({'-1 pads multi-hot lists, ' if allow_padding else ''}"
+                        f"0 is the out-of-vocabulary id); received a smaller id"),
+            _assert_all(tf.less(ids, tf.constant(self.vocabulary_size, tf.int64)), ids,
+                        f"{self.name}: ids must be < vocabulary_size={self.vocabulary_size}; received a larger id"),
         ]
         with tf.control_dependencies(checks):
             return tf.identity(ids)

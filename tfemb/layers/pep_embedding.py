@@ -184,7 +184,7 @@ def fused_pruned_values(rows, output_dim, g_scale=1.0):
 
     @tf.custom_gradient
     def forward(r):
-        v, s = tf.split(r, [d, int(r.shape[-1]) - d], axis=-1)  # one op for both halves: no strided slices
+        v, s = tf.split(r, [d, -1], axis=-1)  # one op for both halves (no strided slices), any input rank
         out, grad = _pruned_with_grad(v, s, g_scale)
         return out, lambda upstream: tf.concat(grad(upstream), axis=-1)
 

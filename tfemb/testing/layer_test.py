@@ -44,9 +44,9 @@ def run_scheme_test(layer_cls, init_kwargs, ids, expected_output_shape, atol=ATO
     """Checks the EmbeddingScheme contract of ``layer_cls(**init_kwargs)`` on one batch of ``ids``.
 
     Checks, in order: the output shape of an eager call; ``compute_output_shape``; ``from_config(get_config())``
-    gives the same config; eager and ``tf.function`` outputs are equal; in a tiny functional model
-    (``Input(int64) -> layer -> Flatten -> Dense(1)``) the symbolic shape matches and one ``fit`` step gives a
-    finite loss; saving that model in the ``.keras`` format and ``keras.models.load_model`` give equal
+    gives the same config; eager and ``tf.function`` outputs are equal (also for ids of unknown shape); in a tiny
+    functional model (``Input(int64) -> layer -> Flatten -> Dense(1)``) the symbolic shape matches and one ``fit``
+    step gives a finite loss; saving that model in the ``.keras`` format and ``keras.models.load_model`` give equal
     predictions; ``compact()`` gives an untrainable layer with equal outputs; under the ``mixed_float16``
     policy the outputs are float16 and the float weights float32 (the global policy is restored afterwards).
 
@@ -76,9 +76,13 @@ def run_scheme_test(layer_cls, init_kwargs, ids, expected_output_shape, atol=ATO
     clone = layer_cls.from_config(config)
     assert clone.get_config() == config, "from_config(get_config()) changed the config"
 
-    # Eager vs graph.
+    # Eager vs graph, also with ids of unknown shape (a generic serving or tf.data signature): of unknown rank
+    # too unless the layer pools multi-hot lists (a combiner needs to know which axis holds the lists).
     graph = tf.function(lambda x: layer(x))(ids_t)
     _assert_close(graph, eager, "tf.function output differs from eager output", atol)
+    spec = tf.TensorSpec(None if layer.combiner is None else [None] * ids.ndim, tf.int64)
+    unknown = tf.function(lambda x: layer(x), input_signature=[spec])(ids_t)
+    _assert_close(unknown, eager, f"tf.function output for ids of shape {spec.shape} differs from eager output", atol)
 
     # One fit step in a tiny model (symbolic shape on the way).
     model, trained, symbolic = build_tiny_model(layer_cls, init_kwargs, ids.shape)
