@@ -12,8 +12,10 @@ dataset of a family:
 - Avazu: every original column as a string (``click`` int64 0/1) plus ``hour_of_day`` and ``weekday`` derived
   from ``hour`` (``YYMMDDHH``).
 
-Bad files never pass silently: a missing, unreadable, empty, corrupt (gzip) or truncated file, or a row with
-the wrong number of fields, raises ``DataError`` naming the file, and the line where a line is at fault. Field
+Bad files never pass silently: a missing, unreadable, empty, corrupt (gzip) or truncated file (for MovieLens
+and Criteo also a last line without a line end, which a cut inside the last field leaves), a row with the wrong
+number of fields, or a MovieLens rating outside the release's range, raises ``DataError`` naming the file, and
+the line where a line is at fault (a file line: blank lines, which pandas skips, count). Field
 counts of the unquoted formats (tab-, pipe-, ``::``- and comma-separated) are checked by a vectorised pass over
 the bytes before pandas parses them with explicit dtypes. Files may be gzip-compressed (detected by their
 magic bytes).
@@ -163,6 +165,45 @@ def _check_field_counts(data, sep, expected, path, first_line=1, hint=""):
     return int((~empty).sum())
 
 
+def _file_line(data, row, first_line=1):
+    """The file line of DataFrame row ``row`` (0-based), counting the blank lines pandas skips.
+
+    ``first_line`` is the file line of row 0 when the file has no blank line (2 after a header). Without
+    ``data`` (a file pandas read itself) it is ``first_line + row``. Only called to word an error.
+    """
+    if data is None:
+        return first_line + row
+    buf, starts, ends = _line_bounds(data)
+    length = ends - starts
+    has_cr = np.zeros(len(ends), dtype=bool)
+    has_cr[length > 0] = buf[ends[length > 0] - 1] == 13
+    nonblank = np.flatnonzero(length - has_cr > 0)
+    return int(nonblank[row + first_line - 1]) + 1
+
+
+def _require_line_end(data, path):
+    """DataError when the last line has no line end: a file cut inside its last field still parses."""
+    if not data.endswith(b"\n"):
+        line = data.count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: the file ends without a newline: truncated? (a file cut "
+            "inside its last field would load with a corrupted last row)"
+        )
+
+
+def _check_range(df, column, low, high, path, data, first_line=1, what="the dataset's range"):
+    """DataError at the first row whose ``column`` is missing or outside ``[low, high]``."""
+    values = df[column].to_numpy(dtype=np.float64)
+    bad = ~((values >= low) & (values <= high))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        received = "nothing (empty field)" if np.isnan(values[i]) else repr(_py(values[i]))
+        raise DataError(
+            f"{path}: line {_file_line(data, i, first_line)}: {column} must be in [{low}, {high}] ({what}). "
+            f"Received: {received}"
+        )
+
+
 def _py(value):
     """A NumPy scalar as the Python value, so messages read ``2.0``, not ``np.float64(2.0)``."""
     return value.item() if isinstance(value, np.generic) else value
@@ -203,7 +244,8 @@ def _locate_bad_value(data, path, dtype, kwargs, error):
             i = int(np.flatnonzero(bad)[0])
             what = "an integer" if kind.kind in "iu" else "a number"
             received = "nothing (empty field)" if missing[i] else repr(text.iloc[i])
-            return DataError(f"{path}: line {first_line + i}: {col} must be {what}. Received: {received}")
+            return DataError(f"{path}: line {_file_line(data, i, first_line)}: {col} must be {what}. "
+                             f"Received: {received}")
     return DataError(f"{path}: cannot parse the file: {error}")
 
 
@@ -218,21 +260,22 @@ def _require_header(columns, required, path):
         raise DataError(f"{path}: missing column {missing[0]!r} in the header; the header has {columns}")
 
 
-def _no_missing(df, columns, path, first_line=1, why="the line is incomplete"):
+def _no_missing(df, columns, path, first_line=1, why="the line is incomplete", data=None):
     """DataError at the first row with a missing value in one of ``columns`` (mandatory fields)."""
     for col in columns:
         isna = df[col].isna().to_numpy()
         if isna.any():
             i = int(np.flatnonzero(isna)[0])
-            raise DataError(f"{path}: line {first_line + i} has no value for {col!r} ({why})")
+            raise DataError(f"{path}: line {_file_line(data, i, first_line)} has no value for {col!r} ({why})")
 
 
-def _foreign_keys(df, column, keys, path, other):
+def _foreign_keys(df, column, keys, path, other, data=None, first_line=1):
     unknown = ~df[column].isin(keys).to_numpy()
     if unknown.any():
         i = int(np.flatnonzero(unknown)[0])
         raise DataError(
-            f"{path}: line {i + 1} refers to {column}={_py(df[column].iloc[i])!r}, which {other} does not contain"
+            f"{path}: line {_file_line(data, i, first_line)} refers to {column}={_py(df[column].iloc[i])!r}, "
+            f"which {other} does not contain"
         )
 
 
@@ -273,18 +316,23 @@ def read_movielens_100k(path):
         DataFrame with ``MOVIELENS_COLUMNS``, one row per rating, in ``u.data`` order.
     """
     path = _folder(path, ["u.data", "u.user", "u.item", "u.genre"], "MovieLens 100K")
-    data = _read_bytes(path / "u.data")
-    _check_field_counts(data, "\t", 4, path / "u.data")
-    ratings = _parse(data, path / "u.data", ["user_id", "item_id", "rating", "timestamp"],
+    ratings_data = _read_bytes(path / "u.data")
+    _check_field_counts(ratings_data, "\t", 4, path / "u.data")
+    _require_line_end(ratings_data, path / "u.data")
+    ratings = _parse(ratings_data, path / "u.data", ["user_id", "item_id", "rating", "timestamp"],
                      dtype={"user_id": np.int64, "item_id": np.int64, "rating": np.float64,
                             "timestamp": np.int64})
+    _check_range(ratings, "rating", 1, 5, path / "u.data", ratings_data, what="ml-100k ratings are 1-5 stars")
 
     data = _read_bytes(path / "u.user")
     _check_field_counts(data, "|", 5, path / "u.user")
+    _require_line_end(data, path / "u.user")
     users = _parse(data, path / "u.user", ["user_id", "age", "gender", "occupation", "zip_code"], sep="|",
                    dtype={"user_id": np.int64, "age": np.int64, "gender": str, "occupation": str, "zip_code": str})
 
-    text = _read_bytes(path / "u.genre").decode("latin-1")
+    data = _read_bytes(path / "u.genre")
+    _require_line_end(data, path / "u.genre")
+    text = data.decode("latin-1")
     genre_names = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -299,6 +347,7 @@ def read_movielens_100k(path):
 
     data = _read_bytes(path / "u.item")
     _check_field_counts(data, "|", 5 + len(names), path / "u.item")
+    _require_line_end(data, path / "u.item")
     flag_cols = [f"g{i}" for i in range(len(names))]
     items = _parse(data, path / "u.item",
                    ["item_id", "title", "release_date", "video_release_date", "imdb_url"] + flag_cols, sep="|",
@@ -307,13 +356,13 @@ def read_movielens_100k(path):
     flags = items[flag_cols].to_numpy()
     if not np.isin(flags, (0, 1)).all():
         i = int(np.flatnonzero(~np.isin(flags, (0, 1)).all(axis=1))[0])
-        raise DataError(f"{path / 'u.item'}: line {i + 1} has a genre flag that is not 0 or 1")
+        raise DataError(f"{path / 'u.item'}: line {_file_line(data, i)} has a genre flag that is not 0 or 1")
     genre_arr = np.asarray(names, dtype=object)
     items["genres"] = ["|".join(genre_arr[row.astype(bool)]) for row in flags]
     items = items[["item_id", "title", "genres", "release_date"]]
 
-    _foreign_keys(ratings, "user_id", users["user_id"], path / "u.data", "u.user")
-    _foreign_keys(ratings, "item_id", items["item_id"], path / "u.data", "u.item")
+    _foreign_keys(ratings, "user_id", users["user_id"], path / "u.data", "u.user", ratings_data)
+    _foreign_keys(ratings, "item_id", items["item_id"], path / "u.data", "u.item", ratings_data)
     return _movielens_frame(ratings, users, items)
 
 
@@ -321,7 +370,8 @@ def _read_double_colon(file, names, dtype, encoding="latin-1"):
     # ``::`` needs pandas' slow python engine; titles never hold tabs, so "::" -> "\t" keeps the C parser.
     data = _read_bytes(file).replace(b"::", b"\t")
     _check_field_counts(data, "\t", len(names), file, hint=" ('::'-separated)")
-    return _parse(data, file, names, dtype=dtype, encoding=encoding)
+    _require_line_end(data, file)
+    return _parse(data, file, names, dtype=dtype, encoding=encoding), data
 
 
 def read_movielens_1m(path):
@@ -332,16 +382,18 @@ def read_movielens_1m(path):
     is missing in every row, so the columns equal ``read_movielens_100k``'s.
     """
     path = _folder(path, ["ratings.dat", "users.dat", "movies.dat"], "MovieLens 1M")
-    ratings = _read_double_colon(path / "ratings.dat", ["user_id", "item_id", "rating", "timestamp"],
+    ratings, ratings_data = _read_double_colon(path / "ratings.dat", ["user_id", "item_id", "rating", "timestamp"],
                                  {"user_id": np.int64, "item_id": np.int64, "rating": np.float64,
                                   "timestamp": np.int64})
-    users = _read_double_colon(path / "users.dat", ["user_id", "gender", "age", "occupation", "zip_code"],
+    users, _ = _read_double_colon(path / "users.dat", ["user_id", "gender", "age", "occupation", "zip_code"],
                                {"user_id": np.int64, "gender": str, "age": np.int64, "occupation": np.int64,
                                 "zip_code": str})
-    items = _read_double_colon(path / "movies.dat", ["item_id", "title", "genres"],
+    items, _ = _read_double_colon(path / "movies.dat", ["item_id", "title", "genres"],
                                {"item_id": np.int64, "title": str, "genres": str})
-    _foreign_keys(ratings, "user_id", users["user_id"], path / "ratings.dat", "users.dat")
-    _foreign_keys(ratings, "item_id", items["item_id"], path / "ratings.dat", "movies.dat")
+    _check_range(ratings, "rating", 1, 5, path / "ratings.dat", ratings_data,
+                 what="ml-1m ratings are 1-5 stars")
+    _foreign_keys(ratings, "user_id", users["user_id"], path / "ratings.dat", "users.dat", ratings_data)
+    _foreign_keys(ratings, "item_id", items["item_id"], path / "ratings.dat", "movies.dat", ratings_data)
     return _movielens_frame(ratings, users, items)
 
 
@@ -351,13 +403,15 @@ def read_movielens_1m_sample(file):
     The file has the header ``user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip``.
     """
     data = _read_bytes(file)
+    _require_line_end(data, file)
     src = ["user_id", "movie_id", "rating", "timestamp", "title", "genres", "gender", "age", "occupation", "zip"]
     _require_header(_header(data, file), src, file)
     df = _parse(data, file, header=0, sep=",", quoted=True, encoding="latin-1",
                 dtype={"user_id": np.int64, "movie_id": np.int64, "rating": np.float64, "timestamp": np.int64,
                        "title": str, "genres": str, "gender": str, "age": np.int64, "occupation": np.int64,
                        "zip": str})
-    _no_missing(df, ["genres", "gender", "zip"], file, first_line=2)
+    _no_missing(df, ["genres", "gender", "zip"], file, first_line=2, data=data)
+    _check_range(df, "rating", 1, 5, file, data, first_line=2, what="ml-1m ratings are 1-5 stars")
     df = df.rename(columns={"movie_id": "item_id", "zip": "zip_code"})
     df["release_date"] = pd.Series([None] * len(df), dtype=object)
     return df[list(MOVIELENS_COLUMNS)]
@@ -375,27 +429,34 @@ def read_movielens_latest(path):
     data = _read_bytes(file)
     _require_header(_header(data, file), ["userId", "movieId", "rating", "timestamp"], file)
     _check_field_counts(data, ",", len(_header(data, file)), file)
+    _require_line_end(data, file)
     ratings = _parse(data, file, header=0, sep=",",
                      dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float64, "timestamp": np.int64})
+    _check_range(ratings, "rating", 0.5, 5.0, file, data, first_line=2,
+                 what="MovieLens latest / 20M ratings are 0.5-5.0 stars")
+    ratings_data = data
     file = path / "movies.csv"
     data = _read_bytes(file)
+    _require_line_end(data, file)
     _require_header(_header(data, file), ["movieId", "title", "genres"], file)
     movies = _parse(data, file, header=0, sep=",", quoted=True,
                     dtype={"movieId": np.int64, "title": str, "genres": str})
-    _no_missing(movies, ["title", "genres"], file, first_line=2)
+    _no_missing(movies, ["title", "genres"], file, first_line=2, data=data)
     ratings = ratings.rename(columns={"userId": "user_id", "movieId": "item_id"})
     movies = movies.rename(columns={"movieId": "item_id"})[["item_id", "title", "genres"]]
-    _foreign_keys(ratings, "item_id", movies["item_id"], path / "ratings.csv", "movies.csv")
+    _foreign_keys(ratings, "item_id", movies["item_id"], path / "ratings.csv", "movies.csv", ratings_data,
+                  first_line=2)
     return ratings.merge(movies, on="item_id", how="left")[list(MOVIELENS_LATEST_COLUMNS)]
 
 
 # ------------------------------------------------------------------------------------------------- Criteo
-def _criteo_label(df, path, first_line):
+def _criteo_label(df, path, first_line, data=None):
     label = df["label"].to_numpy()
     bad = ~np.isin(label, (0.0, 1.0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: line {first_line + i}: label must be 0 or 1. Received: {_py(label[i])!r}")
+        raise DataError(f"{path}: line {_file_line(data, i, first_line)}: label must be 0 or 1. "
+                        f"Received: {_py(label[i])!r}")
     df["label"] = label.astype(np.int64)
 
 
@@ -421,13 +482,14 @@ def read_criteo(path, nrows=None, labeled=True):
     names = list(CRITEO_COLUMNS if labeled else CRITEO_COLUMNS[1:])
     other = "labeled=False (the 39-field test file)" if labeled else "labeled=True (the 40-field train file)"
     _check_field_counts(data, "\t", len(names), path, hint=f"; for the other Criteo layout pass {other}")
+    _require_line_end(data, path)
     dtype = {c: np.float64 for c in CRITEO_NUMERIC}
     dtype.update({c: str for c in CRITEO_CATEGORICAL})
     if labeled:
         dtype["label"] = np.float64
     df = _parse(data, path, names, dtype=dtype)
     if labeled:
-        _criteo_label(df, path, 1)
+        _criteo_label(df, path, 1, data)
     return df
 
 
@@ -441,11 +503,12 @@ def read_criteo_csv(path, nrows=None):
     columns = _header(data, path)
     _require_header(columns, CRITEO_COLUMNS, path)
     _check_field_counts(data, ",", len(columns), path)
+    _require_line_end(data, path)
     dtype = {c: np.float64 for c in ("label",) + CRITEO_NUMERIC}
     dtype.update({c: str for c in CRITEO_CATEGORICAL})
     df = _parse(data, path, header=0, sep=",", dtype=dtype)
-    _no_missing(df, ["label"], path, first_line=2)
-    _criteo_label(df, path, 2)
+    _no_missing(df, ["label"], path, first_line=2, data=data)
+    _criteo_label(df, path, 2, data)
     return df[list(CRITEO_COLUMNS)]
 
 
@@ -466,14 +529,15 @@ def read_avazu(path, nrows=None):
     if "click" in columns:
         dtype["click"] = np.float64
     df = _parse(data, path, header=0, sep=",", dtype=dtype)
-    _no_missing(df, ["hour"], path, first_line=2)
+    _no_missing(df, ["hour"], path, first_line=2, data=data)
     if "click" in df.columns:
-        _no_missing(df, ["click"], path, first_line=2)
+        _no_missing(df, ["click"], path, first_line=2, data=data)
         click = df["click"].to_numpy()
         bad = ~np.isin(click, (0.0, 1.0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{path}: line {i + 2}: click must be 0 or 1. Received: {_py(click[i])!r}")
+            raise DataError(f"{path}: line {_file_line(data, i, 2)}: click must be 0 or 1. "
+                            f"Received: {_py(click[i])!r}")
         df["click"] = click.astype(np.int64)
     # Few distinct hours (240 in the whole train set): parse each once.
     codes, uniques = pd.factorize(df["hour"])
@@ -481,7 +545,8 @@ def read_avazu(path, nrows=None):
     bad_unique = parsed.isna().to_numpy() | ~pd.Series(uniques, dtype=object).str.fullmatch(r"\d{8}").to_numpy()
     if bad_unique.any():
         i = int(np.flatnonzero(bad_unique[codes])[0])
-        raise DataError(f"{path}: line {i + 2}: hour must be YYMMDDHH. Received: {df['hour'].iloc[i]!r}")
+        raise DataError(f"{path}: line {_file_line(data, i, 2)}: hour must be YYMMDDHH. "
+                        f"Received: {df['hour'].iloc[i]!r}")
     df["hour_of_day"] = parsed.dt.hour.to_numpy(dtype=np.int64)[codes]
     df["weekday"] = parsed.dt.weekday.to_numpy(dtype=np.int64)[codes]
     return df

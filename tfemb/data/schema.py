@@ -64,6 +64,44 @@ def _series_keys(series):
     return [_as_key(v) for v in series.tolist()]
 
 
+def _check_key_kind(feature, series, keys):
+    """DataError when a non-missing value is an int where the vocabulary holds strs, or the reverse.
+
+    A vocabulary fitted on ints, given ``"3"``, would map every row to OOV silently (and the reverse). Floats
+    that are ints (``3.0``, e.g. an int column made float64 by a NaN) count as ints, other floats as strs (as
+    ``_as_key`` makes them). Mixed or empty vocabularies are not checked. NumPy int / float / bool columns are
+    checked by dtype; other columns by the types of their keys.
+    """
+    expected = feature.vocabulary.key_kind()
+    if expected is None:
+        return
+    kind = series.dtype.kind
+    if kind in "iu":
+        bad = None if expected is int else series.notna().to_numpy()
+    elif kind == "b":
+        bad = None if expected is str else series.notna().to_numpy()
+    elif kind == "f":
+        values = series.to_numpy(dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            integral = values % 1 == 0
+        bad = (~np.isnan(values) & ~integral) if expected is int else integral
+    else:
+        wrong = str if expected is int else int
+        bad = None if wrong not in set(map(type, keys)) else np.fromiter(
+            (type(k) is wrong for k in keys), dtype=bool, count=len(keys))
+    if bad is None or not bad.any():
+        return
+    row = int(np.flatnonzero(bad)[0])
+    value = _py(series.iloc[row])
+    name = expected.__name__
+    raise DataError(
+        f"{feature.name}: value {value!r} ({type(value).__name__}) in row {_py(series.index[row])!r} of column "
+        f"{feature.column!r} does not match the vocabulary, whose keys are {name}s (the feature was fitted on "
+        f"{name} values; every such value would map to the OOV id 0). Convert the column, e.g. "
+        f"df[{feature.column!r}].astype({name})"
+    )
+
+
 @dataclasses.dataclass
 class Vocabulary:
     """Values of a categorical feature and the training count of each id.
@@ -102,6 +140,13 @@ class Vocabulary:
         if getattr(self, "_index", None) is None:
             self._index = {v: i + 1 for i, v in enumerate(self.values)}
         return self._index
+
+    def key_kind(self):
+        """``int`` or ``str`` when every value is of that type, else None (mixed or empty)."""
+        if not hasattr(self, "_key_kind"):
+            kinds = set(map(type, self.values))
+            self._key_kind = kinds.pop() if len(kinds) == 1 and kinds <= {int, str} else None
+        return self._key_kind
 
     def lookup_keys(self, keys):
         index = self.index()
@@ -147,7 +192,9 @@ class CategoricalFeature:
         self.vocabulary = Vocabulary.fit(_series_keys(series), self.min_count, self.max_size)
 
     def encode(self, series):
-        return self.vocabulary.lookup_keys(_series_keys(series))
+        keys = _series_keys(series)
+        _check_key_kind(self, series, keys)
+        return self.vocabulary.lookup_keys(keys)
 
 
 @dataclasses.dataclass
@@ -175,6 +222,16 @@ class MultiHotFeature:
             raise DataError(
                 f"{self.name}: combiner must be one of {MULTI_HOT_COMBINERS}. Received: combiner={self.combiner!r}"
             )
+        if not isinstance(self.separator, str) or self.separator == "":
+            raise DataError(
+                f"{self.name}: separator must be a non-empty string. Received: separator={self.separator!r}"
+            )
+        length = self.max_length
+        if length is not None and (isinstance(length, (bool, np.bool_)) or not isinstance(length, (int, np.integer))
+                                   or length < 1):
+            raise DataError(f"{self.name}: max_length must be an int >= 1 or None. Received: max_length={length!r}")
+        if not isinstance(self.min_count, (int, np.integer)) or self.min_count < 1:
+            raise DataError(f"{self.name}: min_count must be an int >= 1. Received: min_count={self.min_count!r}")
 
     def _lists(self, series):
         out = []
@@ -336,6 +393,13 @@ class Label:
             raise DataError(f"label kind must be one of {LABEL_KINDS}. Received: kind={self.kind!r}")
         if self.kind == "multiclass" and (not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 2):
             raise DataError(f"multiclass label needs num_classes >= 2. Received: num_classes={self.num_classes!r}")
+        if self.threshold is not None and (isinstance(self.threshold, (bool, np.bool_))
+                                           or not isinstance(self.threshold, (int, float, np.integer, np.floating))
+                                           or not math.isfinite(self.threshold)):
+            raise DataError(
+                f"label {self.column!r}: threshold must be a finite number or None. "
+                f"Received: threshold={self.threshold!r}"
+            )
 
     def encode(self, series):
         values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
@@ -344,6 +408,11 @@ class Label:
             raise DataError(
                 f"label {self.column!r}: value {_py(series.iloc[row])!r} in row {_py(series.index[row])!r} "
                 "is not a number"
+            )
+        if np.isinf(values).any():
+            row = int(np.flatnonzero(np.isinf(values))[0])
+            raise DataError(
+                f"label {self.column!r}: value {_py(series.iloc[row])!r} in row {_py(series.index[row])!r} is infinite"
             )
         if self.kind == "binary":
             if self.threshold is not None:
@@ -367,6 +436,30 @@ class Label:
                 )
             return classes.astype(np.int64)
         return values.astype(np.float32)
+
+
+def _init_kwargs(kind, d, what):
+    """``d`` as constructor arguments of the dataclass ``kind``: DataError on unknown or missing keys."""
+    fields = [f for f in dataclasses.fields(kind) if f.init]
+    unknown = sorted(set(d) - {f.name for f in fields})
+    if unknown:
+        raise DataError(f"{what}: unknown keys {unknown}; expected keys among {[f.name for f in fields]}")
+    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise DataError(f"{what}: missing key {missing[0]!r}")
+    return d
+
+
+def _vocabulary_from_dict(d, name):
+    ok = isinstance(d, dict) and isinstance(d.get("values"), list) and isinstance(d.get("counts"), list)
+    if not ok or len(d["counts"]) != len(d["values"]) + 1:
+        shown = repr(d) if len(repr(d)) <= 200 else repr(d)[:200] + "..."
+        raise DataError(
+            f"feature {name!r}: the vocabulary must be {{'values': [...], 'counts': [...]}} with one count more "
+            f"than values (OOV first). Received: {shown}"
+        )
+    return Vocabulary.from_dict(d)
 
 
 class Schema:
@@ -509,28 +602,54 @@ class Schema:
         }
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source=None):
+        """The Schema of ``to_dict()``'s output; a malformed dict raises DataError (prefixed with ``source``)."""
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise DataError(f"{where}not a tfemb schema: expected a JSON object. Received: a {type(d).__name__}")
         if d.get("format") != "tfemb.Schema/1":
-            raise DataError(f"not a tfemb schema: format={d.get('format')!r}")
-        feats = []
-        for fd in d["features"]:
-            fd = dict(fd)
-            kind = fd.pop("kind")
-            if kind not in FEATURE_TYPES:
-                raise DataError(f"unknown feature kind {kind!r} for feature {fd.get('name')!r}")
-            vocab = fd.pop("vocabulary")
-            f = FEATURE_TYPES[kind](**fd)
-            f.vocabulary = None if vocab is None else Vocabulary.from_dict(vocab)
-            feats.append(f)
-        label = None if d["label"] is None else Label(**d["label"])
-        return cls(feats, label=label, time_column=d.get("time_column"))
+            raise DataError(f"{where}not a tfemb schema: format={d.get('format')!r}")
+        if not isinstance(d.get("features"), list):
+            raise DataError(f"{where}the schema has no 'features' list. Received: features={d.get('features')!r}")
+        unknown = sorted(set(d) - {"format", "features", "label", "time_column"})
+        if unknown:
+            raise DataError(f"{where}unknown schema keys {unknown}")
+        try:
+            feats = []
+            for n, fd in enumerate(d["features"]):
+                if not isinstance(fd, dict):
+                    raise DataError(f"feature {n} is not a JSON object. Received: {fd!r}")
+                fd = dict(fd)
+                kind = fd.pop("kind", None)
+                if kind not in FEATURE_TYPES:
+                    raise DataError(f"unknown feature kind {kind!r} for feature {fd.get('name')!r}")
+                vocab = fd.pop("vocabulary", None)
+                f = FEATURE_TYPES[kind](**_init_kwargs(FEATURE_TYPES[kind], fd, f"{kind} feature {fd.get('name')!r}"))
+                f.vocabulary = None if vocab is None else _vocabulary_from_dict(vocab, f.name)
+                feats.append(f)
+            label = d.get("label")
+            if label is not None:
+                if not isinstance(label, dict):
+                    raise DataError(f"label is not a JSON object. Received: {label!r}")
+                label = Label(**_init_kwargs(Label, label, "label"))
+            return cls(feats, label=label, time_column=d.get("time_column"))
+        except DataError as e:
+            raise DataError(f"{where}{e}") from e
 
     def to_json(self):
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, text):
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text, source=None):
+        """The Schema of ``to_json()``'s text; bad JSON raises DataError (prefixed with ``source``)."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = f"{source}: " if source else ""
+            raise DataError(
+                f"{where}not valid JSON (truncated?): {e.msg} (line {e.lineno}, column {e.colno})"
+            ) from e
+        return cls.from_dict(d, source=source)
 
     def save(self, path):
         with open(path, "w") as fh:
@@ -538,8 +657,13 @@ class Schema:
 
     @classmethod
     def load(cls, path):
-        with open(path) as fh:
-            return cls.from_json(fh.read())
+        with open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a tfemb schema: cannot decode the text as utf-8: {e}") from e
+        return cls.from_json(text, source=path)
 
     def __repr__(self):
         parts = []
