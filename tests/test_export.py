@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tfemb import cli
 from tfemb.data.schema import CategoricalFeature, Label, MultiHotFeature, NumericFeature, Schema
+from tfemb.errors import DataError
 from tfemb.export import (
     ENCODED_SIGNATURE, RAW_SIGNATURE, ExportError, UnsupportedOpsError, check_ops,
     element_error_bound, export_saved_model, inspect_export, list_ops, list_versions, load_export, next_version,
@@ -320,8 +321,10 @@ def test_raw_inputs_and_vocabulary_keys():
     assert dtype == "string" and keys.tolist() == ["a", "3", "True"] and ids.tolist() == [1, 2, 4]
     ints = Schema([CategoricalFeature("u")]).fit(pd.DataFrame({"u": [5, 6, 6]}))
     assert vocabulary_keys(ints.feature("u"))[2] == "int64"
-    out = raw_inputs(ints, {"u": [None, 6.0, "6", 5]})
+    out = raw_inputs(ints, {"u": [None, 6.0, np.nan, 5]})
     assert out["u"].tolist() == [MISSING_INT, 6, MISSING_INT, 5]
+    with pytest.raises(DataError, match=r"feature 'u': value '6' \(str\) in row 2 is not an integer"):
+        raw_inputs(ints, {"u": [None, 6.0, "6", 5]})  # as Schema.transform: never silently OOV
     out = raw_inputs(schema, {"c": [3, None, True], "m": [[1, 2], np.nan, "a||b"]})
     assert out["c"].tolist() == ["3", "", "True"] and out["m"].tolist() == ["1|2", "", "a||b"]
 
@@ -542,6 +545,10 @@ def test_export_refuses_a_python_scheme_and_leaves_nothing(tmp_path):
     model = MatrixFactorization(schema, embeddings={"user_id": PyFuncEmbedding(schema.vocabulary_size("user_id"), DIM)},
                                 embedding_dim=DIM)
     model.build()
+    with pytest.raises(ExportError, match="EagerPyFunc"):
+        export_saved_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # the base directory this export created is removed too
+    (tmp_path / "m").mkdir()  # an existing base directory stays, empty
     with pytest.raises(ExportError, match="EagerPyFunc"):
         export_saved_model(model, tmp_path / "m")
     assert os.listdir(tmp_path / "m") == []

@@ -34,6 +34,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfemb.data.schema import Schema, _as_key
+from tfemb.errors import DataError
 from tfemb.export import ops_check, quantize, warmup
 from tfemb.export import report as export_report
 from tfemb.layers.embedding_scheme import dtype_bytes
@@ -219,8 +220,9 @@ def raw_inputs(schema, rows, names=None):
         names: the features to encode; default every feature of the schema.
 
     Categorical values become text (strings as they are, ints as decimal text) or int64 as the signature
-    takes them; a missing int value becomes ``MISSING_INT`` (never a vocabulary value, so it maps to OOV like a
-    missing value in ``Schema.transform``). Multi-hot lists are joined with the feature's separator; numbers
+    takes them (a value for an int vocabulary that is no integer, e.g. ``"106"`` from a CSV read as text, is a
+    ``DataError``, as in ``Schema.transform``); a missing int value becomes ``MISSING_INT`` (never a vocabulary
+    value, so it maps to OOV like a missing value in ``Schema.transform``). Multi-hot lists are joined with the feature's separator; numbers
     become float32 (None / empty -> NaN).
     """
     names = schema.names if names is None else list(names)
@@ -232,7 +234,13 @@ def raw_inputs(schema, rows, names=None):
             _, _, dtype = vocabulary_keys(f)
             if dtype == "int64":
                 keys = [_as_key(v.decode("utf-8") if isinstance(v, bytes) else v) for v in cells]
-                out[name] = np.asarray([k if isinstance(k, int) else MISSING_INT for k in keys], dtype=np.int64)
+                for row, (key, value) in enumerate(zip(keys, cells)):
+                    if key is not None and not isinstance(key, int):  # as Schema.transform: not silently OOV
+                        raise DataError(
+                            f"feature {name!r}: value {value!r} ({type(value).__name__}) in row {row} is not an "
+                            "integer, and the vocabulary of this feature holds ints; convert the column (e.g. "
+                            "df[column].astype('Int64')), or pass None / NaN for a missing value")
+                out[name] = np.asarray([MISSING_INT if k is None else k for k in keys], dtype=np.int64)
             else:
                 out[name] = np.asarray([_text(v) for v in cells], dtype=object)
         elif f.kind == "multi_hot":
@@ -575,7 +583,7 @@ def _renameat2(src, dst, flags):
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     if err in (errno.EEXIST, errno.ENOTEMPTY):
-        raise FileExistsError(err, os.strerror(err), dst)
+        raise FileExistsError(f"{dst} already exists; pass overwrite=True to replace it")
     raise OSError(err, os.strerror(err), dst)
 
 
@@ -739,13 +747,21 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     table_dtype = quantize.check_table_dtype(table_dtype)
     optimize_for = check_optimize_for(optimize_for)
     export_dir = os.path.abspath(os.fspath(export_dir))
-    os.makedirs(export_dir, exist_ok=True)
     auto = version is None
-    version = next_version(export_dir) if auto else _check_version(version)
+    if not auto:
+        version = _check_version(version)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ExportError(f"export_dir {export_dir} is a file, not a directory (the model's base path, which holds "
+                          "its integer version directories)")
+    created = not os.path.exists(export_dir)
+    os.makedirs(export_dir, exist_ok=True)
+    if auto:
+        version = next_version(export_dir)
     target = os.path.join(export_dir, str(version))
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
+    published = False
     try:
         _write_version(model, tmp, table_dtype, warmup_rows, fixed_reference, os.path.basename(export_dir),
                        optimize_for)
@@ -763,9 +779,12 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
                 target = os.path.join(export_dir, str(version))
         else:
             raise ExportError(f"{export_dir}: could not claim a new version number")
+        published = True
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        if created and not published and not os.listdir(export_dir):  # a failed first export leaves nothing
+            os.rmdir(export_dir)
     return target
 
 

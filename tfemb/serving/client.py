@@ -30,6 +30,14 @@ _NP_FOR_DT = {
     "DT_STRING": object,
 }
 
+#: What a missing value of an int64 [batch] input becomes: int64 min, never a vocabulary value, so the export maps
+#: it to the OOV id 0. The same value as ``tfemb.export.saved_model.MISSING_INT`` (not imported: that module loads
+#: TensorFlow, and REST must not).
+MISSING_INT = np.iinfo(np.int64).min
+#: Separator joining the values of a list cell sent to a [batch] string input (``MultiHotFeature.separator``'s
+#: default); ``Client(separators=...)`` sets another per input.
+DEFAULT_SEPARATOR = "|"
+
 
 class ServingError(Exception):
     """A request the server refused or could not be reached for.
@@ -68,6 +76,17 @@ class Client:
         retries: further attempts when the server is unavailable (connection refused or reset, HTTP 503,
             gRPC UNAVAILABLE), with exponential backoff. Other errors are raised at once.
         backoff: seconds before the first retry; doubled each time.
+        separators: the separator of each multi-hot input whose feature does not use ``"|"`` (``{input: sep}``,
+            or one string for all): list cells of a [batch] string input are joined with it, as
+            ``tfemb.export.raw_inputs`` joins them with the feature's separator.
+
+    A DataFrame, a dict of columns or row dicts is sent the way ``load_export(path).predict(frame)`` calls the
+    export (``tfemb.export.raw_inputs``): the client reads the signature from the model's metadata (once per
+    signature; cached), keeps only the signature's inputs (a label column or other extra columns are dropped) and
+    converts every [batch] input to the signature's dtype: missing values (NaN, None, ``pd.NA``) become ``""``
+    for string inputs, ``MISSING_INT`` for int64 inputs (both map to the OOV id) and NaN for float inputs; list
+    cells of a string input are joined with the separator; floats holding ints (an int column with a NaN, read
+    by pandas as float64) become int64. Other inputs (e.g. [batch, k]) and bare arrays are sent as given.
 
     Example:
 
@@ -78,7 +97,7 @@ class Client:
     """
 
     def __init__(self, url=None, grpc_target=None, *, model_name, version=None, label=None, timeout=10.0,
-                 retries=3, backoff=0.2):
+                 retries=3, backoff=0.2, separators=None):
         if url is None and grpc_target is None:
             raise ValueError("Client needs url (REST) or grpc_target (gRPC). Received neither.")
         if not model_name:
@@ -96,6 +115,10 @@ class Client:
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
+        if separators is not None and not isinstance(separators, (str, dict)):
+            raise ValueError(f"separators must be a string or a dict {{input: separator}}. "
+                             f"Received: {type(separators).__name__}")
+        self.separators = separators
         self._local = threading.local()  # one keep-alive HTTP connection per thread
         self._grpc_lock = threading.Lock()
         self._channel = None
@@ -114,8 +137,10 @@ class Client:
         """Run a signature on a batch; returns ``{output name: np.ndarray}`` whatever the transport.
 
         Args:
-            data: a pandas DataFrame (one column per input), a dict ``{input: list | array}``, a list of row
-                dicts, or one array / list for a single-input signature.
+            data: a pandas DataFrame (one column per input; other columns, e.g. the label, are dropped), a dict
+                ``{input: list | array}``, a list of row dicts, or one array / list for a single-input signature
+                (sent as given). Raw values are converted as ``load_export(path).predict`` converts them (see
+                the class docstring).
             signature_name: the SignatureDef to run (``"serving_default"`` takes raw feature values,
                 ``"encoded"`` takes int64 ids).
             format: REST body form: ``"columnar"`` (``{"inputs": ...}``) or ``"row"`` (``{"instances": ...}``).
@@ -125,7 +150,11 @@ class Client:
         if format not in ("columnar", "row"):
             raise ValueError(f"format must be 'columnar' or 'row'. Received: format={format!r}")
         transport = self._transport(transport)
-        columns = _columns(data)
+        raw = _raw_columns(data)
+        if raw is None:  # one array / list for a single-input signature: sent as given
+            columns = _columns(data)
+        else:
+            columns = self._convert(raw, signature_name, transport)
         if transport == "grpc":
             return self._grpc_predict(columns, signature_name, output_filter)
         if output_filter:
@@ -174,6 +203,41 @@ class Client:
                 side: {name: (info.get("dtype", "DT_INVALID"), _dims(info)) for name, info in
                        sigdef.get(side, {}).items()} for side in ("inputs", "outputs")}
         return self._signatures[key]
+
+    def _input_spec(self, signature_name, transport):
+        """``{input: (dtype, dims)}`` from the cached metadata; None when a REST server will not give it."""
+        try:
+            return self.signature(signature_name, transport)["inputs"]
+        except ServingError as exc:
+            # gRPC tensors need the dtypes. Over REST, a server that answers no metadata (or no such
+            # signature) still gets the request as given and answers with its own error.
+            if transport == "grpc" or exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                raise
+            return None
+
+    def _separator(self, name):
+        if isinstance(self.separators, str):
+            return self.separators
+        return (self.separators or {}).get(name, DEFAULT_SEPARATOR)
+
+    def _convert(self, raw, signature_name, transport):
+        """Raw columns → ``{input: np.ndarray}`` for the signature, as ``tfemb.export.raw_inputs`` builds them."""
+        spec = self._input_spec(signature_name, transport)
+        if spec is None:
+            return {name: _stack(_as_array(values)) for name, values in raw.items()}
+        present = [name for name in spec if name in raw]
+        if not present:
+            raise ValueError(f"signature {signature_name!r} of model {self.model_name} takes inputs {sorted(spec)}; "
+                             f"the data has none of them: {sorted(raw)}")
+        # An input missing from the data is left out: the server's error names it (as TF Serving's does).
+        columns = {}
+        for name in present:
+            dtype, dims = spec[name]
+            if dims == [-1] and dtype in _RAW_DTYPES:
+                columns[name] = _raw_column(name, raw[name], dtype, self._separator(name))
+            else:
+                columns[name] = _stack(_as_array(raw[name]))
+        return columns
 
     def close(self):
         conn = getattr(self._local, "conn", None)
@@ -401,25 +465,160 @@ class Client:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _columns(data):
-    """DataFrame / dict / row dicts → ``{name: np.ndarray}``; anything else → one array (single input)."""
+def _raw_columns(data):
+    """DataFrame / dict / row dicts → ``{name: column}`` (an array or a list of raw cells); None for anything else.
+
+    A Series becomes its array; other values are kept as given (``_raw_column`` takes a scalar as one row).
+    """
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(data, pd.DataFrame):
-        return {str(col): _stack(data[col].to_numpy()) for col in data.columns}
+        return {str(col): data[col].to_numpy() for col in data.columns}
     if isinstance(data, dict):
         if not data:
             raise ValueError("data is an empty dict: give one entry per model input")
-        return {str(k): _stack(np.asarray(v) if not isinstance(v, np.ndarray) else v) for k, v in data.items()}
+        out = {}
+        for key, values in data.items():
+            if pd is not None and isinstance(values, (pd.Series, pd.Index)):
+                values = values.to_numpy()
+            out[str(key)] = values
+        return out
     if isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
         names = list(data[0])
         for i, row in enumerate(data):
             if set(row) != set(names):
                 raise ValueError(f"row {i} has keys {sorted(row)}; row 0 has {sorted(names)}")
-        return {name: _stack(_object_or_array([row[name] for row in data])) for name in names}
+        return {str(name): [row[name] for row in data] for name in names}
+    return None
+
+
+def _as_array(values):
+    if isinstance(values, np.ndarray):
+        return values
+    return _object_or_array(list(values) if isinstance(values, tuple) else values)
+
+
+def _columns(data):
+    """One array / list (a single-input signature) → ``np.ndarray``; other data goes through ``_raw_columns``."""
     if isinstance(data, (list, tuple, np.ndarray)):
         return np.asarray(data) if not isinstance(data, np.ndarray) else data
     raise TypeError(f"data must be a DataFrame, a dict of columns, a list of row dicts or an array. "
                     f"Received: {type(data).__name__}")
+
+
+# Raw values → the [batch] inputs of a raw signature, by the rules of ``tfemb.export.raw_inputs`` (which loads
+# TensorFlow with ``tfemb.export``, so they are restated here; tests/test_client_inputs.py checks that both
+# agree): the signature's dtype stands for the feature kind (string: categorical as text or multi-hot;
+# int64: categorical with int keys; float: numeric).
+_RAW_DTYPES = ("DT_STRING", "DT_INT64", "DT_FLOAT", "DT_DOUBLE")
+
+
+def _is_missing(value):
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return value != value  # NaN
+    return type(value).__name__ in ("NAType", "NaTType")  # pd.NA, pd.NaT
+
+
+def _key(value):
+    """``tfemb.data.schema._as_key``: ints stay ints, floats that are ints become ints, missing → None, else str."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if value != value:
+            return None
+        return int(value) if float(value).is_integer() else str(value)
+    if _is_missing(value):
+        return None
+    text = str(value)
+    return text if text != "" else None
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    key = _key(value)
+    return "" if key is None else str(key)
+
+
+def _raw_column(name, values, dtype, separator):
+    """One [batch] input from raw cells, cast to the signature's dtype (see ``_RAW_DTYPES``)."""
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        values = [values]  # one row
+    arr = values if isinstance(values, np.ndarray) else None
+    if arr is not None and arr.ndim == 2 and dtype == "DT_STRING":
+        arr, cells, kind = None, list(arr), "O"  # one list cell per row (multi-hot)
+    elif arr is not None and arr.ndim != 1:
+        return _stack(arr)  # an already shaped input: sent as given
+    else:
+        cells = arr.tolist() if arr is not None else list(values)
+        kind = arr.dtype.kind if arr is not None else "O"
+    if dtype == "DT_STRING":
+        if kind in "US":
+            return arr.astype(object)  # bytes stay bytes ({"b64": ...} in JSON), the same tensor value
+        out = np.empty(len(cells), dtype=object)
+        for i, cell in enumerate(cells):
+            if isinstance(cell, bytes):
+                out[i] = cell
+            elif isinstance(cell, (list, tuple, np.ndarray)):  # multi-hot list cell
+                out[i] = separator.join(t for t in (_text(v) for v in cell) if t)
+            elif isinstance(cell, str):
+                out[i] = cell
+            else:
+                out[i] = _text(cell)
+        return out
+    if dtype == "DT_INT64":
+        if kind in "iu":
+            return arr.astype(np.int64, copy=False)
+        if kind == "b":
+            return arr  # not a raw categorical (bool vocabularies take text): cast as given
+        if kind == "f":
+            whole = np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0 ** 63)
+            wrong = ~whole & ~np.isnan(arr)
+            if wrong.any():
+                _wrong_int(name, int(np.flatnonzero(wrong)[0]), arr[wrong][0].item())
+            ints = np.full(arr.shape, MISSING_INT, dtype=np.int64)
+            ints[whole] = arr[whole].astype(np.int64)
+            return ints
+        keys = [_key(c.decode("utf-8") if isinstance(c, bytes) else c) for c in cells]
+        for row, (key, cell) in enumerate(zip(keys, cells)):
+            if key is not None and not isinstance(key, int):
+                _wrong_int(name, row, cell)
+        return np.asarray([MISSING_INT if k is None else k for k in keys], dtype=np.int64)
+    target = _NP_FOR_DT[dtype]  # float: numbers as they are, missing / blank → NaN
+    if kind in "fiub":
+        return arr.astype(target, copy=False)
+    numbers = [_number(c) for c in cells]
+    if any(n is None for n in numbers):  # text that is no number: the server (REST) or _cast (gRPC) refuses it
+        return _object_or_array([c if n is None else n for c, n in zip(cells, numbers)])
+    return np.asarray(numbers, dtype=target)
+
+
+def _wrong_int(name, row, value):
+    """A value for an int-keyed categorical input that is neither an integer nor missing: as
+    ``Schema.transform``, an error (it would map to the OOV id silently, e.g. a CSV column read as text)."""
+    raise ValueError(f"input {name!r}: value {value!r} ({type(value).__name__}) in row {row} is not an integer, "
+                     "and the model's vocabulary of this feature holds ints; convert the column (e.g. "
+                     "df[column].astype('Int64')), or send None / NaN for a missing value")
+
+
+def _number(value):
+    """A float, NaN for a missing or blank value, None for a value that is no number."""
+    if _is_missing(value):
+        return float("nan")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str) and value.strip() == "":
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _object_or_array(values):
@@ -471,6 +670,8 @@ def _json_leaf(value):
         return value.item()
     if isinstance(value, np.ndarray):
         return _jsonable(value)
+    if _is_missing(value) and not isinstance(value, float):
+        return None  # pd.NA / pd.NaT are no JSON values; NaN is (TF Serving reads it)
     return value
 
 
