@@ -158,6 +158,23 @@ def test_train_then_export(tmp_path, capsys):
     assert "--warmup-rows: no file at" in capsys.readouterr().err
     assert sorted(p.name for p in exports.iterdir()) == ["1", "2"]
     assert cli.main(["export", str(run), str(exports), "--version", "1", "--overwrite"]) == 0
+    (tmp_path / "afile").write_text("x")  # EXPORT_DIR is a file, or under one
+    assert cli.main(["export", str(run), str(tmp_path / "afile")]) == 2
+    assert "afile is a file, not a directory" in capsys.readouterr().err
+    assert cli.main(["export", str(run), str(tmp_path / "afile" / "sub")]) == 2
+    assert "Not a directory" in capsys.readouterr().err
+    assert cli.main(["export", str(run), str(tmp_path / "fresh"), "--version", "-3"]) == 2
+    assert "version must be an int >= 0" in capsys.readouterr().err
+    assert cli.main(["export", str(run), str(tmp_path / "fresh"), "--warmup-rows", str(run / "result.json")]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "fresh").exists()  # a failed first export leaves no empty base directory
+    corrupt = tmp_path / "corrupt"  # a truncated model.keras is named as such, not as "file not found"
+    corrupt.mkdir()
+    (corrupt / "model.keras").write_bytes((run / "model.keras").read_bytes()[:2000])
+    for command in (["export", str(corrupt), str(exports)], ["inspect", str(corrupt)]):
+        assert cli.main(command) == 2
+        assert "model.keras is not a valid .keras archive (a zip file): corrupt or truncated?" in \
+            capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -168,6 +185,56 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["train", "--config", str(bad)]) == 2
     assert "data.source must be one of" in capsys.readouterr().err
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+TINY = ("name: tiny\n"
+        "data: {source: synthetic_ctr, params: {num_rows: 1000, seed: 2}}\n"
+        "model: {name: fm, embedding_dim: 4}\n"
+        "train: {epochs: 1, batch_size: 256, verbose: 0}\n")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"trian": {"epochs": 1}}, "unknown top-level key(s) ['trian']"),
+    ({"train": {"epocs": 1}}, "unknown key(s) train.epocs; known keys of train: "),
+    ({"data": {"split": {"fraction": [0.5, 0.5]}}}, "unknown key(s) data.split.fraction"),
+    ({"train": {"early_stopping": {"monitr": "val_auc"}}}, "unknown key(s) train.early_stopping.monitr"),
+    ({"pep": {"target": [0.25]}}, "unknown key(s) pep.target"),
+    ({"model": "deepfm"}, "model must be a mapping. Received: model='deepfm'"),
+    ({"data": [1, 2]}, "data must be a mapping. Received: data=[1, 2]"),
+    ({"train": {"epochs": 0}}, "train.epochs must be an int >= 1. Received: epochs=0"),
+    ({"train": {"epochs": "two"}}, "train.epochs must be an int >= 1. Received: epochs='two'"),
+    ({"train": {"batch_size": 51.5}}, "train.batch_size must be an int >= 1. Received: batch_size=51.5"),
+    ({"train": {"learning_rate": -1}}, "train.learning_rate must be a number > 0. Received: learning_rate=-1"),
+    ({"data": {"params": {"num_row": 10}}}, "data.params of source 'synthetic_ctr'"),
+    ({"data": {"source": "csv", "params": {"schema": {}}}}, "data.params.path is required for source csv"),
+    ({"embedding": {"scheme": "double_hashing", "params": {"compresion": 4}}},
+     "embedding scheme 'double_hashing' (params {'compresion': 4})"),
+    ({"train": {"early_stopping": {"monitor": "val_acu"}}},
+     "train.early_stopping.monitor must be one of ['loss', 'auc'"),
+])
+def test_config_mistakes_are_named_before_training(tmp_path, capsys, edit, message):
+    """A typo in a recipe must not silently run with other settings: each mistake names the key and value."""
+    import yaml
+
+    cfg = experiment.merge(yaml.safe_load(TINY), {})
+    for key, value in edit.items():
+        cfg[key] = experiment.merge(cfg.get(key) or {}, value) if isinstance(value, dict) and isinstance(
+            cfg.get(key), dict) else value
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (out / "model.keras").exists()
+
+
+def test_epochs_override_is_checked(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    for value in ("0", "-2"):
+        assert cli.main(["train", "--config", str(recipe), "--epochs", value, "--out", str(tmp_path / "r")]) == 2
+        assert f"train.epochs must be an int >= 1. Received: epochs={value}" in capsys.readouterr().err
 
 
 def test_config_merge_keeps_defaults():

@@ -15,7 +15,8 @@ def cmd_train(args):
 
     cfg = experiment.load_config(args.config)
     if args.epochs is not None:
-        cfg["train"]["epochs"] = args.epochs
+        cfg["train"]["epochs"] = experiment.check_config(
+            {**cfg, "train": {**cfg["train"], "epochs": args.epochs}}, where="--epochs")["train"]["epochs"]
     out_dir = args.out or os.path.join("runs", cfg["name"])
     result = experiment.run(cfg, out_dir=out_dir)
     result.pop("_model")
@@ -55,6 +56,10 @@ def load_saved_model(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no saved model at {path}: expected a .keras file or a run directory "
                                 "(tfemb train writes <run>/model.keras)")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # Keras would report a truncated archive as "File not found"
+        raise ValueError(f"{path} is not a valid .keras archive (a zip file): corrupt or truncated?")
     return keras.models.load_model(path, compile=False)  # export and inspect need no optimizer or loss
 
 
@@ -113,7 +118,9 @@ def cmd_export(args):
                                   table_dtype=args.table_dtype, warmup_rows=None if rows is None else rows.head(64),
                                   fixed_reference=reference, optimize_for=args.optimize_for)
     except FileExistsError as exc:
-        raise FileExistsError(f"{exc.args[0].split(';')[0]}; --overwrite replaces it") from exc
+        if exc.errno is not None:  # from the OS (e.g. EXPORT_DIR is a file), not an existing version
+            raise
+        raise FileExistsError(f"{str(exc).split(';')[0]}; --overwrite replaces it") from exc
     report = inspect_export(path)
     if args.json:
         print(json.dumps({"path": path, "report": report}, indent=2))
@@ -191,7 +198,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # OSError: a missing file, a path that is a file, ...
         print(f"tfemb {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

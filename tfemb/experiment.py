@@ -67,6 +67,63 @@ def merge(base, override):
     return out
 
 
+#: Keys each section of a recipe may hold (``check_config``); ``*.params`` are checked by what they are passed to.
+SECTION_KEYS = {
+    "data": {"source", "params", "split"},
+    "data.split": {"method", "fractions", "seed", "time_column", "user_column", "test_fraction", "val_fraction"},
+    "model": {"name", "embedding_dim", "params"},
+    "embedding": {"scheme", "params"},
+    "train": set(DEFAULTS["train"]),
+    "train.early_stopping": {"monitor", "mode", "patience", "min_delta", "baseline", "start_from_epoch"},
+    "pep": {"targets", "retrain", "retrain_target", "check_every", "search_epochs", "search_learning_rate"},
+    "autoemb": {"mode", "validation", "controller_optimizer", "controller_learning_rate"},
+}
+
+
+def _positive_int(value, key):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{key} must be an int >= 1. Received: {key.rsplit('.', 1)[-1]}={value!r}")
+    return int(value)
+
+
+def check_config(cfg, where="config"):
+    """``DataError`` naming the key and the value for a recipe (already merged with ``DEFAULTS``) that would
+    otherwise run with other settings than written: an unknown key (a typo such as ``train.epocs`` silently kept
+    the default), a section that is not a mapping, a non-positive or non-integer ``epochs`` / ``batch_size`` /
+    ``embedding_dim``, a non-positive learning rate. Returns ``cfg``."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise DataError(f"{where}: unknown top-level key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    for section, known in SECTION_KEYS.items():
+        parent, _, child = section.partition(".")
+        value = cfg.get(parent)
+        if child:
+            value = value.get(child) if isinstance(value, dict) else None
+        if value is None and section in ("pep", "autoemb", "data.split", "train.early_stopping"):
+            continue
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: {section} must be a mapping. Received: {section}={value!r}")
+        bad = sorted(set(value) - known)
+        if bad:
+            raise DataError(f"{where}: unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; known keys of "
+                            f"{section}: {sorted(known)}")
+    for section in ("data", "model", "embedding"):
+        params = cfg[section].get("params")
+        if params is not None and not isinstance(params, dict):
+            raise DataError(f"{where}: {section}.params must be a mapping. Received: {section}.params={params!r}")
+    train = cfg["train"]
+    _positive_int(train["epochs"], "train.epochs")
+    _positive_int(train["batch_size"], "train.batch_size")
+    _positive_int(cfg["model"].get("embedding_dim", 16), "model.embedding_dim")
+    for key in ("learning_rate", "embedding_learning_rate"):
+        value = train.get(key)
+        if value is None and key == "embedding_learning_rate":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise DataError(f"{where}: train.{key} must be a number > 0. Received: {key}={value!r}")
+    return cfg
+
+
 def load_config(path):
     """Reads a YAML (or JSON) recipe and fills in the defaults."""
     import yaml
@@ -81,7 +138,7 @@ def load_config(path):
         raise DataError(f"config {path} is not valid YAML: {exc}") from exc
     if not isinstance(cfg, dict):
         raise DataError(f"config {path} must be a mapping at the top level. Received: {type(cfg).__name__}")
-    return merge(DEFAULTS, cfg)
+    return check_config(merge(DEFAULTS, cfg), where=f"config {path}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -109,6 +166,10 @@ def _source_frame(source, params):
         nrows = params.pop("nrows", None)
         return tfdata.read_criteo(path, nrows=nrows), tfdata.criteo_schema(**params)
     if source == "csv":
+        missing = [key for key in ("path", "schema") if key not in params]
+        if missing:
+            raise DataError(f"data.params.{missing[0]} is required for source csv (the file, and the arguments of "
+                            f"tfemb.data.schema_from_dataframe). Received: params={params}")
         path = params.pop("path")
         schema_cfg = params.pop("schema")
         return tfdata.read_csv(path), tfdata.schema_from_dataframe(None, **schema_cfg)
@@ -159,7 +220,11 @@ class PreparedData:
 
 
 def prepare_data(data_cfg):
-    df, schema = _source_frame(data_cfg["source"], data_cfg.get("params"))
+    try:
+        df, schema = _source_frame(data_cfg["source"], data_cfg.get("params"))
+    except TypeError as exc:  # e.g. a misspelt parameter: "got an unexpected keyword argument 'num_row'"
+        raise DataError(f"data.params of source {data_cfg['source']!r} ({data_cfg.get('params')}): {exc}") from exc
+
     train, val, test = split_frame(df, data_cfg.get("split"), schema)
     schema.fit(train)
     return PreparedData(schema, {"train": train, "val": val, "test": test})
@@ -189,15 +254,20 @@ def build_model(schema, model_cfg, embedding_cfg, train_cfg=None):
     dim = int(model_cfg.get("embedding_dim", 16))
     emb_params = dict(embedding_cfg.get("params") or {})
     emb_params.setdefault("output_dim", dim)
-    factory = scheme_factory_for(schema, embedding_cfg.get("scheme", "fixed"), emb_params)
-    return cls(
-        schema,
-        embeddings=factory,
-        embedding_dim=dim,
-        embedding_optimizer=train_cfg.get("embedding_optimizer"),
-        embedding_learning_rate=train_cfg.get("embedding_learning_rate"),
-        **(model_cfg.get("params") or {}),
-    )
+    scheme = embedding_cfg.get("scheme", "fixed")
+    try:
+        factory = scheme_factory_for(schema, scheme, emb_params)
+        return cls(
+            schema,
+            embeddings=factory,
+            embedding_dim=dim,
+            embedding_optimizer=train_cfg.get("embedding_optimizer"),
+            embedding_learning_rate=train_cfg.get("embedding_learning_rate"),
+            **(model_cfg.get("params") or {}),
+        )
+    except (TypeError, ValueError) as exc:  # name the sections a misspelt or missing parameter came from
+        raise DataError(f"model {model_cfg['name']!r} (params {model_cfg.get('params') or {}}) with embedding "
+                        f"scheme {scheme!r} (params {embedding_cfg.get('params') or {}}): {exc}") from exc
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -213,12 +283,20 @@ class EpochLog(keras.callbacks.Callback):
         self._log(f"        epoch {epoch + 1}: " + ", ".join(parts))
 
 
-def _callbacks(train_cfg, out_dir, has_val, log=None):
+def _callbacks(train_cfg, out_dir, has_val, log=None, task=None):
     cbs = [EpochLog(log)] if log is not None else []
     es = train_cfg.get("early_stopping")
     if es and has_val:
         es = dict(es)
         monitor = es.pop("monitor", "val_loss")
+        if task is not None:  # Keras only warns about an unknown monitor, and then never stops early
+            from tfemb.tasks import task_metrics
+
+            names = ["loss"] + [m.name for m in task_metrics(task)]
+            known = names + [f"val_{n}" for n in names]
+            if monitor not in known:
+                raise DataError(f"train.early_stopping.monitor must be one of {known} for a {task} model. "
+                                f"Received: monitor={monitor!r}")
         mode = es.pop("mode", "max" if monitor.endswith(("auc", "accuracy")) else "min")
         cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, restore_best_weights=True,
                                                  patience=es.pop("patience", 2), **es))
@@ -296,7 +374,7 @@ def _pep_search(model, cfg, train_ds, log=None):
 
 def run(cfg, prepared=None, out_dir=None, log=None):
     """Trains and evaluates one config; returns a result dict (and writes it to ``out_dir`` when given)."""
-    cfg = merge(DEFAULTS, cfg)
+    cfg = check_config(merge(DEFAULTS, cfg), where=f"config {cfg.get('name', '')!r}".rstrip())
     tf.keras.utils.set_random_seed(int(cfg.get("seed", 0)))
     prepared = prepared or prepare_data(cfg["data"])
     train_cfg = cfg["train"]
@@ -307,6 +385,7 @@ def run(cfg, prepared=None, out_dir=None, log=None):
     has_val = prepared.num_rows("val") > 0
     train_ds = prepared.dataset("train", batch, shuffle=True, seed=int(cfg.get("seed", 0)))
     val_ds = prepared.dataset("val", batch) if has_val else None
+    callbacks = _callbacks(train_cfg, out_dir, has_val, log, model.task)  # checked before any training
     pep = None
     if cfg.get("pep"):  # PEP: search with snapshots, then the fit below retrains the snapshot's lottery ticket
         model, pep = _pep_search(model, cfg, train_ds, log)
@@ -319,12 +398,11 @@ def run(cfg, prepared=None, out_dir=None, log=None):
         if not autoemb_layers(model):
             raise ValueError("config 'autoemb' needs embedding.scheme 'autoemb'. Received: "
                              f"scheme={cfg['embedding']['scheme']!r}")
-        history = fit_experiment(model, cfg, train_ds, val_ds, callbacks=_callbacks(train_cfg, out_dir, has_val, log),
+        history = fit_experiment(model, cfg, train_ds, val_ds, callbacks=callbacks,
                                  verbose=train_cfg.get("verbose", 1))
     else:
         history = model.fit(train_ds, validation_data=val_ds, epochs=int(train_cfg["epochs"]), shuffle=False,
-                            callbacks=_callbacks(train_cfg, out_dir, has_val, log),
-                            verbose=train_cfg.get("verbose", 1))
+                            callbacks=callbacks, verbose=train_cfg.get("verbose", 1))
     seconds = time.perf_counter() - start
     epochs_run = len(history.history.get("loss", []))
     test_split = "test" if prepared.num_rows("test") else "val"
