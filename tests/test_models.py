@@ -134,6 +134,14 @@ def test_model_builds_trains_saves_and_reloads(name, task, df, tmp_path):
     reloaded = keras.models.load_model(path)
     assert type(reloaded) is type(model)
     np.testing.assert_allclose(predict(reloaded, x), predict(model, x), atol=ATOL)
+    # Reloaded compiled, with the optimizer's state: it evaluates as the original and resumes training.
+    assert int(reloaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) > 0
+    data = make_dataset(x, y, batch_size=80)
+    want = model.evaluate(data, verbose=0, return_dict=True)
+    got = reloaded.evaluate(data, verbose=0, return_dict=True)
+    assert set(got) == set(want)
+    np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], atol=1e-5)
+    assert np.isfinite(reloaded.fit(data, epochs=1, verbose=0).history["loss"]).all()
 
 
 def test_models_registry():

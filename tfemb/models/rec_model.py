@@ -197,6 +197,17 @@ class RecModel(keras.Model):
             except (TypeError, ValueError):  # a schedule: keep the optimizer's default
                 pass
 
+    def compile_from_config(self, config):
+        """Recompiles a reloaded model (``keras.models.load_model``) with the saved optimizer, loss and metrics, as
+        Keras does for a model whose ``compile`` is not overridden (Keras skips it for an overridden one, leaving a
+        reloaded model that cannot ``evaluate`` or resume ``fit``). The optimizer is built so that its saved state
+        loads; a row-sparse ``embedding_optimizer`` starts with fresh slots."""
+        # The saving library's deserializer (tf.keras under Keras 3 has no keras.saving; keras.utils' is that one).
+        config = getattr(keras, "saving", keras.utils).deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built and getattr(self, "optimizer", None) is not None and hasattr(self.optimizer, "build"):
+            self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------------------------------------------------ training
     def sparse_variables(self):
         """Embedding-table variables updated by ``embedding_optimizer`` (when set)."""
