@@ -406,6 +406,9 @@ LAYERS = {
 def test_bad_ids_name_the_field_and_value(scheme):
     with pytest.raises(TypeError, match=r"ids must be an integer tensor. Received: dtype=float32"):
         LAYERS[scheme]()(tf.constant([1.0, 2.0]))
+    for ragged in (tf.ragged.constant([[1, 2], [3]], dtype=tf.int64), tf.sparse.from_dense(tf.constant([[1, 2]]))):
+        with pytest.raises(TypeError, match=f"ids must be a dense integer tensor.*Received: {type(ragged).__name__}"):
+            LAYERS[scheme](combiner="mean")(ragged)
     # The offending values and their positions, also when they are not among the first entries of the batch.
     ids = np.zeros(100, np.int64)
     ids[[60, 97]] = [30, 777]

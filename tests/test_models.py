@@ -442,6 +442,13 @@ def test_clear_errors(df):
         FactorizationMachine(schema, embeddings={"c1": FixedEmbedding(9, 5)}, embedding_dim=5)
     with pytest.raises(ValueError, match="output_dim=4; this model needs embedding_dim=5"):
         DeepFM(schema, embeddings=lambda name, size, freq: FixedEmbedding(size, 4), embedding_dim=5)
+    size = schema.vocabulary_size("c1")
+    shared = FixedEmbedding(size, 5, name="shared")  # one object for two features: refused, not counted twice
+    two = Schema([CategoricalFeature("c1"), CategoricalFeature("c1_again", column="c1")],
+                 Label("click")).fit(df)
+    with pytest.raises(ValueError, match="the same FixedEmbedding object \\('shared'\\) was given for features 'c1' "
+                                         "and 'c1_again': each feature needs its own embedding layer"):
+        FactorizationMachine(two, embeddings={"c1": shared, "c1_again": shared}, embedding_dim=5)
     model = WideAndDeep(schema, embedding_dim=5, dnn_units=(3,))
     x, _ = schema.transform(df)
     with pytest.raises(KeyError, match="missing input feature 'n2'"):

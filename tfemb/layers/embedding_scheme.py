@@ -158,6 +158,11 @@ class EmbeddingScheme(keras.layers.Layer):
         return sparse_gather(table, rows)
 
     def call(self, ids):
+        if isinstance(ids, (tf.RaggedTensor, tf.SparseTensor)):
+            raise TypeError(
+                f"{self.name}: ids must be a dense integer tensor; multi-hot lists are padded with -1 to "
+                f"[batch, max_length] (as tfemb.data's pipelines do) and pooled by the layer's combiner (e.g. "
+                f"ragged.to_tensor(default_value=-1) with combiner='mean'). Received: {type(ids).__name__}")
         ids = tf.convert_to_tensor(ids)
         if not ids.dtype.is_integer:
             raise TypeError(

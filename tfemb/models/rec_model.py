@@ -67,8 +67,18 @@ class RecModel(keras.Model):
         self.sparse_names, self.dense_names = self._input_features()
         self.embedding_layers = {}
         if self.uses_embeddings:
+            owner = {}  # id(layer) -> the feature it was given for
             for name in self.sparse_names:
                 layer = self._make_scheme(name, embeddings)
+                if id(layer) in owner:
+                    # Each feature has its own vocabulary (its ids mean different values), and a saved model or
+                    # an export stores one table per feature: a table shared in memory would silently come
+                    # back as two after a reload, and be counted twice in the size reports.
+                    raise ValueError(
+                        f"the same {type(layer).__name__} object ({layer.name!r}) was given for features "
+                        f"{owner[id(layer)]!r} and {name!r}: each feature needs its own embedding layer (pass a "
+                        "factory, e.g. scheme_factory(...), or one layer per feature)")
+                owner[id(layer)] = name
                 self.embedding_layers[name] = layer
         # Keras tracks layers held in a dict attribute; keep a list too for a stable order.
         self.embedding_names = [n for n in self.sparse_names if n in self.embedding_layers]
