@@ -242,3 +242,34 @@ def test_config_merge_keeps_defaults():
     assert cfg["train"]["epochs"] == 7 and cfg["train"]["batch_size"] == experiment.DEFAULTS["train"]["batch_size"]
     with pytest.raises(Exception, match="data.source must be one of"):
         experiment.prepare_data({"source": "nowhere"})
+
+
+def test_csv_recipe_sets_feature_options(tmp_path, capsys):
+    """A csv source's schema takes per-column feature options: a numeric column with missing values trains with
+    its fill_value; a misspelt option is named."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"C1": rng.choice(list("abcd"), 400), "I1": rng.random(400),
+                          "click": rng.integers(0, 2, 400)})
+    frame.loc[::7, "I1"] = np.nan
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+
+    def recipe(numeric):
+        path = tmp_path / "r.yaml"
+        path.write_text(
+            "name: csv\n"
+            f"data: {{source: csv, params: {{path: {tmp_path / 'rows.csv'}, schema: {{label: click, "
+            f"categorical: [C1], numeric: {numeric}}}}}}}\n"
+            "model: {name: lr, embedding_dim: 4}\n"
+            "train: {epochs: 1, batch_size: 128, verbose: 0}\n")
+        return str(path)
+
+    assert cli.main(["train", "--config", recipe("{I1: {fill_value: 0.0}}"), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert cli.main(["train", "--config", recipe("[I1]"), "--out", str(tmp_path / "run2")]) == 2
+    assert "set fill_value on the NumericFeature" in capsys.readouterr().err
+    assert cli.main(["train", "--config", recipe("{I1: {fil_value: 0.0}}"), "--out", str(tmp_path / "run3")]) == 2
+    assert "numeric['I1']: unknown keys ['fil_value']" in capsys.readouterr().err

@@ -674,9 +674,27 @@ class Schema:
 
 
 def schema_from_dataframe(df, label=None, categorical=None, numeric=None, multi_hot=None, **label_kwargs):
-    """A Schema for user-named columns: lists of categorical / numeric / multi-hot column names."""
-    feats = [CategoricalFeature(c) for c in (categorical or [])]
-    feats += [MultiHotFeature(c) for c in (multi_hot or [])]
-    feats += [NumericFeature(c) for c in (numeric or [])]
+    """A Schema for user-named columns.
+
+    ``categorical``, ``numeric`` and ``multi_hot`` are each a list of column names, or a mapping ``{column:
+    options}`` whose options are the feature's arguments (e.g. ``numeric={"I1": {"fill_value": 0.0, "transform":
+    "log"}}``, ``multi_hot={"genres": {"separator": "|", "max_length": 5}}``; ``None`` for the defaults): the
+    form a ``data: {source: csv, params: {schema: ...}}`` recipe can write. ``label_kwargs`` go to ``Label``.
+    """
+    feats = []
+    for kind, spec, what in ((CategoricalFeature, categorical, "categorical"), (MultiHotFeature, multi_hot,
+                                                                                 "multi_hot"),
+                             (NumericFeature, numeric, "numeric")):
+        if spec is None:
+            continue
+        if isinstance(spec, str) or not isinstance(spec, (list, tuple, dict)):
+            raise DataError(f"{what} must be a list of column names or a mapping {{column: options}}. "
+                            f"Received: {what}={spec!r}")
+        items = spec.items() if isinstance(spec, dict) else ((c, None) for c in spec)
+        for column, options in items:
+            if options is not None and not isinstance(options, dict):
+                raise DataError(f"{what}[{column!r}]: options must be a mapping of {kind.__name__} arguments. "
+                                f"Received: {options!r}")
+            feats.append(kind(**_init_kwargs(kind, {"name": column, **(options or {})}, f"{what}[{column!r}]")))
     return Schema(feats, label=None if label is None else Label(label, **label_kwargs))
 
