@@ -6,7 +6,9 @@ A config is a dict (usually a YAML recipe in ``models/``)::
     data:
       source: synthetic_ctr        # synthetic_ctr | synthetic_cf | movielens_100k | movielens_latest_small
                                    # | movielens_1m | criteo | avazu | csv
-      params: {num_rows: 100000}   # passed to the reader / generator
+      params: {num_rows: 100000}   # synthetic: the generator's; MovieLens: path, task, with_side_features and
+                                   # movielens_schema's; criteo: path, nrows, task and criteo_schema's; csv: path
+                                   # and schema (schema_from_dataframe's arguments)
       split: {method: random, fractions: [0.8, 0.1, 0.1], seed: 0}   # random | user | temporal
     model: {name: deepfm, embedding_dim: 16, params: {}}
     embedding: {scheme: fixed, params: {}}     # see tfemb.layers.SCHEMES
