@@ -91,8 +91,9 @@ def _assert_all(ok, ids, message):
         positions = tf.where(tf.logical_not(ok))[:8]  # works for ids of any (even unknown) rank
         report = tf.debugging.Assert(
             tf.constant(False),
-            [message, "offending ids (first 8):", tf.gather_nd(ids, positions), "at positions:", positions],
-            summarize=16)
+            # As text: with only string data the Assert needs no guard of its own (one branch, not two).
+            [message, "offending ids (first 8):", tf.strings.as_string(tf.gather_nd(ids, positions)),
+             "at positions:", tf.strings.as_string(positions)], summarize=16)
         with tf.control_dependencies([report]):
             return tf.identity(all_ok)
 
