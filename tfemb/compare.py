@@ -92,7 +92,8 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
 
     rows = []
     for r in results:
-        row = {"variant": r["name"]}
+        unreached = (r.get("pep") or {}).get("reached") is False  # the searched model, not a retrained ticket
+        row = {"variant": r["name"] + (" [PEP target not reached: searched model]" if unreached else "")}
         row.update({m: r["metrics"].get(m, float("nan")) for m in metric_names})
         row.update({"emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
                     "train s": f"{r['train_seconds']:.1f}", "epochs": r["epochs"]})  # one decimal in every row
