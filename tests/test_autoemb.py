@@ -1069,6 +1069,13 @@ def test_search_arguments_are_checked():
         AutoEmbSearch(model, mode="alternate")
     with pytest.raises(TypeError, match=r"Received: list"):
         AutoEmbSearch(model, validation_stream=[1, 2])
+    xt, yt = rows(0, 30)
+    unbatched = AutoEmbSearch(model, validation_stream=tf.data.Dataset.from_tensor_slices((xt, yt)))
+    unbatched.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"validation_stream must give batches \(x, y\).*call \.batch"):
+        unbatched.fit(one_batch(xt, yt), verbose=0)
+    with pytest.raises(NotImplementedError, match=r"save the searched model instead, search.rec_model.save"):
+        AutoEmbSearch(model).save("search.keras")
     with pytest.raises(RuntimeError, match=r"compile\(\) the AutoEmbSearch"):
         AutoEmbSearch(model).fit(one_batch(*rows(0, 30)), verbose=0)
     with pytest.raises(ValueError, match=r"Received: selection='both'"):
@@ -1134,8 +1141,11 @@ def test_stream_fit_without_validation_leaves_theta_and_checks_arguments():
     _, _, x, y = cf_data()
     model = compile_model(cf_model(selection="darts"), learning_rate=0.05)
     theta0 = snapshot(architecture_variables(model))
-    result = stream_fit(model, x, y, batch_size=60, validation=None, evaluate_from=61)
+    with pytest.warns(UserWarning, match=r"test period is empty: no batch starts at or after row 61"):
+        result = stream_fit(model, x, y, batch_size=60, validation=None, evaluate_from=61)
     assert [b["size"] for b in result["batches"]] == [60, 60] and result["test"]["rows"] == 0  # no batch starts >= 61
+    # An empty period has no metrics (NaN), not a perfect 0.0 MSE / loss.
+    assert all(np.isnan(v) for k, v in result["test"].items() if k != "rows"), result["test"]
     assert result["all"]["rows"] == 120
     assert_moved(theta0, snapshot(architecture_variables(model)))
     for bad in (1.0, -0.5, 120, -1):

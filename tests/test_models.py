@@ -492,3 +492,20 @@ def test_dataset_fit_kwargs_only_fills_in_shuffle_for_datasets():
     assert dataset_fit_kwargs(ds, {"epochs": 2}) == {"epochs": 2, "shuffle": False}
     assert dataset_fit_kwargs(ds, {"shuffle": True}) == {"shuffle": True}  # an explicit choice passes through
     assert dataset_fit_kwargs(np.arange(4), {"epochs": 2}) == {"epochs": 2}  # arrays: fit's default stays
+
+
+@pytest.mark.parametrize("name,task", [("fm", "binary"), ("mf", "regression")])
+def test_sample_weights_weight_the_loss_under_both_kerases(name, task, df):
+    """Keras 2 averaged [batch] outputs over their last axis before weighting, and fit on (x, y, w) failed
+    ("Can not squeeze dim[0]"); weights now apply per example, as in Keras 3."""
+    model, x, y = make_model(name, df, task)
+    model.build()
+    compile_model(model, learning_rate=0.01)
+    pred = tf.constant(model.predict(x, verbose=0))
+    y_t = tf.constant(y)
+    plain = float(model.compute_loss(x=x, y=y_t, y_pred=pred))
+    doubled = float(model.compute_loss(x=x, y=y_t, y_pred=pred, sample_weight=tf.fill([len(y)], 2.0)))
+    np.testing.assert_allclose(doubled, 2 * plain, rtol=1e-5)
+    weights = np.where(np.arange(len(y)) % 2 == 0, 1.0, 0.0).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(80)
+    assert np.isfinite(model.fit(data, epochs=1, verbose=0).history["loss"]).all()

@@ -24,6 +24,7 @@ parameters θ (a controller network, or DARTS logits). This module trains a mode
 
 import contextlib
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -31,6 +32,7 @@ import tensorflow as tf
 from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras
 from tfemb.layers.autoemb_embedding import INFERENCE_SELECTIONS, AutoEmbEmbedding
 from tfemb.layers.embedding_scheme import multi_replica
+from tfemb.models.rec_model import WeightedLossMixin
 
 #: ``"bilevel"``: θ on validation batches, W on training batches, alternating (AutoEmb, DARTS);
 #: ``"joint"``: W and θ together on the training loss (SAM).
@@ -168,6 +170,15 @@ def per_example_loss(loss, y_true, y_pred):
     return tf.reshape(values, [-1])
 
 
+def refuse_wrapper_save(search, filepath):
+    """``search.save`` of a search wrapper (``AutoEmbSearch``, ``ESAPNSearch``): the ``.keras`` file could not be
+    reloaded (the wrapper is a training procedure around ``rec_model``), so say what to save instead."""
+    raise NotImplementedError(
+        f"{type(search).__name__} is the search's training procedure, not a model to reload: save the searched "
+        f"model instead, search.rec_model.save({str(filepath)!r}) (its selected sizes and stream state included), "
+        "or export it with tfemb.export.export_saved_model(search.rec_model, ...)")
+
+
 def _iter_validation(stream):
     """``(xv, yv, has_validation)`` elements of a validation dataset (``(x, y)`` or ``(x, y, w)`` batches)."""
     if not isinstance(stream, tf.data.Dataset):
@@ -175,6 +186,13 @@ def _iter_validation(stream):
             f"validation_stream must be a tf.data.Dataset of (x, y) batches or {PREVIOUS_BATCH!r}. "
             f"Received: {type(stream).__name__}"
         )
+    spec = stream.element_spec
+    labels = spec[1] if isinstance(spec, tuple) and len(spec) >= 2 else None
+    if labels is None or not isinstance(labels, tf.TensorSpec) or labels.shape.rank == 0:
+        raise ValueError(
+            "validation_stream must give batches (x, y) or (x, y, w): call .batch(...) on it (e.g. "
+            "tfemb.data.make_dataset(x, y, batch_size=...)). Received elements with spec "
+            f"{spec if labels is None else labels}")
     return stream.map(lambda *batch: (batch[0], batch[1], tf.constant(True)))
 
 
@@ -247,7 +265,7 @@ def _build_compiled_under_strategy(search, dataset):
 
 
 # ---------------------------------------------------------------------------------------------- the search
-class AutoEmbSearch(keras.Model):
+class AutoEmbSearch(WeightedLossMixin, keras.Model):
     """Trains a ``RecModel`` whose embeddings include ``AutoEmbEmbedding`` layers: ``fit`` alternates θ and W.
 
     ``train_step`` (Keras ``fit``): in ``"bilevel"`` mode, a θ-step on the next validation batch (gradient of the
@@ -282,7 +300,7 @@ class AutoEmbSearch(keras.Model):
 
     Example::
 
-        model = CFNetwork(schema, embeddings=scheme_factory("autoemb", candidate_dims=(2, 16, 128)),
+        model = CFNetwork(schema, embeddings=scheme_factory("autoemb", output_dim=128, candidate_dims=(2, 16, 128)),
                           embedding_dim=128)
         search = AutoEmbSearch(model, validation_stream="previous_batch")
         search.compile(optimizer=keras.optimizers.Adam(1e-3), controller_optimizer=keras.optimizers.Adam(1e-4))
@@ -499,6 +517,9 @@ class AutoEmbSearch(keras.Model):
         return {"name": self.name, "mode": self.mode, "sparse_theta_updates": self.sparse_theta_updates,
                 "model": keras.utils.serialize_keras_object(self.rec_model)}
 
+    def save(self, filepath, *args, **kwargs):
+        refuse_wrapper_save(self, filepath)
+
 
 # ------------------------------------------------------------------------------------------------ stream
 def _batch_metrics(task, y, p):
@@ -538,13 +559,21 @@ def stream_summary(records, keys, start_test, seconds, cpu, timed_rows, timed_wa
     """The result dict of a streamed pass: per-batch ``records`` (``start``, ``size`` and the metrics ``keys``),
     their example-weighted means over the whole stream (``all``) and the test period (``test``), and the speed."""
     def summary(rows):
+        # NaN, not 0, for a period without rows (a 0.0 MSE or loss would read as a perfect model).
         total = sum(r["size"] for r in rows)
-        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / max(total, 1)) for k in keys}}
+        return {"rows": total, **{k: float(sum(r[k] * r["size"] for r in rows) / total) if total else float("nan")
+                                  for k in keys}}
+
+    test = [r for r in records if r["start"] >= start_test]
+    if records and not test:
+        warnings.warn(f"the stream's test period is empty: no batch starts at or after row {start_test} (the test "
+                      f"period is whole batches; the last starts at row {records[-1]['start']}). Its metrics are "
+                      "NaN; lower evaluate_from / test_fraction or the batch size", stacklevel=3)
 
     return {
         "batches": records,
         "all": summary(records),
-        "test": summary([r for r in records if r["start"] >= start_test]),
+        "test": summary(test),
         "evaluate_from": start_test,
         "seconds": seconds,
         "cpu_seconds": cpu,

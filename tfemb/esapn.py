@@ -58,12 +58,13 @@ import tensorflow as tf
 from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
     PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, cached_stream_step, per_example_loss,
-    previous_batch_stream, scheme_layers, stream_summary, stream_test_start,
+    previous_batch_stream, refuse_wrapper_save, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
 from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
+from tfemb.models.rec_model import WeightedLossMixin
 
 #: Policy actions, in the order of the policy's logits (the code's "remain dim, increase dim").
 ACTIONS = ("unchange", "enlarge")
@@ -277,7 +278,7 @@ def _frequency(layer, unique, occurrences):
 
 
 # ---------------------------------------------------------------------------------------------- the search
-class ESAPNSearch(keras.Model):
+class ESAPNSearch(WeightedLossMixin, keras.Model):
     """Trains a ``RecModel`` whose user / item embeddings are ``ESAPNEmbedding`` layers, policies alternating.
 
     ``train_step`` (Keras ``fit``) and ``stream_step`` (``stream_fit``) run, per batch: the policy step on the
@@ -538,6 +539,9 @@ class ESAPNSearch(keras.Model):
                 "seed": self.seed, "policy_units": policy.pop("hidden_units"),
                 "policy_batch_norm_momentum": policy.pop("batch_norm_momentum"), **policy,
                 "model": keras.utils.serialize_keras_object(self.rec_model)}
+
+    def save(self, filepath, *args, **kwargs):
+        refuse_wrapper_save(self, filepath)
 
 
 # ------------------------------------------------------------------------------------------------ reports

@@ -14,7 +14,24 @@ def _output_activation(task):
     return {"binary": "sigmoid", "multiclass": "softmax", "regression": None}[task]
 
 
-class RecModel(keras.Model):
+class WeightedLossMixin:
+    """``compute_loss`` that takes ``[batch]`` sample weights for ``[batch]`` outputs under Keras 2 too.
+
+    Keras 2's losses average over the last axis first: on the ``[batch]`` outputs of binary and regression
+    models that leaves a scalar, which a ``[batch]`` sample weight cannot weight ("Can not squeeze dim[0]"). A
+    trailing axis gives per-example losses, so weights apply as in Keras 3; unweighted, the mean is the same.
+    Mixed into ``RecModel`` and the search wrappers (``tfemb.autoemb``, ``tfemb.esapn``), which compute the loss
+    of their own steps."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, *args, **kwargs):
+        if (not IS_KERAS_3 and sample_weight is not None and y_pred is not None
+                and getattr(y_pred, "shape", None) is not None and y_pred.shape.rank == 1):
+            y_pred = y_pred[:, tf.newaxis]
+            y = tf.reshape(y, [-1, 1])
+        return super().compute_loss(x, y, y_pred, sample_weight, *args, **kwargs)
+
+
+class RecModel(WeightedLossMixin, keras.Model):
     """Base class of tfemb's CF and CTR networks.
 
     It owns one ``EmbeddingScheme`` per sparse feature of ``schema`` (categorical, multi-hot, discretised
