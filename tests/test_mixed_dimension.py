@@ -502,11 +502,24 @@ def test_budget_dims_is_the_largest_that_fits(budget, projections, round_pow2):
     assert cost <= budget
     best = 0
     for lam in np.geomspace(1e-3, 1e4, 20000):
-        d = np.round(np.maximum(1.0, lam * p ** 0.4))
+        raw = lam * p ** 0.4
+        d = np.round(np.maximum(1.0, raw))
         d = np.minimum(2 ** np.round(np.log2(d)) if round_pow2 else d, d0)
+        d = np.where(raw >= d0, d0, d)  # a raw dim that reaches d0 is d0 (9, not the power of 2 below it)
         c = md_parameter_count(n, d, d0, projections)
         best = max(best, c if c <= budget else 0)
     assert best <= cost, (dims, cost, best)
+
+
+def test_round_pow2_with_a_base_dim_that_is_no_power_of_2():
+    """The most popular block gets d0 itself (20, the identity projection), not the power of 2 below it; a
+    budget that fits every block at d0 gives the fixed-size layer, not projections on top of smaller tables."""
+    assert alpha_power_dims([1.0, 0.1], d0=20, alpha=0.3, round_pow2=True).tolist() == [20, 8]  # 20 * .1**.3 = 10
+    assert budget_dims([1.0], [100], alpha=0.3, budget=10_000, d0=20, round_pow2=True).tolist() == [20]
+    assert budget_dims([1.0, 0.5], [10, 100], alpha=0.3, budget=100_000, d0=40, round_pow2=True).tolist() == [40, 40]
+    layer = MixedDimensionEmbedding.from_frequencies([1000, 500, 200, 100, 50, 20, 10, 5, 2, 1], 20, num_blocks=3,
+                                                     round_pow2=True, budget=10**6)
+    assert layer.block_dims == [20] * len(layer.block_sizes) and layer.parameter_count() == 10 * 20
 
 
 # ----------------------------------------------------------------------------------------- the CTR rule (dlrm)

@@ -106,12 +106,14 @@ def pow2_round(dims):
 
 def _round_dims(raw, round_pow2, cap):
     """Algorithm 3's rounding: a floor of 1, the nearest integer (ties to even, as dlrm), optionally the nearest
-    power of 2, then at most ``cap`` (the base dimension) when one is given."""
+    power of 2, then at most ``cap`` (the base dimension) when one is given; a raw value of at least ``cap`` is
+    ``cap`` itself (with ``round_pow2`` and a ``cap`` that is not a power of 2, e.g. 20, a block whose raw dim
+    reaches 20 gets 20, the identity projection, not 16)."""
     d = np.round(np.maximum(1.0, raw))
     if round_pow2:
         d = 2 ** np.round(np.log2(d))
     if cap is not None:
-        d = np.minimum(d, cap)
+        d = np.where(np.asarray(raw) >= cap, cap, np.minimum(d, cap))
     return d.astype(np.int64)
 
 
@@ -304,7 +306,9 @@ def budget_dims(p, block_sizes, alpha, budget, d0=None, round_pow2=False, includ
         include_projections: bool, count the projections in the cost. Default False (the paper's ``sum n_i d_i``).
 
     Returns:
-        int64 array of dims; their cost is ``<= budget`` and no ``lambda`` gives a larger cost within it.
+        int64 array of dims; their cost is ``<= budget`` and no ``lambda`` gives a larger cost within it; with
+        ``d0``, every block at ``d0`` when that fits the budget (with projections counted, a larger cost would
+        only be projections on top of smaller tables).
 
     Raises:
         ValueError: if ``budget`` is below the cost of one dimension per block.
@@ -339,9 +343,15 @@ def budget_dims(p, block_sizes, alpha, budget, d0=None, round_pow2=False, includ
         )
 
     if d0 is not None:
-        # Every lambda at which some block's rounded dim changes (raw value crossing v - 1/2), just above it.
+        full = np.full_like(n, d0)
+        if cost(full) <= budget:
+            # The budget fits every block at d0 (a fixed-size table): that is the layer. With projections
+            # counted, a larger cost within the budget would only be projections on top of smaller tables.
+            return full
+        # Every lambda at which some block's rounded dim changes (raw value crossing v - 1/2, or reaching d0,
+        # where a rounded power of 2 below d0 becomes d0), just above it.
         positive = weights > 0
-        steps = np.arange(2, d0 + 1, dtype=np.float64) - 0.5
+        steps = np.append(np.arange(2, d0 + 1, dtype=np.float64) - 0.5, float(d0))
         lambdas = (steps[None, :] / weights[positive][:, None]).reshape(-1) * (1 + 1e-9)
         lambdas = np.concatenate([[0.0], np.unique(lambdas)])
         dims = _round_dims(lambdas[:, None] * weights[None, :], round_pow2, d0)  # [candidates, blocks]
