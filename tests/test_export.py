@@ -669,6 +669,18 @@ def test_partial_or_corrupt_exports_give_clear_errors(tmp_path, exports):
     with pytest.raises(ExportError, match="no such export"):
         load_export(tmp_path / "nowhere")
     assert cli.main(["inspect", str(no_vars.parent)]) == 2
+    # Variables cut short (a truncated copy): named by inspect as by load_export, from the index alone.
+    cut = tmp_path / "cut" / "2"
+    shutil.copytree(path, cut)
+    shard = next((cut / "variables").glob("variables.data-*"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    for check in (load_export, inspect_export):
+        with pytest.raises(ExportError, match=r"variables/ holds [\d,]+ bytes of data, less than the [\d,]+ its "
+                                              r"index lists \(a truncated or partial copy\)"):
+            check(cut)
+    (cut / "variables" / "variables.index").write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="variables/variables.index cannot be read"):
+        inspect_export(cut)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -832,9 +832,29 @@ def validate_version_dir(path):
         if not os.path.isfile(index):
             raise ExportError(f"{path}: variables/variables.index is missing (a partial export: variables/ was not "
                               "written or was removed)")
-        if not any(n.startswith("variables.data-") for n in os.listdir(os.path.dirname(index))):
+        shards = [n for n in os.listdir(os.path.dirname(index)) if n.startswith("variables.data-")]
+        if not shards:
             raise ExportError(f"{path}: variables/ holds no variables.data-* shard (a partial export)")
+        _check_variable_bytes(path, shards)
     return proto
+
+
+def _check_variable_bytes(path, shards):
+    """``ExportError`` when the variables' data shards hold fewer bytes than the index says their numeric tensors
+    take (a truncated copy). Reads the index only, never the values."""
+    prefix = os.path.join(path, "variables", "variables")
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    except (tf.errors.OpError, ValueError) as error:
+        raise ExportError(f"{path}: variables/variables.index cannot be read (truncated or corrupt): {error}") \
+            from error
+    expected = sum(int(np.prod(shapes[name], dtype=np.int64)) * dtypes[name].size for name in shapes
+                   if dtypes[name] != tf.string)
+    stored = sum(os.path.getsize(os.path.join(path, "variables", n)) for n in shards)
+    if stored < expected:
+        raise ExportError(f"{path}: variables/ holds {stored:,} bytes of data, less than the {expected:,} its index "
+                          "lists (a truncated or partial copy)")
 
 
 class LoadedExport:
