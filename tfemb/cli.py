@@ -15,8 +15,7 @@ def cmd_train(args):
 
     cfg = experiment.load_config(args.config)
     if args.epochs is not None:
-        cfg["train"]["epochs"] = experiment.check_config(
-            {**cfg, "train": {**cfg["train"], "epochs": args.epochs}}, where="--epochs")["train"]["epochs"]
+        cfg["train"]["epochs"] = args.epochs  # checked by run() with the rest of the recipe, before any data
     out_dir = args.out or os.path.join("runs", cfg["name"])
     result = experiment.run(cfg, out_dir=out_dir)
     result.pop("_model")
