@@ -461,6 +461,25 @@ def test_read_csv_generic(tmp_path):
         read_csv(path)
 
 
+def test_read_csv_names_the_file_line_past_blank_lines(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("u,y\n\na,0\n\r\n\nb,\n")  # blank lines (one with CRLF) before the bad row, file line 6
+    with pytest.raises(DataError, match=r"d.csv: line 6 has no value for 'y'"):
+        read_csv(path, required_columns=["y"])
+    gz = tmp_path / "d.csv.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(DataError, match=r"d.csv.gz: line 6 has no value for 'y'"):
+        read_csv(gz, required_columns=["y"])
+    # A quoted field over two lines: rows no longer map to lines one to one, so the row is named instead.
+    path.write_text('u,y\n"a\nb",0\n\nc,\n')
+    with pytest.raises(DataError, match=r"d.csv: data row 2 \(after the header, blank lines not counted\) has no "
+                                        r"value for 'y'"):
+        read_csv(path, required_columns=["y"])
+    path.write_text("# comment\nu,y\na,\n")
+    with pytest.raises(DataError, match=r"data row 1 .* 'y'"):
+        read_csv(path, required_columns=["y"], comment="#")
+
+
 @pytest.mark.parametrize("reader", [read_criteo, read_criteo_csv, read_avazu, read_csv, read_movielens_1m_sample])
 def test_missing_empty_and_directory(reader, tmp_path):
     with pytest.raises(DataFileNotFoundError, match=r"not found: .*absent.txt"):

@@ -173,12 +173,16 @@ def _file_line(data, row, first_line=1):
     """
     if data is None:
         return first_line + row
+    return int(_nonblank_lines(data)[row + first_line - 1]) + 1
+
+
+def _nonblank_lines(data):
+    """0-based indices of the lines of ``data`` that are not blank (a lone ``\\r`` counts as blank)."""
     buf, starts, ends = _line_bounds(data)
     length = ends - starts
     has_cr = np.zeros(len(ends), dtype=bool)
     has_cr[length > 0] = buf[ends[length > 0] - 1] == 13
-    nonblank = np.flatnonzero(length - has_cr > 0)
-    return int(nonblank[row + first_line - 1]) + 1
+    return np.flatnonzero(length - has_cr > 0)
 
 
 def _require_line_end(data, path):
@@ -576,8 +580,34 @@ def read_csv(path, required_columns=None, **pandas_kwargs):
         raise DataError(f"{path}: cannot read the file ({type(e).__name__}: {e})") from e
     if required_columns:
         _require_header(list(df.columns), required_columns, path)
-        _no_missing(df, required_columns, path, first_line=2, why="a required column")
+        try:
+            _no_missing(df, required_columns, path, first_line=2, why="a required column")
+        except DataError:  # word the error with the file line where the rows map to lines one to one
+            data = _csv_lines_data(path, len(df), pandas_kwargs)
+            if data is None:
+                col = next(c for c in required_columns if df[c].isna().any())
+                i = int(np.flatnonzero(df[col].isna().to_numpy())[0])
+                raise DataError(f"{path}: data row {i + 1} (after the header, blank lines not counted) has no "
+                                f"value for {col!r} (a required column)") from None
+            _no_missing(df, required_columns, path, first_line=2, why="a required column", data=data)
     return df
+
+
+#: ``read_csv`` options under which DataFrame rows may not map to the file's non-blank lines one to one.
+_ROW_MAPPING_KWARGS = ("skiprows", "header", "comment", "skipfooter", "skip_blank_lines", "nrows", "chunksize",
+                       "compression", "names", "lineterminator", "quotechar", "escapechar", "quoting")
+
+
+def _csv_lines_data(path, rows, pandas_kwargs):
+    """The file's bytes (for ``_file_line``) when its non-blank lines are the header and one line per row
+    of the DataFrame (no multi-line quoted fields, comments or skipped rows), else None."""
+    if any(key in pandas_kwargs for key in _ROW_MAPPING_KWARGS) or path.suffix in (".bz2", ".zip", ".xz", ".zst", ".tar"):
+        return None
+    try:
+        data = _read_bytes(path)
+    except DataError:
+        return None
+    return data if len(_nonblank_lines(data)) == rows + 1 else None
 
 
 # ------------------------------------------------------------------------------------------------ schemas
