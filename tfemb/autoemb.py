@@ -274,6 +274,11 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
     losses updated). In ``"joint"`` mode (SAM) one step on the training loss updates W and θ. A model without
     AutoEmb layers (a fixed-size baseline) trains with the plain W-step, so it can share ``stream_fit``.
 
+    Sample weights (``(x, y, w)`` batches) weight the W-step's loss and the metrics, as in Keras. The θ-step's
+    validation loss and the layers' stream state are unweighted: a validation batch's weights are not read, and
+    every row of a training batch counts as one interaction of its ids (``counts``) and leaves its own loss as
+    their loss context (``previous_loss``), whatever its weight (the papers' streams have no weights).
+
     Metrics and losses are the compiled ones; the wrapped model's row-sparse ``embedding_optimizer`` (when set)
     updates the candidate tables as it updates any scheme's. Save and export the wrapped model
     (``search.rec_model``): the wrapper only carries the procedure.
