@@ -7,9 +7,11 @@ the same names, types and field numbers, so text-format parsing is as strict as 
 """
 
 import importlib.metadata
+import json
 import os
 import pathlib
 import re
+import shlex
 
 import pytest
 import yaml
@@ -82,6 +84,10 @@ def test_models_config_parses_with_several_models_versions_and_labels():
             assert len(versions) >= 2
             assert {"stable", "canary"} <= set(cfg.version_labels)
             assert set(cfg.version_labels.values()) <= versions, "labels must name served versions"
+        # REST routes /labels/<label> only for [a-zA-Z0-9_]+ (serving_config.md, "REST Usage").
+        for label in cfg.version_labels:
+            assert re.fullmatch(r"[a-zA-Z0-9_]+", label), label
+        assert re.fullmatch(r"[^/:]+", name), name  # http_rest_api_util.cc's model-name part of the path
     assert {"specific", "latest"} <= set(policies.values())
 
 
@@ -201,3 +207,312 @@ def test_tfemb_serve_reads_the_models_config(tmp_path):
     model = registry._models["deepfm_synthetic"]
     assert model.base_path == os.path.join(str(tmp_path), "deepfm_synthetic")
     assert model.policy == ("specific", frozenset({1, 2})) and model.labels == {"stable": 1, "canary": 2}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The commands the READMEs give, checked against the configs and against how tensorflow_model_server starts
+# --------------------------------------------------------------------------------------------------------------
+
+DOCS = {name: REPO / name for name in ("README.md", "serving/README.md", "docker/README.md", "docs/export.md")}
+SERVING_IMAGES = re.compile(r"^(tfemb-serving|tensorflow/serving)(:[\w.-]+)?$")
+_DOCKER_VALUE_OPTIONS = {"-p", "--publish", "-v", "--volume", "-e", "--env", "--name", "--mount", "--network",
+                         "-w", "--workdir", "--entrypoint", "--user", "-u"}
+
+
+def _shell_commands(markdown):
+    """The commands of a markdown file's sh/bash blocks as shlex token lists: continuation lines joined, a quoted
+    argument spanning lines kept whole, comments dropped, ``for VAR in A B; do ... done`` unrolled."""
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|shell)\n(.*?)```", markdown, flags=re.S):
+        buf = ""
+        for line in block.splitlines():
+            buf += line + "\n"
+            if buf.rstrip().endswith("\\"):
+                continue
+            try:
+                tokens = shlex.split(buf.replace("\\\n", " "), comments=True)  # POSIX line continuations
+            except ValueError:  # an open quote: the command goes on
+                continue
+            if tokens:
+                commands.append(tokens)
+            buf = ""
+    unrolled, loop = [], None
+    for tokens in commands:
+        if tokens[0] == "for" and tokens[2] == "in":
+            values = []
+            for tok in tokens[3:]:
+                values.append(tok.rstrip(";"))
+                if tok.endswith(";"):
+                    break
+            body = tokens[3 + len(values):]
+            loop = (tokens[1], values, [body[1:]] if body[:1] == ["do"] and len(body) > 1 else [])
+        elif loop is not None and tokens == ["done"]:
+            var, values, body = loop
+            for value in values:
+                unrolled += [[t.replace(f"${var}", value) for t in cmd] for cmd in body]
+            loop = None
+        elif loop is not None:
+            loop[2].append(tokens)
+        else:
+            unrolled.append(tokens)
+    return unrolled
+
+
+def _docker_run(tokens):
+    """``(options, image, args)`` of a ``docker run`` command, else None; options as (flag, value) pairs."""
+    if tokens[:2] != ["docker", "run"]:
+        return None
+    options, i = [], 2
+    while i < len(tokens) and tokens[i].startswith("-"):
+        flag = tokens[i]
+        if flag in _DOCKER_VALUE_OPTIONS:
+            options.append((flag, tokens[i + 1]))
+            i += 2
+        else:
+            options.append((flag, None))
+            i += 1
+    return options, tokens[i], tokens[i + 1:]
+
+
+def _flag_values(args):
+    return dict(re.fullmatch(r"--([\w]+)=(.*)", a).groups() for a in args if re.fullmatch(r"--[\w]+=.*", a))
+
+
+def _documented():
+    out = []
+    for name, path in DOCS.items():
+        for tokens in _shell_commands(path.read_text()):
+            out.append((name, tokens))
+    return out
+
+
+def _serving_cmd_default_args():
+    cmd = re.search(r"CMD \[(.*)\]", _dockerfile("Dockerfile.serving")).group(1)
+    return re.findall(r'"([^"]*)"', cmd)
+
+
+def test_the_markdown_command_parser_unrolls_loops_and_joins_lines():
+    md = ("```sh\nfor name in a b; do\n  docker run --rm img \\\n    export /models/$name   # c\ndone\n"
+          "curl -d '{\"x\": [1,\n  2]}' http://h:8501/v1/models/m:predict\n```\n")
+    assert _shell_commands(md) == [["docker", "run", "--rm", "img", "export", "/models/a"],
+                                   ["docker", "run", "--rm", "img", "export", "/models/b"],
+                                   ["curl", "-d", '{"x": [1,\n  2]}', "http://h:8501/v1/models/m:predict"]]
+
+
+def test_documented_servers_with_models_config_allow_its_labels_at_start_up():
+    """TF Serving applies a config's version_labels before it loads any version (server_core.cc: ReloadConfig
+    calls UpdateModelVersionLabelMap first), so a labelled models.config needs
+    --allow_version_labels_for_unavailable_models=true or the server refuses to start (serving_config.md)."""
+    config = _models_config()
+    if not any(c.version_labels for c in config.model_config_list.config):
+        pytest.skip("models.config has no version labels")
+    runs = []
+    for doc, tokens in _documented():
+        run = _docker_run(tokens)
+        if run and SERVING_IMAGES.match(run[1]):
+            args = run[2] or (_serving_cmd_default_args() if run[1].startswith("tfemb-serving") else [])
+            runs.append((doc, " ".join(tokens), _flag_values(args)))
+        elif tokens[0] == "tensorflow_model_server":
+            runs.append((doc, " ".join(tokens), _flag_values(tokens[1:])))
+    with_config = [r for r in runs if r[2].get("model_config_file", "").endswith("models.config")]
+    assert len(with_config) >= 3, runs  # serving/README (binary, docker), docker/README (image, extra flags)
+    for doc, command, flags in with_config:
+        assert flags.get("allow_version_labels_for_unavailable_models") == "true", f"{doc}: {command}"
+
+
+def test_documented_docker_runs_mount_the_exports_where_the_server_looks():
+    """Each `docker run` of a TF Serving image mounts the exports at the base paths it serves: the parent of every
+    models.config base_path, or MODEL_BASE_PATH/MODEL_NAME (the image's entrypoint) without a config file;
+    a config file read from /etc/tfemb is baked into tfemb-serving or mounted; ports are the image's 8500 /
+    8501 (tensorflow_serving/tools/docker/Dockerfile)."""
+    config = _models_config()
+    base_paths = [c.base_path for c in config.model_config_list.config]
+    checked = 0
+    for doc, tokens in _documented():
+        run = _docker_run(tokens)
+        if not run or not SERVING_IMAGES.match(run[1]):
+            continue
+        options, image, args = run
+        command = f"{doc}: {' '.join(tokens)}"
+        mounts = {}
+        for flag, value in options:
+            if flag in ("-v", "--volume"):
+                src, dst = value.split(":")[:2]
+                mounts[dst] = src
+            if flag in ("-p", "--publish"):
+                assert value.split(":")[-1] in ("8500", "8501"), command
+        env = dict(v.split("=", 1) for f, v in options if f in ("-e", "--env"))
+        if image.startswith("tfemb-serving") and not args:
+            args = _serving_cmd_default_args()
+        flags = _flag_values(args)
+        if "model_config_file" in flags:
+            for base in base_paths:
+                assert any(base == d or base.startswith(d.rstrip("/") + "/") for d in mounts), (command, base)
+            cfg_dir = os.path.dirname(flags["model_config_file"])
+            assert image.startswith("tfemb-serving") or cfg_dir in mounts, command
+            if cfg_dir in mounts:
+                assert mounts[cfg_dir].rstrip("/").endswith("serving"), command
+        else:
+            name = env.get("MODEL_NAME")
+            assert name in {c.name for c in config.model_config_list.config}, command
+            target = f"{env.get('MODEL_BASE_PATH', '/models')}/{name}"
+            assert mounts.get(target, "").endswith(f"exports/{name}") or mounts.get("/models") == "$PWD/exports", \
+                command
+        checked += 1
+    assert checked >= 4
+
+
+def test_docker_readme_exports_every_model_before_serving_them():
+    """tensorflow_model_server opens its ports only once every configured model has a version, and one missing
+    base path fails the file-system poll for all of them (file_system_storage_path_source.cc:
+    PollFileSystemForConfig): the step-by-step commands must export every model models.config lists."""
+    names = {c.name for c in _models_config().model_config_list.config}
+    exported = set()
+    for tokens in _shell_commands((DOCKER / "README.md").read_text()):
+        run = _docker_run(tokens)
+        if run and run[1] == "tfemb-train" and run[2][:1] == ["export"]:
+            target = run[2][2]
+            mounts = dict(reversed(v.split(":")[:2]) for f, v in run[0] if f in ("-v", "--volume"))
+            assert mounts.get("/models", "").endswith("exports"), tokens
+            m = re.fullmatch(r"/models/(\w+)", target)
+            assert m, tokens
+            exported.add(m.group(1))
+        if run and run[1] == "tfemb-train" and run[2][:1] == ["train"]:
+            recipe = run[2][run[2].index("--config") + 1]
+            assert (REPO / recipe).is_file(), f"Dockerfile.train copies models/ to its WORKDIR; {recipe} is missing"
+    assert names <= exported, f"docker/README.md exports {sorted(exported)}; models.config serves {sorted(names)}"
+
+
+def test_compose_serving_healthcheck_works_in_an_image_without_curl(tmp_path):
+    """The tensorflow/serving image is Ubuntu + tensorflow_model_server (+ bash for its entrypoint script), no
+    curl or wget (tensorflow_serving/tools/docker/Dockerfile): the healthcheck speaks HTTP through bash's
+    /dev/tcp. Run it here against a stub that answers like GET /v1/models/<name>."""
+    import http.server
+    import subprocess
+    import threading
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    check = compose["services"]["serving"]["healthcheck"]
+    test = check["test"]
+    assert test[:3] == ["CMD", "bash", "-c"], test
+    script = test[3]
+    assert not re.search(r"\b(curl|wget|python)\b", script), script
+    assert "127.0.0.1/8501" in script
+    model = re.search(r"GET /v1/models/(\w+) ", script).group(1)
+    assert model in {c.name for c in _models_config().model_config_list.config}
+    assert check.get("start_period"), "loading and warming up takes a while"
+
+    state = {"body": None, "code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == f"/v1/models/{model}"
+            body = json.dumps(state["body"] if ok else {"error": "Malformed request"}, indent=1).encode()
+            self.send_response(state["code"] if ok else 400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def run():
+        cmd = script.replace("127.0.0.1/8501", f"127.0.0.1/{port}")
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, timeout=20).returncode
+
+    def status(state_name):  # GetModelStatusResponse as TF Serving prints it
+        return {"model_version_status": [{"version": "1", "state": state_name,
+                                          "status": {"error_code": "OK", "error_message": ""}}]}
+
+    try:
+        state["body"] = status("AVAILABLE")
+        assert run() == 0
+        state["body"] = status("LOADING")
+        assert run() != 0
+        state["body"], state["code"] = {"error": f"Could not find any versions of model {model}"}, 404
+        assert run() != 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run() != 0  # nothing listening yet
+
+
+def test_warmup_requests_fit_the_batching_limit():
+    """TF Serving replays assets.extra/tf_serving_warmup_requests through the model's (batching) session when a
+    version loads; a record with more rows than max_batch_size fails with "Task size N is larger than maximum
+    input batch size" and with it the load."""
+    from tfemb.export.warmup import MAX_WARMUP_BATCH
+
+    params = _parse(SERVING / "batching.config", MESSAGES["BatchingParameters"]())
+    assert MAX_WARMUP_BATCH <= params.max_batch_size.value
+    assert f"max_batch_size {params.max_batch_size.value}" in (SERVING / "README.md").read_text()
+
+
+def _synthetic_features():
+    from tfemb.data import make_synthetic_ctr, synthetic_ctr_schema
+
+    recipe = yaml.safe_load((REPO / "models" / "deepfm_synthetic.yaml").read_text())
+    params = dict(recipe["data"]["params"], num_rows=500)
+    df, _ = make_synthetic_ctr(**params)
+    return {f.name: type(f).__name__ for f in synthetic_ctr_schema(df).features}
+
+
+def test_documented_requests_are_valid_for_the_served_models():
+    """Every documented curl is a request TF Serving accepts (api_rest.md): a known model, version or label,
+    valid JSON with exactly the export's raw inputs (the synthetic recipe's features) in the right JSON types."""
+    config = _models_config()
+    models = {c.name: c for c in config.model_config_list.config}
+    features = _synthetic_features()
+    url_re = re.compile(r"http://(?:localhost|127\.0\.0\.1):8501/v1/models/(\w+)"
+                        r"(?:/versions/(\d+)|/labels/(\w+))?(/metadata|:predict)?")
+    posts = 0
+    for doc, tokens in _documented():
+        if tokens[0] != "curl":
+            continue
+        url = next(t for t in tokens if t.startswith("http"))
+        m = url_re.fullmatch(url)
+        assert m, f"{doc}: {url}"
+        name, version, label, api = m.groups()
+        if doc in ("serving/README.md", "docker/README.md"):  # served under models.config's names
+            assert name in models, f"{doc}: {url}"
+            if version:
+                assert int(version) in models[name].model_version_policy.specific.versions, url
+            if label:
+                assert label in models[name].version_labels, url
+        if "-d" not in tokens:
+            assert api != ":predict", url
+            continue
+        assert api == ":predict", url
+        body = json.loads(tokens[tokens.index("-d") + 1])
+        rows = [body["inputs"]] if "inputs" in body else body["instances"]
+        for row in rows:
+            assert set(row) == set(features), f"{doc}: {sorted(row)}"
+            for key, value in row.items():
+                values = value if isinstance(value, list) else [value]
+                kind = (int, float) if features[key] == "NumericFeature" else str
+                assert values and all(isinstance(v, kind) for v in values), (doc, key, value)
+        posts += 1
+    assert posts >= 3
+
+
+def test_train_image_reads_real_datasets_from_a_mount_point():
+    """tfemb's default data folder is <folder holding the tfemb package>/../shared/data: in the image that is
+    site-packages/../shared/data, which no one mounts. The image sets TFEMB_DATA_DIR; the README mounts it."""
+    text = _dockerfile("Dockerfile.train")
+    data = re.search(r"\bTFEMB_DATA_DIR=(\S+)", text)
+    assert data and data.group(1).startswith("/"), "Dockerfile.train must set TFEMB_DATA_DIR"
+    real = []
+    for tokens in _shell_commands((DOCKER / "README.md").read_text()):
+        run = _docker_run(tokens)
+        if run and run[1] == "tfemb-train" and run[2][:1] == ["train"]:
+            recipe = yaml.safe_load((REPO / run[2][run[2].index("--config") + 1]).read_text())
+            if not recipe["data"]["source"].startswith("synthetic"):
+                mounts = [v.split(":")[1] for f, v in run[0] if f in ("-v", "--volume")]
+                assert data.group(1) in mounts, tokens
+                real.append(tokens)
+    assert real, "docker/README.md shows how to train on a real dataset"
