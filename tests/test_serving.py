@@ -338,6 +338,36 @@ def test_oversized_bodies_are_refused_with_413(server, exports):
     assert_healthy(server, exports)
 
 
+def test_max_batch_size_refuses_larger_requests_as_tf_serving_with_batching(exports):
+    """``max_batch_size`` (``tfemb serve --max-batch-size``): TF Serving with batching on refuses a request of more
+    rows than ``batching.config``'s ``max_batch_size``; the local server can be told to do the same."""
+    with pytest.raises(ValueError, match=r"max_batch_size must be None or an int >= 1. Received: max_batch_size=0"):
+        LocalServer(ModelRegistry(str(exports / "toy"), poll_seconds=0), port=0, grpc_port=None, max_batch_size=0)
+    registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0)
+    with LocalServer(registry, port=0, grpc_port=0, max_batch_size=3) as srv:
+        small = {name: values[:3] for name, values in BATCH.items()}
+        for client in (Client(url=srv.rest_url, model_name="toy_latest"),
+                       Client(grpc_target=srv.grpc_target, model_name="toy_latest")):
+            assert_outputs_equal(client.predict(small), ref(exports, 2, inputs=small))  # 3 rows: served
+            with pytest.raises(ServingError, match=r"Task size 4 is larger than maximum input batch size 3") as info:
+                client.predict(BATCH)
+            assert info.value.code == "INVALID_ARGUMENT"
+            # The client splits what it sends: requests of at most max_rows rows, outputs concatenated in order.
+            for max_rows in (1, 3):
+                assert_outputs_equal(client.predict(BATCH, max_rows=max_rows), ref(exports, 2))
+            assert_outputs_equal(client.predict(pd.DataFrame(BATCH), max_rows=2), ref(exports, 2))
+            with pytest.raises(ValueError, match=r"max_rows must be None or an int >= 1. Received: max_rows=0"):
+                client.predict(BATCH, max_rows=0)
+        rest = Client(url=srv.rest_url, model_name="toy_latest")
+        assert_outputs_equal(rest.predict(BATCH, format="row", max_rows=3), ref(exports, 2))
+        assert_outputs_equal(rest.predict([0, 3, 1, 2], signature_name="encoded", max_rows=3),
+                             ref(exports, 2, "encoded", {"ids": [0, 3, 1, 2]}))
+        status, _, answer = post(srv, P, {"instances": ROWS})
+        assert status == 400 and answer == {"error": "Task size 4 is larger than maximum input batch size 3"}
+        status, _, _ = post(srv, P, {"instances": ROWS[:3]})
+        assert status == 200
+
+
 def test_grpc_errors_carry_tf_servings_codes(server, exports):
     import grpc
     from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
@@ -681,12 +711,18 @@ def test_warmup_requests_are_replayed_before_a_version_is_served(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_tfemb_serve_command(tmp_path):
+def test_tfemb_serve_command(tmp_path, capsys):
     from tfemb.cli import build_parser
 
     args = build_parser().parse_args(["serve", "exports/m"])
-    assert (args.port, args.grpc_port, args.host, args.poll_seconds, args.max_body_mb) == (
-        8501, 8500, "127.0.0.1", 1.0, 16.0)
+    assert (args.port, args.grpc_port, args.host, args.poll_seconds, args.max_body_mb, args.max_batch_size) == (
+        8501, 8500, "127.0.0.1", 1.0, 16.0, None)
+    from tfemb.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty"), "--port", "0", "--grpc-port", "-1", "--max-batch-size", "0"]) == 2
+    assert "tfemb serve: error: max_batch_size must be None or an int >= 1. Received: max_batch_size=0" in (
+        capsys.readouterr().err)
     base = str(tmp_path / "deepfm")
     save_toy(base, 3, 1.0)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")

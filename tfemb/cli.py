@@ -138,8 +138,8 @@ def cmd_serve(args):
         return server.serve(args.export_dir, port=args.port, grpc_port=args.grpc_port, host=args.host,
                             model_name=args.model_name, model_config=args.model_config,
                             poll_seconds=args.poll_seconds, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                            out=lambda m: (print(m), sys.stdout.flush()))
-    except OSError as exc:  # a port in use, an address that is not ours
+                            max_batch_size=args.max_batch_size, out=lambda m: (print(m), sys.stdout.flush()))
+    except (OSError, ValueError) as exc:  # a port in use, an address that is not ours, a bad --max-batch-size
         print(f"tfemb serve: error: {exc}", file=sys.stderr)
         return 2
 
@@ -188,6 +188,9 @@ def build_parser():
     p.add_argument("--model-config", help="TF Serving models.config; relative base_paths are under EXPORT_DIR")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="seconds between checks for new versions")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, MiB (default 16)")
+    p.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="refuse requests of more than N rows, as TF Serving with batching does (serving/"
+                        "batching.config: 256); default: no limit")
     p.set_defaults(func=cmd_serve)
     return parser
 

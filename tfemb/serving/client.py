@@ -133,7 +133,7 @@ class Client:
     # -- public API --------------------------------------------------------------------------------------------
 
     def predict(self, data, signature_name="serving_default", format="columnar", transport=None,
-                output_filter=None):
+                output_filter=None, max_rows=None):
         """Run a signature on a batch; returns ``{output name: np.ndarray}`` whatever the transport.
 
         Args:
@@ -146,20 +146,38 @@ class Client:
             format: REST body form: ``"columnar"`` (``{"inputs": ...}``) or ``"row"`` (``{"instances": ...}``).
             transport: ``"rest"`` or ``"grpc"``; default: REST when a url was given.
             output_filter: gRPC only: the outputs to compute (default all).
+            max_rows: None (default: one request) or an int >= 1: the rows are sent in requests of at most
+                ``max_rows`` rows, in order, and the outputs concatenated. TF Serving with batching refuses a
+                request larger than its ``max_batch_size`` (``serving/batching.config``: 256).
         """
         if format not in ("columnar", "row"):
             raise ValueError(f"format must be 'columnar' or 'row'. Received: format={format!r}")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer))
+                                     or max_rows < 1):
+            raise ValueError(f"max_rows must be None or an int >= 1. Received: max_rows={max_rows!r}")
         transport = self._transport(transport)
         raw = _raw_columns(data)
         if raw is None:  # one array / list for a single-input signature: sent as given
             columns = _columns(data)
         else:
             columns = self._convert(raw, signature_name, transport)
-        if transport == "grpc":
-            return self._grpc_predict(columns, signature_name, output_filter)
-        if output_filter:
+        if output_filter and transport != "grpc":
             raise ValueError("output_filter is a gRPC option; the REST API returns every output")
-        return self._rest_predict(columns, signature_name, format)
+
+        def call(part):
+            if transport == "grpc":
+                return self._grpc_predict(part, signature_name, output_filter)
+            return self._rest_predict(part, signature_name, format)
+
+        rows = len(next(iter(columns.values()))) if isinstance(columns, dict) and columns else len(columns)
+        if max_rows is None or rows <= max_rows:
+            return call(columns)
+        parts = []
+        for start in range(0, rows, int(max_rows)):
+            window = slice(start, start + int(max_rows))
+            parts.append(call({k: v[window] for k, v in columns.items()} if isinstance(columns, dict)
+                              else columns[window]))
+        return {name: np.concatenate([np.asarray(part[name]) for part in parts]) for name in parts[0]}
 
     def status(self, transport=None):
         """``GetModelStatusResponse`` as a dict: ``{"model_version_status": [{"version", "state", "status"}]}``."""

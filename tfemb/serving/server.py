@@ -822,9 +822,20 @@ class _Metrics:
         return ("\n".join(lines) + "\n").encode()
 
 
+def _check_batch_size(tensors, limit):
+    """TF Serving with batching (``--enable_batching``) refuses a request larger than ``max_batch_size``
+    (``shared_batch_scheduler.h``: a task larger than the largest batch), with the same words."""
+    if limit is None:
+        return
+    size = max((int(arr.shape[0]) if arr.ndim else 1 for arr in tensors.values()), default=0)
+    if size > limit:
+        raise _invalid(f"Task size {size} is larger than maximum input batch size {limit}")
+
+
 class _Service:
-    def __init__(self, registry):
+    def __init__(self, registry, max_batch_size=None):
         self.registry = registry
+        self.max_batch_size = max_batch_size
         self.metrics = _Metrics()
 
     # -- REST --------------------------------------------------------------------------------------------------
@@ -896,6 +907,7 @@ class _Service:
         else:
             raise _invalid("Missing 'inputs' or 'instances' key")
         _check_shapes(tensors, sig)
+        _check_batch_size(tensors, self.max_batch_size)
         outputs = sig(_as_tf(tensors, sig))
         return _predict_response_json(outputs, row=has_instances)
 
@@ -932,6 +944,7 @@ class _Service:
             except Exception as exc:
                 raise _invalid(f"tensor parsing error: {alias} ({exc})") from None
         _check_shapes(tensors, sig)
+        _check_batch_size(tensors, self.max_batch_size)
         wanted = list(request.output_filter)
         for alias in wanted:
             if alias not in sig.outputs:
@@ -1232,6 +1245,9 @@ class LocalServer:
         grpc_port: gRPC port (TF Serving's ``--port``); 0 picks a free port, ``None`` disables gRPC.
         max_body_bytes: larger REST bodies are refused with 413; gRPC messages with RESOURCE_EXHAUSTED.
         grpc_workers: threads answering gRPC calls.
+        max_batch_size: None (default: any number of rows, TF Serving without batching) or an int >= 1: requests
+            of more rows are refused with INVALID_ARGUMENT (400) as TF Serving refuses them with batching on
+            (``serving/batching.config``'s ``max_batch_size``), so a client can be tested against that limit.
 
     Example:
 
@@ -1240,7 +1256,7 @@ class LocalServer:
     """
 
     def __init__(self, registry, host="127.0.0.1", port=8501, grpc_port=8500,
-                 max_body_bytes=DEFAULT_MAX_BODY_BYTES, grpc_workers=16):
+                 max_body_bytes=DEFAULT_MAX_BODY_BYTES, grpc_workers=16, max_batch_size=None):
         if port is None and grpc_port is None:
             raise ValueError("LocalServer needs a REST port, a gRPC port or both. Received: port=None, "
                              "grpc_port=None")
@@ -1250,7 +1266,10 @@ class LocalServer:
         self.grpc_port = grpc_port
         self.max_body_bytes = int(max_body_bytes)
         self.grpc_workers = grpc_workers
-        self.service = _Service(registry)
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or an int >= 1. Received: max_batch_size={max_batch_size!r}")
+        self.service = _Service(registry, max_batch_size=max_batch_size)
         self._http = None
         self._http_thread = None
         self._grpc = None
@@ -1328,12 +1347,13 @@ class LocalServer:
 
 
 def serve(export_dir, port=8501, grpc_port=8500, host="127.0.0.1", model_name=None, model_config=None,
-          poll_seconds=1.0, max_body_bytes=DEFAULT_MAX_BODY_BYTES, out=print):
+          poll_seconds=1.0, max_body_bytes=DEFAULT_MAX_BODY_BYTES, max_batch_size=None, out=print):
     """Serve until SIGINT / SIGTERM (``tfemb serve``). Ports: 0 picks a free one, a negative one disables it."""
     registry = ModelRegistry(export_dir, model_name=model_name, model_config=model_config,
                              poll_seconds=poll_seconds)
     server = LocalServer(registry, host=host, port=None if port < 0 else port,
-                         grpc_port=None if grpc_port < 0 else grpc_port, max_body_bytes=max_body_bytes)
+                         grpc_port=None if grpc_port < 0 else grpc_port, max_body_bytes=max_body_bytes,
+                         max_batch_size=max_batch_size)
     done = threading.Event()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
