@@ -40,6 +40,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import _benchcli  # noqa: E402
 import md_sweep  # noqa: E402  (sets up sys.path for tfemb and TensorFlow's logging)
 from tfemb import report  # noqa: E402
 from tfemb.layers import MixedDimensionEmbedding, scheme_factory  # noqa: E402
@@ -71,14 +72,19 @@ def parse_args(argv=None):
     p.add_argument("--findings", help="a Markdown file: its text becomes the 'Findings' section of md_ablation.md")
     p.add_argument("--replot", action="store_true",
                    help="no training: rewrite md_ablation.md and the plot from <out>/md_ablation.json")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=_benchcli.default_out(), help="output folder (default: benchmarks/results)")
     args = p.parse_args(argv)
-    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    for name in args.datasets:
-        if name not in md_sweep.DATASETS or md_sweep.DATASETS[name]["kind"] != "cf":
-            p.error(f"--datasets must be CF datasets of md_sweep ({', '.join(md_sweep.DATASETS)}). Received: {name!r}")
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.budgets = sorted({md_sweep.parse_fraction(b) for b in args.budgets.split(",") if b.strip()})
+    args.argv_text = _benchcli.argv_text(argv)
+    cf = [n for n, s in md_sweep.DATASETS.items() if s["kind"] == "cf"]
+    args.datasets = _benchcli.split_list(p, "--datasets", args.datasets, allowed=cf)
+    args.tasks = _benchcli.split_list(p, "--tasks", args.tasks, allowed=md_sweep.TASK_METRICS)
+    args.budgets = sorted(set(_benchcli.split_list(p, "--budgets", args.budgets, md_sweep.parse_fraction,
+                                                   what="fractions like 1/8 or 0.25")))
+    _benchcli.check_min(p, args, {"seeds": 1, "epochs": 1, "patience": 0, "num_blocks": 1, "d0_cf": 1})
+    _benchcli.check_file(p, args.findings, "--findings")
+    if args.replot and not (pathlib.Path(args.out) / "md_ablation.json").is_file():
+        p.error(f"--replot rewrites <out>/md_ablation.json's report: there is none in --out {args.out!r}")
+    _benchcli.check_out(p, args.out)
     levels = []
     for value in args.model_l2.split(","):
         value = value.strip()
@@ -177,13 +183,14 @@ def run(args):
     start, cpu = time.perf_counter(), time.process_time()
     sargs = sweep_args(args)
     payload = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+                        "argv": args.argv_text,
                         "alpha": args.alpha, "budgets": [md_sweep.fmt_frac([b]) for b in args.budgets],
                         "seeds": args.seeds, "epochs": args.epochs, "patience": args.patience,
                         "num_blocks": args.num_blocks, "tune": bool(args.tune),
                         "tensorflow": md_sweep.tf.__version__,
                         "keras": md_sweep.keras_version()},
                "settings": {}, "runs": [], "skipped": []}
+    ran = False
     for dataset in args.datasets:
         spec = md_sweep.DATASETS[dataset]
         ok, folder = md_sweep.data_available(spec)
@@ -196,6 +203,7 @@ def run(args):
             payload["skipped"].append(f"{dataset}: none of the tasks {args.tasks} (it has {list(spec['tasks'])})")
             md_sweep.log("SKIP " + payload["skipped"][-1])
             continue
+        ran = True
         d0 = md_sweep.base_dim(spec, sargs)
         base = md_sweep.settings_for(spec, sargs)
         prepared = md_sweep.prepare(spec, task, base)
@@ -235,6 +243,9 @@ def run(args):
                     md_sweep.log(f"{dataset}/{task} l2={label} d={dim} {variant:<22} {quality}={row['mean']:.4f} ± "
                                  f"{row['std']:.4f}{chosen} ({row['embedding_parameters']:,} params, best epochs "
                                  f"{row['best_epochs']}; {time.perf_counter() - start:.0f}s)")
+    if not ran:  # every dataset skipped: leave the results in --out as they are (no empty report over them)
+        md_sweep.log(f"SKIPPED: no dataset to run; nothing written to {args.out}.")
+        return payload
     payload["meta"]["total_seconds"] = time.perf_counter() - start
     payload["meta"]["cpu_seconds"] = time.process_time() - cpu
     payload["meta"]["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -330,9 +341,10 @@ def write_outputs(args, payload):
     report.write_json(os.path.join(args.out, "md_ablation.json"), payload)
     with open(os.path.join(args.out, "md_ablation.md"), "w") as fh:
         fh.write(markdown(payload))
-    if not args.no_plots and payload["runs"]:
+    plots = not args.no_plots and bool(payload["runs"])
+    if plots:
         plot(os.path.join(args.out, "md_ablation.png"), payload)
-    md_sweep.log(f"wrote {args.out}/md_ablation.json, md_ablation.md" + ("" if args.no_plots else ", md_ablation.png"))
+    md_sweep.log(f"wrote {args.out}/md_ablation.json, md_ablation.md" + (", md_ablation.png" if plots else ""))
 
 
 def replot(args):

@@ -64,12 +64,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # every run traces its own model: the retracing warnings are expected
 
+import _benchcli  # noqa: E402
 from tfemb import experiment, report  # noqa: E402
 from tfemb._keras import IS_KERAS_3, keras  # noqa: E402
 from tfemb.data import make_dataset  # noqa: E402
@@ -174,9 +177,19 @@ def parse_args(argv=None):
     p.add_argument("--replot", action="store_true",
                    help="no training: rewrite md_sweep.md and the plots from <out>/md_sweep.json (with --findings)")
     p.add_argument("--quick", action="store_true",
-                   help="ML-100K binary, alpha 0.3, budgets 1/16,1/4,1, 4 epochs, 1 throughput repeat (< 3 min)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
+                   help="ML-100K binary, alpha 0.3, budgets 1/16,1/4,1, 4 epochs, 1 throughput repeat (< 3 min); "
+                        "writes into outputs/bench-quick unless --out is given")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results; with --quick: outputs/bench-quick)")
     args = p.parse_args(argv)
+    args.argv_text = _benchcli.argv_text(argv)
+    if args.out is None:
+        args.out = _benchcli.default_out(args.quick)
+    _benchcli.check_min(p, args, {"seeds": 1, "epochs": 1, "patience": 0, "batch_size": 1, "num_blocks": 1,
+                                  "d0_cf": 1, "d0_ctr": 1, "steps_per_execution": 1, "throughput_repeats": 0})
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be > 0. Received: {args.lr!r}")
+    _benchcli.check_file(p, args.findings, "--findings")
     if args.quick:
         args.datasets = "ml100k" if args.datasets == p.get_default("datasets") else args.datasets
         args.tasks = "binary" if args.tasks == p.get_default("tasks") else args.tasks
@@ -185,18 +198,17 @@ def parse_args(argv=None):
         args.epochs = args.epochs or 4
         args.patience = args.patience or 1
         args.throughput_repeats = min(args.throughput_repeats, 1)
-    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    for name in args.datasets:
-        if name not in DATASETS:
-            p.error(f"--datasets must be among {', '.join(DATASETS)}. Received: {name!r}")
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in args.tasks:
-        if task not in TASK_METRICS:
-            p.error(f"--tasks must be among {', '.join(TASK_METRICS)}. Received: {task!r}")
-    args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    args.budgets = sorted({parse_fraction(b) for b in args.budgets.split(",") if b.strip()})
-    if not args.budgets or not args.alphas:
-        p.error("--budgets and --alphas need at least one value each")
+    args.datasets = _benchcli.split_list(p, "--datasets", args.datasets, allowed=DATASETS)
+    args.tasks = _benchcli.split_list(p, "--tasks", args.tasks, allowed=TASK_METRICS)
+    args.alphas = _benchcli.split_list(p, "--alphas", args.alphas, float, what="numbers",
+                                       check=lambda a: None if a > 0 else "MD temperatures must be > 0")
+    args.budgets = sorted(set(_benchcli.split_list(p, "--budgets", args.budgets, parse_fraction,
+                                                   what="fractions like 1/8 or 0.25")))
+    if not args.throughput_alpha > 0:
+        p.error(f"--throughput-alpha must be > 0. Received: {args.throughput_alpha!r}")
+    if args.replot and not (pathlib.Path(args.out) / "md_sweep.json").is_file():
+        p.error(f"--replot rewrites <out>/md_sweep.json's report: there is none in --out {args.out!r}")
+    _benchcli.check_out(p, args.out)
     if args.throughput_only and args.throughput_repeats < 1:
         p.error("--throughput-only needs --throughput-repeats >= 1")
     if args.throughput_only and args.replot:
@@ -753,7 +765,7 @@ def write_markdown(path, payload, runs_by_key):
                   "(`lookup=\"gather\"`) is measured beside it.", ""]
         tr = meta.get("throughput_run")
         if tr:
-            lines += [f"Measured apart from the quality sweep: `python benchmarks/md_sweep.py {tr['argv']}` "
+            lines += [f"Measured apart from the quality sweep: `{('python benchmarks/md_sweep.py ' + tr['argv']).strip()}` "
                       f"({tr['date']}, {tr['repeats']} timed epochs per model, {tr['total_seconds'] / 60:.1f} min "
                       f"wall, load average at the end "
                       f"{', '.join(f'{x:.1f}' for x in tr.get('load_average') or [])}, TF {tr['tensorflow']}, "
@@ -798,6 +810,10 @@ def run(args):
                 plan.append((dataset, task))
             else:
                 payload["skipped"].append(f"{dataset}/{task}: not a task of this dataset")
+    if not plan:  # every dataset skipped: leave the results in --out as they are (no empty report over them)
+        log("SKIPPED: no dataset/task to run" + (f" ({'; '.join(payload['skipped'])})" if payload["skipped"] else "")
+            + f"; nothing written to {args.out}.")
+        return payload
     # Count runs for progress / ETA.
     total = 0
     for dataset, task in plan:
@@ -885,7 +901,7 @@ def run(args):
     total_seconds = time.perf_counter() - t_start
     payload["meta"] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+        "argv": args.argv_text,
         "quick": bool(args.quick), "datasets": args.datasets, "tasks": args.tasks, "alphas": args.alphas,
         "budgets": [str(b) for b in args.budgets], "d0": {d: base_dim(DATASETS[d], args) for d in args.datasets},
         "num_blocks": args.num_blocks, "round_pow2": args.round_pow2, "match": args.match, "seeds": args.seeds,
@@ -925,14 +941,15 @@ def write_outputs(args, payload):
     runs_by_key = runs_by_key_of(payload)
     report.write_json(os.path.join(args.out, "md_sweep.json"), payload)
     write_markdown(os.path.join(args.out, "md_sweep.md"), payload, runs_by_key)
-    if not args.no_plots and runs_by_key:
+    plots = not args.no_plots and bool(runs_by_key)
+    if plots:
         quality_plot(os.path.join(args.out, "md_quality_vs_params.png"), runs_by_key, payload["meta"]["alphas"])
         dims_plot(os.path.join(args.out, "md_dims_vs_popularity.png"), payload["dims"])
     log("")
     for line in auto_findings(runs_by_key):
         log(line)
-    log(f"wrote {args.out}/md_sweep.json, md_sweep.md" + ("" if args.no_plots else
-        ", md_quality_vs_params.png, md_dims_vs_popularity.png"))
+    log(f"wrote {args.out}/md_sweep.json, md_sweep.md" + (", md_quality_vs_params.png, md_dims_vs_popularity.png"
+                                                          if plots else ""))
 
 
 def replot(args):
@@ -957,12 +974,15 @@ def run_throughput_only(args):
             payload = json.load(fh)
     else:
         payload = {"meta": {}, "settings": {}, "runs": [], "throughput": {}, "dims": {}, "skipped": []}
+    measured = 0
     for dataset in args.datasets:
         spec = DATASETS[dataset]
         ok, folder = data_available(spec)
         if not ok:
-            log(f"SKIP {dataset}: data folder {folder} is absent")
+            log(f"SKIP {dataset}: data folder {folder} is absent (set TFEMB_DATA_DIR to the folder holding "
+                f"{spec['folder']}/)")
             continue
+        measured += 1
         task = next((t for t in args.tasks if t in spec["tasks"]), spec["tasks"][0])
         d0 = base_dim(spec, args)
         settings = settings_for(spec, args)
@@ -977,9 +997,12 @@ def run_throughput_only(args):
                               f"{r['cpu_seconds_per_epoch']:.3f} CPU s/epoch" for r in t["runs"])
             + f" -> MD/fixed = {t['md_over_fixed']:.2f} (median {t['md_over_fixed_median']:.2f}, "
               f"CPU {t['md_over_fixed_cpu']:.2f}; {'met' if t['target_met'] else 'NOT met'})")
+    if not measured:
+        log(f"SKIPPED: no dataset to measure; nothing written to {args.out}.")
+        return payload
     payload.setdefault("meta", {})["throughput_run"] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+        "argv": args.argv_text,
         "datasets": args.datasets, "repeats": args.throughput_repeats, "alpha": args.throughput_alpha,
         "steps_per_execution": args.steps_per_execution, "total_seconds": time.perf_counter() - t_start,
         "cpu_seconds": time.process_time() - cpu_start, "tensorflow": tf.__version__, "keras": keras_version(),

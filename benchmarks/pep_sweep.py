@@ -90,7 +90,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: tfemb is imported from this checkout
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _benchcli  # noqa: E402
 import numpy as np  # noqa: E402
 
 TARGETS = (0.5, 0.2, 0.1, 0.05, 0.01)
@@ -698,8 +701,9 @@ def _dataset_available(setting):
 
 
 def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds=1, quick=False, out=None,
-              settings=None, controls=CONTROLS):
-    """Runs the sweep; returns the JSON payload (and writes the outputs when ``out`` is given)."""
+              settings=None, controls=CONTROLS, command=None):
+    """Runs the sweep; returns the JSON payload (and writes the outputs when ``out`` is given and some dataset
+    ran: with every dataset skipped, ``out`` is left as it is). ``command``: the command line for the report."""
     from tfemb import experiment
 
     settings = copy.deepcopy(settings or SETTINGS)
@@ -711,7 +715,8 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
                             "cpus": os.cpu_count()},
                "args": {"datasets": list(datasets), "models": None if models is None else list(models),
-                        "targets": targets, "seeds": seeds, "quick": quick, "controls": list(controls)},
+                        "targets": targets, "seeds": seeds, "quick": quick, "controls": list(controls),
+                        "command": command},
                "settings": {}, "skipped": [], "runs": []}
     start = time.perf_counter()
     for ds_name in datasets:
@@ -734,12 +739,14 @@ def run_sweep(datasets=("ml100k", "criteo"), models=None, targets=TARGETS, seeds
                 payload["runs"].append(run_one(prep, ds_name, setting, model_name, seed, targets, quick, controls))
                 log(f"   ({time.perf_counter() - start:.0f}s elapsed)")
     payload["seconds"] = time.perf_counter() - start
-    if out:
+    if out and not payload["settings"]:
+        log(f"SKIPPED: no dataset to run; nothing written to {out}.")
+    elif out:
         write_outputs(payload, out)
     return payload
 
 
-def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, settings=None):
+def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, settings=None, command=None):
     """``--timing-only``: the search step's time vs the fixed step's, interleaved in one process, without the
     quality sweep. Per dataset / model / seed: the fixed and PEP models of ``run_one`` (same settings, same
     initial weights), one warm-up epoch of ``TIMING_STEPS`` steps each, then ``interleaved_timing``. Writes
@@ -754,14 +761,18 @@ def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, se
                "platform": {"python": platform.python_version(), "machine": platform.machine(),
                             "cpus": os.cpu_count()}, "tensorflow": tf.__version__,
                "keras": "2 (tf-keras)" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "3",
-               "rounds": TIMING_ROUNDS, "steps_per_round": TIMING_STEPS, "skipped": [], "runs": []}
+               "rounds": TIMING_ROUNDS, "steps_per_round": TIMING_STEPS, "skipped": [], "runs": [],
+               "command": command or "python benchmarks/pep_sweep.py --timing-only"}
+    measured = 0
     for ds_name in datasets:
         setting = apply_recipe(settings[ds_name])
         ok, path = _dataset_available(setting)
         if not ok:
-            payload["skipped"].append(f"{ds_name}: data folder {path} is absent")
+            payload["skipped"].append(f"{ds_name}: data folder {path} is absent (set TFEMB_DATA_DIR to the folder "
+                                      "holding it)")
             log(payload["skipped"][-1])
             continue
+        measured += 1
         prep = experiment.prepare_data(setting["data"])
         train, search, d0 = dict(setting["train"]), dict(setting["search"]), int(setting["embedding_dim"])
         table_params = dict(setting.get("embedding_params") or {})
@@ -815,12 +826,14 @@ def run_timing(datasets=("ml100k", "criteo"), models=None, seeds=1, out=None, se
                 tf.keras.backend.clear_session()
     payload["seconds"] = time.perf_counter() - start
     payload["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    if out:
+    if out and not measured:
+        log(f"SKIPPED: no dataset to measure; nothing written to {out}.")
+    elif out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "pep_timing.json"), "w") as fh:
             json.dump(payload, fh, indent=1)
         lines = ["# PEP search step vs fixed step (interleaved, one process)", "",
-                 f"`python benchmarks/pep_sweep.py --timing-only` ({payload['created']}, Keras {payload['keras']}, TF "
+                 f"`{payload['command']}` ({payload['created']}, Keras {payload['keras']}, TF "
                  f"{payload['tensorflow']}, {payload['seconds'] / 60:.1f} min, load average at the end "
                  f"{', '.join(f'{x:.1f}' for x in payload['load_average'] or [])}). {TIMING_ROUNDS} rounds of "
                  f"{TIMING_STEPS} steps per model, alternating on the same batches (the first 2 steps of each round "
@@ -930,8 +943,9 @@ def _bucket_summary(report):
 
 def markdown(payload, findings=None):
     groups = aggregate(payload["runs"])
+    command = payload["args"].get("command") or "python benchmarks/pep_sweep.py"
     lines = ["# PEP sweep: quality vs non-zero embedding parameters", "",
-             f"Generated by `benchmarks/pep_sweep.py` on {payload['created']} ({payload['platform']['cpus']} CPUs, "
+             f"Generated by `{command}` on {payload['created']} ({payload['platform']['cpus']} CPUs, "
              f"Python {payload['platform']['python']}); total {payload['seconds'] / 60:.1f} min"
              + (" (`--quick`)" if payload["args"]["quick"] else "") + f", seeds: {payload['args']['seeds']}.", "",
              "PEP = the snapshot's mask retrained from the rewound initial weights (lottery ticket). Uniform = a "
@@ -1134,37 +1148,54 @@ def write_outputs(payload, out):
     if payload["runs"]:
         plot_quality(payload, os.path.join(out, "pep_quality_vs_params.png"))
         plot_popularity(payload, os.path.join(out, "pep_dims_vs_popularity.png"))
-    log(f"wrote {out}/pep_sweep.json, pep_sweep.md, pep_quality_vs_params.png, pep_dims_vs_popularity.png")
+    log(f"wrote {out}/pep_sweep.json, pep_sweep.md"
+        + (", pep_quality_vs_params.png, pep_dims_vs_popularity.png" if payload["runs"] else ""))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default=None, help="comma list of ml100k, criteo, synthetic_cf "
+    parser.add_argument("--datasets", default=None, help=f"comma list of {', '.join(SETTINGS)} "
                                                          "(default ml100k,criteo; --quick: ml100k)")
     parser.add_argument("--models", default=None, help="Criteo models, comma list (default deepfm,dcn_v2)")
     parser.add_argument("--targets", default=None, help="fractions to keep, comma list "
                                                         "(default 0.5,0.2,0.1,0.05,0.01; --quick: 0.5,0.1)")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="ml100k, two targets, fewer epochs (< 3 min)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="ml100k, two targets, fewer epochs (< 3 min); writes into outputs/bench-quick unless "
+                             "--out is given")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: benchmarks/results; with --quick: outputs/bench-quick)")
     parser.add_argument("--controls", default=",".join(CONTROLS),
                         help="mask controls retrained beside each ticket, comma list of random, columns; or none")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the search-vs-fixed step time (interleaved), to <out>/pep_timing.{json,md}")
     args = parser.parse_args(argv)
+    args.command = _benchcli.command_line("pep_sweep.py", argv)
+    if args.out is None:
+        args.out = _benchcli.default_out(args.quick)
+    _benchcli.check_min(parser, args, {"seeds": 1})
+    args.datasets = (_benchcli.split_list(parser, "--datasets", args.datasets, allowed=SETTINGS) if args.datasets
+                     else (["ml100k"] if args.quick else ["ml100k", "criteo"]))
+    args.targets = (_benchcli.split_list(parser, "--targets", args.targets, float, what="numbers",
+                                         check=lambda t: None if 0 < t < 1 else "targets must be in (0, 1)")
+                    if args.targets else list(QUICK_TARGETS if args.quick else TARGETS))
+    if args.models:
+        from tfemb.models import CF_MODELS, MODELS
 
-    def split(text):
-        return [t.strip() for t in text.split(",") if t.strip()]
+        args.models = _benchcli.split_list(parser, "--models", args.models,
+                                           allowed=[m for m in MODELS if m not in CF_MODELS])
+    args.controls = ([] if args.controls.strip() == "none"
+                     else _benchcli.split_list(parser, "--controls", args.controls, allowed=CONTROLS))
+    _benchcli.check_out(parser, args.out)
+    return args
 
-    datasets = split(args.datasets) if args.datasets else (["ml100k"] if args.quick else ["ml100k", "criteo"])
-    targets = [float(t) for t in split(args.targets)] if args.targets else list(QUICK_TARGETS if args.quick
-                                                                              else TARGETS)
-    models = split(args.models) if args.models else None
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.timing_only:
-        return run_timing(datasets, models=models, seeds=args.seeds, out=args.out)
-    controls = [] if args.controls.strip() == "none" else split(args.controls)
-    run_sweep(datasets, models=models, targets=targets, seeds=args.seeds, quick=args.quick, out=args.out,
-              controls=controls)
+        return run_timing(args.datasets, models=args.models, seeds=args.seeds, out=args.out, command=args.command)
+    return run_sweep(args.datasets, models=args.models or None, targets=args.targets, seeds=args.seeds,
+                     quick=args.quick, out=args.out, controls=args.controls, command=args.command)
 
 
 if __name__ == "__main__":

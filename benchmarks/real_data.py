@@ -44,6 +44,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _benchcli  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -175,6 +179,9 @@ def markdown(report):
         f"({env['keras_mode']}), TensorFlow {env['tensorflow']}, {env['cpus']} CPUs; "
         f"{report['total_seconds'] / 60:.1f} min wall, {report['cpu_seconds'] / 60:.1f} min CPU in all.",
         "",
+        f"Reproduce: `{report.get('command') or 'python benchmarks/real_data.py'}`"
+        + (" (with `TF_USE_LEGACY_KERAS=1` for Keras 2)" if env["keras_mode"] != "Keras 3" else ""),
+        "",
         f"Test AUC and logloss: mean ± std over model seeds {report['seeds']} (same data split for every model "
         "of a dataset). Early stopping on the validation split's AUC, best weights restored. "
         f"**Criterion**: deep AUC ≥ LR AUC − {AUC_TOLERANCE} (means). Gap = model AUC − LR AUC.",
@@ -222,12 +229,19 @@ def markdown(report):
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
+    parser.add_argument("--out", default=_benchcli.default_out(), help="output folder (default: benchmarks/results)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (default 0 1 2)")
-    parser.add_argument("--datasets", nargs="+", choices=("movielens", "criteo"), default=["movielens", "criteo"])
+    parser.add_argument("--datasets", nargs="+", choices=("movielens", "criteo"), default=["movielens", "criteo"],
+                        help="datasets to run (default both)")
     parser.add_argument("--no-context", action="store_true", help="skip the context models (MF, NeuMF, DCN-v2)")
     parser.add_argument("--no-time-order", action="store_true", help="skip the Criteo file-order split check")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command = _benchcli.command_line("real_data.py", argv)
+    bad = [s for s in args.seeds if s < 0]
+    if bad:
+        parser.error(f"--seeds must be >= 0. Received: {bad[0]!r}")
+    _benchcli.check_out(parser, args.out)
+    return args
 
 
 def main(argv=None):
@@ -324,6 +338,7 @@ def main(argv=None):
             "cpus": os.cpu_count(), "data_dir": str(root),
         },
         "seeds": list(args.seeds),
+        "command": args.command,
         "criterion": f"deep test AUC (mean over seeds) >= LR test AUC (mean) - {AUC_TOLERANCE}, same split",
         "auc_tolerance": AUC_TOLERANCE,
         "configs": configs,

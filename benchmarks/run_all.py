@@ -20,6 +20,10 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import _benchcli  # noqa: E402
 
 #: Script name -> whether it has ``--quick``. In the order they run: the short ones first.
 BENCHMARKS = {
@@ -47,9 +51,12 @@ def parse_args(argv=None):
         unknown = [n for n in names if n not in BENCHMARKS]
         if unknown:
             p.error(f"--only takes {', '.join(BENCHMARKS)}. Received: {unknown[0]!r}")
+    if not names:
+        p.error(f"--only needs at least one of {', '.join(BENCHMARKS)}. Received: {args.only!r}")
     args.names = names
     if args.out is None:
-        args.out = str(REPO / "outputs" / "bench-quick") if args.quick else str(HERE / "results")
+        args.out = _benchcli.default_out(args.quick)
+    _benchcli.check_out(p, args.out)
     return args
 
 

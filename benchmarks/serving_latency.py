@@ -66,6 +66,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: tfemb is imported from this checkout
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _benchcli  # noqa: E402
 
 #: Per-field vocabulary sizes of the synthetic data (values drawn; the Schema keeps those seen in training).
 VOCABULARY_SIZES = (100, 1000, 10000, 50000, 200000, 300, 3000, 30000)
@@ -680,6 +684,8 @@ def write_outputs(args, payload, rows, log):
         f"{env['keras']}, {env['cpus']} CPUs, load average at start "
         f"{' / '.join(f'{x:.1f}' for x in env['load_average_start'] or [])}.",
         "",
+        f"Reproduce: `{cfg.get('command') or 'python benchmarks/serving_latency.py'}`",
+        "",
         f"In-process: `serving_default` with raw inputs, {cfg['calls_b1']} calls at batch 1 and {cfg['calls_b256']} at "
         f"batch 256 per export after {cfg['warmup']} warm-up calls, round-robin over exports. Server: a "
         f"LocalServer process, `tfemb.serving.Client`, {cfg['server_calls_b1']} / {cfg['server_calls_b256']} calls "
@@ -709,8 +715,12 @@ def write_outputs(args, payload, rows, log):
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller data, 1 epoch, fewer calls (< 2 min)")
-    p.add_argument("--rows", type=int, default=None, help="synthetic rows (default 100000; quick 10000)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller data, 1 epoch, fewer calls (< 2 min); writes into outputs/bench-quick unless --out "
+                        "is given")
+    p.add_argument("--rows", type=int, default=None,
+                   help="synthetic rows (default 100000; quick 10000; at least 2560: the batch-256 calls read the "
+                        "10%% test split)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 1)")
     p.add_argument("--calls-b1", type=int, default=None, help="in-process calls per export at batch 1 (500)")
     p.add_argument("--calls-b256", type=int, default=None,
@@ -718,14 +728,28 @@ def parse_args(argv=None):
     p.add_argument("--server-calls-b1", type=int, default=None, help="server calls per transport, batch 1 (100)")
     p.add_argument("--server-calls-b256", type=int, default=None, help="server calls per transport, batch 256 (30)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per export and batch (20)")
-    p.add_argument("--load-threads", type=int, default=8)
+    p.add_argument("--load-threads", type=int, default=8, help="threads of the load test (8)")
     p.add_argument("--load-requests", type=int, default=None, help="requests per load thread (200; quick 40)")
     p.add_argument("--schemes", nargs="+", default=None, help=f"subset of {list(SCHEMES)} (fixed is always run)".replace("%", "%%"))
     p.add_argument("--no-server", action="store_true", help="in-process measurements only")
     p.add_argument("--keep-exports", default=None, help="write the exports here and keep them (default: a temp dir)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results; with --quick: outputs/bench-quick)")
     p.add_argument("--serve-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_child:
+        return args
+    args.command = _benchcli.command_line("serving_latency.py", argv)
+    if args.out is None:
+        args.out = _benchcli.default_out(args.quick)
+    _benchcli.check_min(p, args, {"rows": 2560, "epochs": 1, "calls_b1": 1, "calls_b256": 1, "server_calls_b1": 1,
+                                  "server_calls_b256": 1, "warmup": 0, "load_threads": 1, "load_requests": 1})
+    _benchcli.check_out(p, args.out)
+    if args.keep_exports:
+        if os.path.exists(args.keep_exports) and (not os.path.isdir(args.keep_exports)
+                                                  or os.listdir(args.keep_exports)):
+            p.error(f"--keep-exports must be an empty or new folder. Received: {args.keep_exports!r}")
+        _benchcli.check_out(p, args.keep_exports, flag="--keep-exports")
     quick = args.quick
     defaults = {"rows": (100_000, 10_000), "epochs": (1, 1), "calls_b1": (500, 60), "calls_b256": (3000, 100),
                 "server_calls_b1": (100, 20), "server_calls_b256": (30, 8), "warmup": (20, 5),
@@ -736,7 +760,7 @@ def parse_args(argv=None):
     schemes = args.schemes or list(SCHEMES)
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
-        p.error(f"unknown schemes {unknown}; choose from {list(SCHEMES)}")
+        p.error(f"--schemes must be among {list(SCHEMES)}. Received: {unknown[0]!r}")
     args.schemes = ["fixed"] + [s for s in schemes if s != "fixed"]
     return args
 
@@ -811,7 +835,8 @@ def main(argv=None):
                    "server_calls_b256": args.server_calls_b256, "warmup": args.warmup,
                    "load_threads": args.load_threads, "load_requests": args.load_requests,
                    "vocabulary_sizes": list(VOCABULARY_SIZES), "embedding_dim": EMBEDDING_DIM,
-                   "compression": COMPRESSION, "target_ratio_p99_b256": TARGET_RATIO, "quick": args.quick},
+                   "compression": COMPRESSION, "target_ratio_p99_b256": TARGET_RATIO, "quick": args.quick,
+                   "command": args.command},
         "environment": env,
         "schemes": {name: {**{k: v for k, v in info.items() if k != "path"},
                            "in_process": {"serving_default": inproc[name],

@@ -62,7 +62,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _benchcli  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -371,31 +374,43 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="binary,multiclass")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--candidates", default=",".join(map(str, ESAPN_CANDIDATES)))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     p.add_argument("--timing-passes", type=int, default=1,
-                   help="interleaved timing passes per dataset and task (0: none); see Speed above")
+                   help="interleaved timing passes per dataset and task (default 1; 0: none): every method built "
+                        "afresh streams the same batches, the methods taking turns batch by batch")
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--binary-loss", choices=("mse", "bce"), default="mse")
     p.add_argument("--max-rows", type=int, default=None, help="first rows of each stream only")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true",
+                   help="ML-100K binary, FSE / AutoEmb / ESAPN on the first 20,000 rows, 1 seed, at most 1 timing "
+                        "pass (options given explicitly are kept); writes into outputs/bench-quick unless --out is "
+                        "given")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: benchmarks/results; with --quick: outputs/bench-quick)")
     p.add_argument("--findings", default=None, help="a Markdown file: its text becomes the Findings section")
     p.add_argument("--replot", action="store_true",
                    help="no training: rewrite streaming.md and the plots from <out>/streaming.json (with --findings)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.datasets, args.tasks, args.seeds = "ml100k", "binary", 1
-        args.methods, args.max_rows = "fse,autoemb,esapn", args.max_rows or 20000
+    args.argv_text = _benchcli.argv_text(argv)
+    if args.out is None:
+        args.out = _benchcli.default_out(args.quick)
+    if args.quick:  # the quick run's settings, where the option was not given
+        quick = {"datasets": "ml100k", "tasks": "binary", "seeds": 1, "methods": "fse,autoemb,esapn"}
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+        args.max_rows = args.max_rows or 20000
         args.timing_passes = min(args.timing_passes, 1)
-    args.datasets = [d for d in args.datasets.split(",") if d]
-    args.tasks = [t for t in args.tasks.split(",") if t]
-    args.methods = [m for m in args.methods.split(",") if m]
-    for name, values, allowed in (("datasets", args.datasets, DATASETS), ("tasks", args.tasks, QUALITY),
-                                  ("methods", args.methods, METHODS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            p.error(f"--{name} must be among {', '.join(allowed)}. Received: {bad[0]!r}")
-    args.candidates = tuple(int(c) for c in args.candidates.split(","))
+    args.datasets = _benchcli.split_list(p, "--datasets", args.datasets, allowed=DATASETS)
+    args.tasks = _benchcli.split_list(p, "--tasks", args.tasks, allowed=QUALITY)
+    args.methods = _benchcli.split_list(p, "--methods", args.methods, allowed=METHODS)
+    args.candidates = tuple(_benchcli.split_list(p, "--candidates", args.candidates, int, what="integers",
+                                                 check=lambda c: None if c >= 1 else "dims must be >= 1"))
+    _benchcli.check_min(p, args, {"seeds": 1, "timing_passes": 0, "max_rows": 1})
+    _benchcli.check_file(p, args.findings, "--findings")
+    if args.replot and not (pathlib.Path(args.out) / "streaming.json").is_file():
+        p.error(f"--replot rewrites <out>/streaming.json's report: there is none in --out {args.out!r}")
+    _benchcli.check_out(p, args.out)
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1). Received: {args.test_fraction}")
     return args
@@ -436,10 +451,13 @@ def run(args):
                 f"{LABELS[m]} {v['examples_per_second']:,.0f} ex/s"
                 + (f" ({v['time_per_example_vs_fse']:.2f}x FSE)" if "time_per_example_vs_fse" in v else "")
                 for m, v in timing.items()) + f"; elapsed {(time.perf_counter() - t0) / 60:.1f} min")
+    if not payload["data"]:  # every dataset skipped: leave the results in --out as they are
+        log(f"SKIPPED: no dataset to run; nothing written to {args.out}.")
+        return payload
     payload["summary"] = aggregate(payload["runs"])
     payload["meta"] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "argv": " ".join(sys.argv[1:]) if __name__ == "__main__" else "(called from Python)",
+        "argv": args.argv_text,
         "candidates": list(args.candidates), "seeds": args.seeds, "test_fraction": args.test_fraction,
         "timing_passes": args.timing_passes,
         "binary_loss": args.binary_loss, "max_rows": args.max_rows, "total_seconds": time.perf_counter() - t0,
@@ -462,7 +480,7 @@ def write_outputs(out, payload):
         quality_plot(os.path.join(out, "streaming_quality.png"), payload["summary"])
         dims_plot(os.path.join(out, "streaming_dims.png"), payload["runs"])
         frequency_plot(os.path.join(out, "streaming_by_frequency.png"), payload["runs"])
-    log(f"wrote {out}/streaming.json, streaming.md and the plots")
+    log(f"wrote {out}/streaming.json, streaming.md" + (" and the plots" if payload["summary"] else ""))
 
 
 def replot(args):

@@ -60,6 +60,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: tfemb is imported from this checkout
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _benchcli  # noqa: E402
 
 #: Per-field cardinalities of Criteo Kaggle DAC (C1..C26), as facebookresearch/dlrm's preprocessing counts them.
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -72,6 +76,9 @@ NUM_NUMERIC = 13
 ZIPF_EXPONENT = 1.05
 TARGET_CTR = 0.25
 SCHEMES = ("fixed", "hashing", "qr", "double_hashing", "md", "md_field")
+#: The main matrix by default (benchmarks/README.md: 4 schemes x 2 Keras x 2 optimizers = 16 tfemb runs); the MD
+#: schemes are measured on request (``--schemes fixed md md_field``, results/throughput_md.md).
+DEFAULT_SCHEMES = ("fixed", "hashing", "qr", "double_hashing")
 OPTIMIZERS = ("adam", "lazy_adam")
 COMPRESSION = 4.0
 #: Temperature of the MD schemes (dlrm's --md-temperature default).
@@ -761,6 +768,8 @@ def markdown(results, summary, meta):
            if meta["repeats"] > 1 else ".")
     )
     lines.append("")
+    lines.append(f"Reproduce: `{meta.get('command') or 'python benchmarks/throughput.py'}`")
+    lines.append("")
     lines.append(
         "`adam`: stock Keras Adam on every variable. `lazy_adam`: tfemb's row-sparse `embedding_optimizer=\"adam\"` "
         "on the tables, stock Adam on the rest. Input: `make_dataset` = `tfemb.data.make_dataset`, `numpy` = "
@@ -890,11 +899,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="excluded warm-up steps (default 30; quick 10)")
     parser.add_argument("--vocab-scale", type=float, default=None,
                         help="multiplies the capped Criteo cardinalities (default 1.0: 1.48M ids; quick 0.1)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: benchmarks/results; with --quick: outputs/bench-quick)")
     parser.add_argument("--name", default="throughput", help="output file stem: <out>/<name>.json and .md")
-    parser.add_argument("--quick", action="store_true", help="a small run (< 2 minutes) to check the script")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run (< 2 minutes) to check the script; writes into outputs/bench-quick unless "
+                             "--out is given")
     parser.add_argument("--levers", action="store_true", help="also run the one-lever-at-a-time variants")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), choices=SCHEMES,
+                        help=f"embedding schemes of the tfemb runs (default {' '.join(DEFAULT_SCHEMES)})")
     parser.add_argument("--keras", nargs="+", type=int, default=None, choices=[2, 3],
                         help="Keras versions of the tfemb runs (default 3 2; quick: 3)")
     parser.add_argument("--optimizers", nargs="+", default=None, choices=OPTIMIZERS,
@@ -902,7 +915,8 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline", default="make_dataset",
                         choices=("make_dataset", "prebatched", "numpy", "index_gather"),
                         help="input of the main runs: tfemb.data.make_dataset (default), whole batches sliced in "
-                        "NumPy (prebatched), or NumPy arrays handed to fit")
+                        "NumPy (prebatched), NumPy arrays handed to fit (numpy), or batches of row indices with one "
+                        "gather per feature (index_gather)")
     parser.add_argument("--lever-optimizers", nargs="+", default=["lazy_adam"], choices=OPTIMIZERS)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for the main runs")
     parser.add_argument("--no-deepctr", dest="deepctr", action="store_false")
@@ -927,10 +941,23 @@ def parse_args(argv=None):
     for name, (q, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, q if quick else full)
+    if args.child or args.pipeline_only:
+        return args
+    args.command = _benchcli.command_line("throughput.py", argv)
+    if args.out is None:
+        args.out = _benchcli.default_out(args.quick)
+    _benchcli.check_min(parser, args, {"rows": 1, "holdout": 2, "batch_size": 1, "steps": 1, "repeats": 1})
+    for name in ("epochs", "vocab_scale"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0. Received: {value!r}")
+    if not args.name or pathlib.Path(args.name).name != args.name or args.name in (".", ".."):
+        parser.error(f"--name is a file stem (no folder). Received: {args.name!r}")
+    _benchcli.check_out(parser, args.out)
     if args.epochs is not None:
         args.steps = max(1, int(round(args.epochs * args.rows / args.batch_size)))
     if args.warmup < 1:
-        parser.error("--warmup must be >= 1 (the first step traces the graph)")
+        parser.error(f"--warmup must be >= 1 (the first step traces the graph). Received: {args.warmup!r}")
     return args
 
 
@@ -1011,6 +1038,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "tensorflow": next((r["tensorflow"] for r in results if "tensorflow" in r), None),
         "quick": args.quick,
+        "command": args.command,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "steps": args.steps,
