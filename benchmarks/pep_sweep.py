@@ -1184,6 +1184,9 @@ def parse_args(argv=None):
 
         args.models = _benchcli.split_list(parser, "--models", args.models,
                                            allowed=[m for m in MODELS if m not in CF_MODELS])
+        if "criteo" not in args.datasets:
+            parser.error(f"--models picks the Criteo models, and --datasets has no criteo. Received: --models "
+                         f"{','.join(args.models)} --datasets {','.join(args.datasets)}")
     args.controls = ([] if args.controls.strip() == "none"
                      else _benchcli.split_list(parser, "--controls", args.controls, allowed=CONTROLS))
     _benchcli.check_out(parser, args.out)

@@ -77,6 +77,7 @@ BAD_ARGUMENTS = [
     ("pep_sweep", ["--seeds", "-1"], "--seeds", "-1"),
     ("pep_sweep", ["--datasets", "nope"], "--datasets", "'nope'"),
     ("pep_sweep", ["--models", "nope"], "--models", "'nope'"),
+    ("pep_sweep", ["--models", "deepfm", "--datasets", "ml100k"], "--models", "deepfm --datasets ml100k"),
     ("streaming", ["--candidates", "a,b"], "--candidates", "'a'"),
     ("streaming", ["--seeds", "-2"], "--seeds", "-2"),
     ("streaming", ["--max-rows", "-5"], "--max-rows", "-5"),
