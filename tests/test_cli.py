@@ -1,10 +1,11 @@
 """The main job and the CLI, end to end on the embedded synthetic data (small sizes)."""
 
 import json
+import math
 
 import pytest
 
-from tfemb import cli, compare, experiment
+from tfemb import cli, compare, experiment, report
 
 SMALL_BASE = {
     "data": {"source": "synthetic_ctr", "params": {"num_rows": 3000, "seed": 1}},
@@ -81,6 +82,148 @@ def test_compare_streaming_table(tmp_path):
     assert len(saved["streaming"]["runs"]) == 3
     assert any("ESAPN: streaming" in line for line in lines)
     assert (tmp_path / "compare_streaming.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+TINY_SPEC = {
+    "base": {"data": {"source": "synthetic_ctr", "params": {"num_rows": 1500, "num_fields": 3, "seed": 0}},
+             "model": {"name": "deepfm", "embedding_dim": 4},
+             "train": {"epochs": 1, "batch_size": 256, "verbose": 0}},
+    "variants": [{"name": "fixed", "embedding": {"scheme": "fixed"}},
+                 {"name": "hashing 4x", "embedding": {"scheme": "hashing", "params": {"compression": 4}}}],
+}
+
+
+def _no_training(monkeypatch):
+    monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("a variant trained before the error"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["variants"].append({"name": "bad", "embedding": {"scheme": "hashingg"}}),
+     "variant 'bad': name must be one of"),
+    (lambda s: s["variants"].append({"name": "neg", "model": {"embedding_dim": -4}}),
+     "variant 'neg': model.embedding_dim must be an int >= 1. Received: embedding_dim=-4"),
+    (lambda s: s.update(variant=s.pop("variants")), "unknown top-level key(s) ['variant']"),
+    (lambda s: s["variants"].append({"name": "fixed"}), "variant names must be unique. Received: name='fixed'"),
+    (lambda s: s.update(streaming={"data": {"source": "synthetic_cf"}, "methods": ["fse", "esapnn"]}),
+     "streaming.methods must be a non-empty list of"),
+    (lambda s: s.update(streaming={"data": {"source": "synthetic_cf"}, "methods": ["fse"], "test_fraction": 1.5}),
+     "streaming.test_fraction must be a number in (0, 1). Received: test_fraction=1.5"),
+])
+def test_compare_config_mistakes_are_named_before_any_data(tmp_path, capsys, monkeypatch, edit, message):
+    """A mistake in the last variant or in the streaming section used to surface only after the other variants
+    had trained (minutes of the main job), some as a bare KeyError ("error: 'variants'")."""
+    import yaml
+
+    monkeypatch.setattr(experiment, "prepare_data", lambda *a, **k: pytest.fail("data read before the error"))
+    spec = json.loads(json.dumps(TINY_SPEC))
+    edit(spec)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main(["compare", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {path}" in err and message in err, err
+
+
+def test_compare_config_that_is_not_a_spec_is_refused(tmp_path, capsys, monkeypatch):
+    # An empty file (or a list) used to run the whole built-in main job instead.
+    monkeypatch.setattr(experiment, "prepare_data", lambda *a, **k: pytest.fail("data read before the error"))
+    for text, what in (("", "an empty file"), ("[]", "list")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        assert cli.main(["compare", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "must be a compare spec: a mapping with 'base' and 'variants'" in err and what in err, err
+    assert cli.main(["compare", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "--config: no file at" in capsys.readouterr().err
+
+
+def test_compare_out_that_is_a_file_fails_before_training(tmp_path, capsys, monkeypatch):
+    # It used to fail with "[Errno 17] File exists" after the last variant had trained.
+    monkeypatch.setattr(experiment, "prepare_data", lambda *a, **k: pytest.fail("data read before the error"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["compare", "--quick", "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file" in capsys.readouterr().err
+    assert cli.main(["compare", "--quick", "--out", str(afile / "sub")]) == 2
+    assert f"--out {afile / 'sub'}: cannot create the directory" in capsys.readouterr().err
+    with pytest.raises(NotADirectoryError, match="is a file"):  # the Python API too
+        compare.run_compare(TINY_SPEC, out_dir=str(afile), log=lambda m: None)
+
+
+def test_compare_bad_scheme_parameter_fails_before_the_first_variant_trains(tmp_path, monkeypatch):
+    _no_training(monkeypatch)
+    spec = json.loads(json.dumps(TINY_SPEC))
+    spec["variants"][1]["embedding"]["params"]["compression"] = -4
+    with pytest.raises(ValueError, match="compression must be a finite number > 0. Received: compression=-4"):
+        compare.run_compare(spec, out_dir=str(tmp_path), log=lambda m: None)
+
+
+def test_quick_spec_shrinks_only_what_it_can():
+    quick = compare.quick_spec(None)  # the main job: 8,000 rows, 1 epoch; the default itself is not changed
+    assert quick["base"]["data"]["params"]["num_rows"] == 8000 and quick["base"]["train"]["epochs"] == 1
+    assert compare.DEFAULT_COMPARE["base"]["data"]["params"]["num_rows"] == 60000
+    small = compare.quick_spec(TINY_SPEC)  # never more rows than the spec asks for
+    assert small["base"]["data"]["params"]["num_rows"] == 1500
+    # A real source has no num_rows ("criteo_schema() got an unexpected keyword argument 'num_rows'").
+    criteo = dict(TINY_SPEC, base=dict(TINY_SPEC["base"], data={"source": "criteo", "params": {"nrows": 3000}}))
+    criteo["variants"] = [dict(TINY_SPEC["variants"][0], train={"epochs": 5})]
+    quick = compare.quick_spec(criteo)
+    assert quick["base"]["data"]["params"] == {"nrows": 3000}
+    assert quick["base"]["train"]["epochs"] == 1 and quick["variants"][0]["train"]["epochs"] == 1
+
+
+def _fake_result(name, scheme, params, auc, pep=None):
+    result = {"name": name, "model": "deepfm", "scheme": scheme, "metrics": {"auc": auc, "logloss": 0.5},
+              "embedding_parameters": params, "embedding_bytes": 4 * params, "train_seconds": 1.0, "epochs": 1,
+              "_model": None}
+    if pep is not None:
+        result["pep"] = pep
+    return result
+
+
+def test_compare_rerun_replaces_the_earlier_files_and_labels_points_as_the_table(tmp_path, monkeypatch):
+    fake = {"fixed": _fake_result("fixed", "fixed", 100, 0.7),
+            "hashing 4x": _fake_result("hashing 4x", "hashing", 25, 0.68, pep={"reached": False})}
+    monkeypatch.setattr(experiment, "run", lambda cfg, **k: dict(fake[cfg["name"]]))
+    plotted = []
+    real_plot = report.scatter_plot
+    monkeypatch.setattr(report, "scatter_plot", lambda path, points, *a, **k: (plotted.append((points, k)),
+                                                                               real_plot(path, points, *a, **k)))
+    (tmp_path / "compare_streaming.png").write_bytes(b"an earlier run's plot")
+    (tmp_path / "compare.md").write_text("an earlier run's table")
+    lines = []
+    compare.run_compare(TINY_SPEC, out_dir=str(tmp_path), log=lines.append, export_budget=None)
+    assert any("holds an earlier run" in line and "will be replaced" in line for line in lines)
+    # No streaming in this spec: the earlier run's streaming plot no longer stands beside the new tables.
+    assert not (tmp_path / "compare_streaming.png").exists()
+    assert "an earlier run" not in (tmp_path / "compare.md").read_text()
+    # The plot marks the searched (unretrained) PEP row, as the table does.
+    md = (tmp_path / "compare.md").read_text()
+    assert "| hashing 4x [PEP target not reached: searched model] |" in md
+    assert [p[0] for p in plotted[0][0]] == ["fixed", "hashing 4x †"]
+    assert "PEP target not reached" in plotted[0][1]["note"]
+
+
+def test_streaming_table_survives_a_stream_without_timed_batches(monkeypatch):
+    """A stream too short for a batch after the warm-up has no speed (NaN): the table used to crash with
+    "cannot convert float NaN to integer" after the CTR part had run."""
+    import numpy as np
+
+    from tfemb import streaming
+
+    def fake_run(method, *a, **k):
+        return {"method": method, "test": {"accuracy": float("nan"), "mse": float("nan")}, "seconds": 1.0,
+                "examples_per_second": float("nan"), "embedding_parameters": 10, "embedding_bytes": 40,
+                "mean_dim": {}, "by_frequency": {}, "model": None}
+
+    monkeypatch.setattr(streaming, "prepare_stream", lambda *a, **k: (None, {}, np.zeros(3), {
+        "rows": 3, "users": 1, "items": 1}))
+    monkeypatch.setattr(streaming, "run_method", fake_run)
+    out = compare.run_streaming({"data": {"source": "synthetic_cf"}, "methods": ["fse", "esapn"]},
+                                log=lambda m: None)
+    assert all(math.isnan(r["examples/s"]) for r in out["rows"])
+    assert [r["time/example vs FSE"] for r in out["rows"]] == ["n/a", "n/a"]
+    assert "| nan | 1.0 | n/a |" in out["markdown"]
 
 
 def test_train_then_inspect(tmp_path, capsys):

@@ -125,3 +125,18 @@ def test_export_best_without_rows_prints_a_valid_example(tmp_path):
     got = load_export(info["export_dir"]).predict(body)["probability"]
     assert got.shape == (1,) and 0.0 <= float(got[0]) <= 1.0
     assert any("tfemb serve" in line for line in lines)
+
+
+def test_a_rerun_that_exports_nothing_says_the_exports_there_are_older(tmp_path, monkeypatch):
+    # Nothing within the budget: an earlier run's export must not pass for this run's.
+    fake = {"fixed-8": dict(_result("fixed-8", "fixed", 100, 0.7), embedding_bytes=400, train_seconds=1.0,
+                            epochs=1, _model=None),
+            "hashing 4x": dict(_result("hashing 4x", "hashing", 30, 0.7), embedding_bytes=120, train_seconds=1.0,
+                               epochs=1, _model=None)}
+    monkeypatch.setattr(experiment, "run", lambda cfg, **k: dict(fake[cfg["name"]]))
+    (tmp_path / "export" / "deepfm_qr_4x" / "1").mkdir(parents=True)
+    lines = []
+    payload = compare.run_compare(SPEC, out_dir=str(tmp_path), log=lines.append)
+    assert "export" not in payload
+    assert any("nothing exported" in line for line in lines)
+    assert any("deepfm_qr_4x are from an earlier run" in line for line in lines), lines

@@ -53,3 +53,16 @@ def test_a_label_with_no_free_place_is_still_drawn():
 def test_scatter_plot_writes_the_png(tmp_path):
     path = report.scatter_plot(str(tmp_path / "p.png"), [("a", 1e3, 0.7), ("b", 1e4, 0.71)], "bytes", "auc", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000 and path.endswith("p.png")
+
+
+def test_scatter_plot_names_points_it_cannot_place(tmp_path):
+    # A NaN metric (a stream with an empty test period) used to fail the main job with "Data cannot be
+    # log-scaled because all values are <= 0"; a point without a finite value is named on the plot instead.
+    from unittest import mock
+
+    path = str(tmp_path / "p.png")
+    with mock.patch.object(report, "labelled_scatter", wraps=report.labelled_scatter) as placed:
+        report.scatter_plot(path, [("a", 1e3, 0.7), ("b", 1e4, float("nan")), ("c", 0, 0.5)], "bytes", "auc", "t")
+    assert [p[0] for p in placed.call_args[0][2]] == ["a"]
+    report.scatter_plot(path, [("a", 1e3, float("nan")), ("b", 1e4, float("nan"))], "bytes", "auc", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000

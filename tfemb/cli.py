@@ -28,18 +28,43 @@ def cmd_train(args):
     return 0
 
 
-def cmd_compare(args):
-    from tfemb import compare, experiment
+def _compare_spec(path):
+    """The compare spec of ``--config`` PATH, checked (``tfemb.compare.check_spec``) before any data is read."""
+    import yaml
 
-    spec = None
-    if args.config:
-        import yaml
+    from tfemb import compare
 
-        with open(args.config) as fh:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no file at {path}")
+    with open(path) as fh:
+        try:
             spec = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(spec, dict):  # an empty file used to run the built-in main job instead
+        raise ValueError(f"--config {path} must be a compare spec: a mapping with 'base' and 'variants'. "
+                         f"Received: {'an empty file' if spec is None else type(spec).__name__}")
+    compare.check_spec(spec, where=f"--config {path}")
+    return spec
+
+
+def _compare_out_dir(path):
+    """Creates ``--out`` now: a path that is (or lies under) a file fails before any training."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path} is a file; give a directory (created when missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create the directory ({exc.strerror or exc})") from exc
+
+
+def cmd_compare(args):
+    from tfemb import compare
+
+    spec = _compare_spec(args.config) if args.config else None
     if args.quick:
-        spec = experiment.merge(spec or compare.DEFAULT_COMPARE, {})
-        spec["base"] = experiment.merge(spec["base"], {"data": {"params": {"num_rows": 8000}}, "train": {"epochs": 1}})
+        spec = compare.quick_spec(spec)
+    _compare_out_dir(args.out)
     compare.run_compare(spec, out_dir=args.out, log=lambda m: (print(m), sys.stdout.flush()))
     return 0
 
@@ -154,8 +179,11 @@ def build_parser():
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="every scheme vs the fixed baseline on the embedded default data")
     p.add_argument("--config", help="YAML compare spec (base + variants); default: the built-in main job")
-    p.add_argument("--out", default="outputs/compare", help="output directory (default outputs/compare)")
-    p.add_argument("--quick", action="store_true", help="a small, fast run (for smoke tests)")
+    p.add_argument("--out", default="outputs/compare",
+                   help="output directory (default outputs/compare); an earlier run's files there are replaced, "
+                        "the export is added as a new version")
+    p.add_argument("--quick", action="store_true",
+                   help="a small, fast run (for smoke tests): 1 epoch and at most 8,000 rows of synthetic CTR data")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("inspect", help="per-table rows, dims, parameters and bytes of a saved model or an export")
     p.add_argument("path", help="a .keras model, a run directory, or an export (a SavedModel version directory or "

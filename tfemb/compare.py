@@ -1,10 +1,12 @@
 """``tfemb compare``: every implemented scheme against the fixed baseline, at comparable budgets, one run."""
 
+import math
 import os
 import sys
 import time
 
 from tfemb import experiment, report
+from tfemb.errors import DataError
 
 #: The main job on the embedded default dataset (synthetic Zipf CTR data; no download).
 DEFAULT_COMPARE = {
@@ -49,11 +51,137 @@ DEFAULT_COMPARE = {
     },
 }
 
+#: Keys a compare spec may hold (``check_spec``), and those of its ``streaming`` section.
+SPEC_KEYS = ("name", "base", "variants", "streaming")
+STREAMING_KEYS = ("data", "task", "methods", "candidates", "test_fraction")
+#: ``tfemb compare --quick``: rows of a synthetic source (at most) and epochs (``quick_spec``).
+QUICK_ROWS, QUICK_EPOCHS = 8000, 1
+_SYNTHETIC_SOURCES = ("synthetic_ctr", "synthetic_cf")
+
 COLUMNS_BY_TASK = {
     "binary": ["auc", "logloss"],
     "multiclass": ["accuracy", "cross_entropy"],
     "regression": ["mse", "mae"],
 }
+
+
+def check_spec(spec, where="compare spec"):
+    """``DataError`` naming the key and the value for a compare spec that could not run to its end, raised before
+    any data is read or any model trained (a typo in the last variant used to surface only after the others had
+    trained): a spec that is not a mapping, an unknown top-level key, no ``variants`` or a variant without a
+    unique ``name``, a variant whose recipe ``experiment.check_config`` refuses (unknown keys, non-positive
+    sizes), an unknown model or scheme name, a ``pep`` / ``autoemb`` section without its scheme, and a
+    ``streaming`` section with unknown keys, methods or task, candidates that are not ints >= 1 or a
+    ``test_fraction`` outside (0, 1). Returns the variants' recipes, merged with ``base`` and the defaults."""
+    from tfemb.layers.factory import get_scheme_class
+    from tfemb.models import get_model_class
+
+    if not isinstance(spec, dict):
+        raise DataError(f"{where} must be a mapping with 'base' and 'variants'. Received: {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown top-level key(s) {unknown}; known: {list(SPEC_KEYS)}")
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise DataError(f"{where}: base must be a mapping. Received: base={base!r}")
+    variants = spec.get("variants")
+    if not isinstance(variants, list) or not variants:
+        raise DataError(f"{where}: variants must be a non-empty list of mappings. Received: variants={variants!r}")
+    base = experiment.merge(experiment.DEFAULTS, base)
+    cfgs, names = [], set()
+    for i, variant in enumerate(variants, 1):
+        if not isinstance(variant, dict):
+            raise DataError(f"{where}: variant {i} must be a mapping. Received: {variant!r}")
+        name = variant.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: variant {i} needs a name (a non-empty string). Received: name={name!r}")
+        if name in names:
+            raise DataError(f"{where}: variant names must be unique. Received: name={name!r} twice")
+        names.add(name)
+        cfg = experiment.merge(base, {k: v for k, v in variant.items() if k != "name"})
+        cfg["name"] = name
+        vwhere = f"{where}, variant {name!r}"
+        try:
+            experiment.check_config(cfg, where=vwhere)
+        except DataError as exc:  # some of its messages do not say where
+            raise DataError(str(exc) if str(exc).startswith(vwhere) else f"{vwhere}: {exc}") from None
+        try:
+            get_model_class(cfg["model"]["name"])
+            get_scheme_class(cfg["embedding"].get("scheme", "fixed"))
+        except ValueError as exc:
+            raise DataError(f"{vwhere}: {exc}") from None
+        scheme = cfg["embedding"].get("scheme", "fixed")
+        for section, needs in (("pep", "pep"), ("autoemb", "autoemb")):
+            if cfg.get(section) and scheme != needs:
+                raise DataError(f"{vwhere}: {section} needs embedding.scheme {needs!r}. Received: scheme={scheme!r}")
+        cfgs.append(cfg)
+    stream = spec.get("streaming")
+    if stream:
+        from tfemb import streaming
+
+        if not isinstance(stream, dict):
+            raise DataError(f"{where}: streaming must be a mapping. Received: streaming={stream!r}")
+        unknown = sorted(set(stream) - set(STREAMING_KEYS))
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {', '.join('streaming.' + k for k in unknown)}; known: "
+                            f"{list(STREAMING_KEYS)}")
+        if not isinstance(stream.get("data"), dict) or "source" not in stream["data"]:
+            raise DataError(f"{where}: streaming.data must be a mapping with a source. "
+                            f"Received: data={stream.get('data')!r}")
+        task = stream.get("task", "binary")
+        if task not in streaming.QUALITY:
+            raise DataError(f"{where}: streaming.task must be one of {sorted(streaming.QUALITY)}. "
+                            f"Received: task={task!r}")
+        methods = stream.get("methods")
+        if not isinstance(methods, list) or not methods or any(m not in streaming.METHODS for m in methods):
+            raise DataError(f"{where}: streaming.methods must be a non-empty list of {list(streaming.METHODS)}. "
+                            f"Received: methods={methods!r}")
+        candidates = stream.get("candidates", list(streaming.ESAPN_CANDIDATES))
+        if not isinstance(candidates, (list, tuple)) or not candidates or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in candidates):
+            raise DataError(f"{where}: streaming.candidates must be a non-empty list of ints >= 1. "
+                            f"Received: candidates={candidates!r}")
+        fraction = stream.get("test_fraction", 0.25)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+            raise DataError(f"{where}: streaming.test_fraction must be a number in (0, 1). "
+                            f"Received: test_fraction={fraction!r}")
+    return cfgs
+
+
+def quick_spec(spec=None):
+    """The spec of ``tfemb compare --quick``: ``QUICK_EPOCHS`` epoch(s), and at most ``QUICK_ROWS`` rows when the
+    CTR data is synthetic (``num_rows`` is a parameter of the synthetic sources only; others keep their rows).
+    The streaming section is kept as it is."""
+    spec = experiment.merge(spec or DEFAULT_COMPARE, {})
+    check_spec(spec)
+    base = spec.get("base") or {}
+    quick = {"train": {"epochs": QUICK_EPOCHS}}
+    data = base.get("data") or {}
+    if data.get("source", experiment.DEFAULTS["data"]["source"]) in _SYNTHETIC_SOURCES:
+        rows = (data.get("params") or {}).get("num_rows")
+        quick["data"] = {"params": {"num_rows": min(rows, QUICK_ROWS) if isinstance(rows, int) else QUICK_ROWS}}
+    spec["base"] = experiment.merge(base, quick)
+    for variant in spec["variants"]:  # a variant's own epochs would undo --quick
+        if isinstance(variant.get("train"), dict) and "epochs" in variant["train"]:
+            variant["train"]["epochs"] = QUICK_EPOCHS
+    return spec
+
+
+def _prepare_out_dir(out_dir, log):
+    """Creates ``out_dir`` before any training (a path that is a file fails now, not after the last variant),
+    says when it holds an earlier run's results (replaced; the export is added as a new version), and removes
+    the earlier streaming plot, which a spec without streaming would otherwise leave beside the new tables."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a directory")
+    os.makedirs(out_dir, exist_ok=True)
+    earlier = [f for f in ("compare.json", "compare.md", "compare.png", "compare_streaming.png")
+               if os.path.exists(os.path.join(out_dir, f))]
+    if earlier:
+        log(f"tfemb compare: {out_dir} holds an earlier run: {', '.join(earlier)} will be replaced; the export is added as a "
+            "new version of its model")
+    stale = os.path.join(out_dir, "compare_streaming.png")
+    if os.path.exists(stale):
+        os.remove(stale)
 
 
 def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0.25):
@@ -62,11 +190,19 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     Then exports the best variant within ``export_budget`` of the fixed baseline's embedding parameters to
     ``<out_dir>/export/<name>/`` and prints how to serve and query it (``export_best``; ``export_budget=None``
     skips this). Only that variant's model is kept in memory while the others train.
+
+    The spec is checked (``check_spec``) and ``out_dir`` created before any data is read; every variant's model
+    is built once on the prepared schema before the first one trains, so a bad scheme parameter fails at once.
+    An earlier run's files in ``out_dir`` are replaced.
     """
-    spec = spec or DEFAULT_COMPARE
-    base = experiment.merge(experiment.DEFAULTS, spec.get("base", {}))
+    spec = DEFAULT_COMPARE if spec is None else spec
+    cfgs = check_spec(spec)
+    base = experiment.merge(experiment.DEFAULTS, spec.get("base") or {})
+    _prepare_out_dir(out_dir, log)
     log(f"tfemb compare: preparing data ({base['data']['source']}) ...")
     prepared = experiment.prepare_data(base["data"])
+    for cfg in cfgs:  # scheme and model parameters, checked on the schema before any training
+        experiment.build_model(prepared.schema, cfg["model"], cfg["embedding"], cfg["train"])
     task = prepared.schema.task
     metric_names = COLUMNS_BY_TASK[task]
     log(f"  {prepared.num_rows('train'):,} train / {prepared.num_rows('val'):,} val / "
@@ -75,9 +211,7 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     results = []
     kept = []  # [result, model or None]: only the model export_best may pick is kept
     variants = spec["variants"]
-    for i, variant in enumerate(variants, 1):
-        cfg = experiment.merge(base, {k: v for k, v in variant.items() if k != "name"})
-        cfg["name"] = variant["name"]
+    for i, (variant, cfg) in enumerate(zip(variants, cfgs), 1):
         start = time.perf_counter()
         log(f"[{i}/{len(variants)}] {variant['name']}: training {cfg['model']['name']} ...")
         result = experiment.run(cfg, prepared=prepared, log=log)
@@ -105,11 +239,14 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     with open(os.path.join(out_dir, "compare.md"), "w") as fh:
         fh.write(md)
     quality = metric_names[0]
-    report.scatter_plot(
+    searched = [r["name"] for r in results if (r.get("pep") or {}).get("reached") is False]
+    report.scatter_plot(  # a PEP point that is the searched model says so, as its table row (short: a footnote)
         os.path.join(out_dir, "compare.png"),
-        [(r["name"], r["embedding_bytes"], r["metrics"].get(quality, float("nan"))) for r in results],
+        [(r["name"] + (" †" if r["name"] in searched else ""), r["embedding_bytes"],
+          r["metrics"].get(quality, float("nan"))) for r in results],
         "embedding bytes (log scale)", f"test {quality}",
         f"{base['model']['name']} on {base['data']['source']}: {quality} vs embedding size",
+        note="† PEP target not reached: the searched model, not a retrained ticket" if searched else None,
     )
     log("")
     log(report.console_table(rows))
@@ -134,6 +271,9 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
         exported = export_best(kept, budget_fraction=export_budget, out_dir=out_dir, rows=prepared.frames["test"],
                                log=log)
         kept = None
+        earlier = os.path.join(out_dir, "export")
+        if exported is None and os.path.isdir(earlier) and os.listdir(earlier):
+            log(f"(the exports under {earlier}: {', '.join(sorted(os.listdir(earlier)))} are from an earlier run)")
         if exported is not None:
             payload["_export_model"] = exported.pop("_model")
             payload["export"] = exported
@@ -167,16 +307,28 @@ def run_streaming(spec, log=print):
         rows.append({"method": streaming.LABELS[method], f"test {q1}": r["test"][q1], f"test {q2}": r["test"][q2],
                      "emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
                      "mean dim (users/items)": " / ".join(f"{v:.1f}" for v in r["mean_dim"].values()) or "fixed",
-                     "examples/s": round(r["examples_per_second"]), "stream s": f"{r['seconds']:.1f}"})
+                     "examples/s": _finite_round(r["examples_per_second"]), "stream s": f"{r['seconds']:.1f}"})
     fse = next((r for r in runs if r["method"] == "fse"), None)
     if fse:
         for row, r in zip(rows, runs):
-            row["time/example vs FSE"] = f"{fse['examples_per_second'] / r['examples_per_second']:.2f}x"
+            ratio = fse["examples_per_second"] / r["examples_per_second"] if r["examples_per_second"] else math.nan
+            # a stream too short for a timed batch after the warm-up has no speed
+            row["time/example vs FSE"] = f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a"
     log("")
     log(report.console_table(rows))
     md = (f"## Streaming ({data['source']}, CF network, {task}; test-then-train, one pass, quality over the last "
-          f"{spec.get('test_fraction', 0.25):.0%} of the stream)\n\n" + report.markdown_table(rows))
+          f"{spec.get('test_fraction', 0.25):.0%} of the stream)\n\n" + report.markdown_table(rows)
+          + "\nemb params / emb bytes / mean dim: the export at the sizes each search chose. test accuracy / mse: "
+            "the model's test-then-train quality during the stream (for DARTS, SAM and AutoEmb the soft mixture of "
+            "the candidates; compare.json holds the hard export's on the same rows as streaming.runs[].hard_test). "
+            "examples/s: after the warm-up batches (what time/example vs FSE compares); stream s: the whole "
+            "stream's wall time, warm-up and tracing included.\n")
     return {"rows": rows, "runs": runs, "markdown": md, "data": info}
+
+
+def _finite_round(value):
+    value = float(value)
+    return round(value) if math.isfinite(value) else value
 
 
 def main(out_dir="outputs/compare", spec=None):

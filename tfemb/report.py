@@ -83,15 +83,32 @@ def labelled_scatter(ax, fig, points, log_x=True):
     return colors
 
 
-def scatter_plot(path, points, x_label, y_label, title, log_x=True):
-    """``points``: list of (label, x, y); one marker per point, labelled."""
+def _plottable(x, y, log_x):
+    try:
+        x, y = float(x), float(y)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(x) and math.isfinite(y) and (x > 0 or not log_x)
+
+
+def scatter_plot(path, points, x_label, y_label, title, log_x=True, note=None):
+    """``points``: list of (label, x, y); one marker per point, labelled. Points without a finite value (a NaN
+    metric; x <= 0 on the log axis) cannot be placed: they are named in a note on the plot instead, and a plot
+    with none to place still gets written. ``note``: a line of small text in the plot's lower left corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    labelled_scatter(ax, fig, points, log_x)
+    shown = [p for p in points if _plottable(p[1], p[2], log_x)]
+    missing = [p[0] for p in points if not _plottable(p[1], p[2], log_x)]
+    if shown:
+        labelled_scatter(ax, fig, shown, log_x)
+    notes = ([note] if note else []) + (["not plotted (no finite value): " + ", ".join(missing)] if missing else [])
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, fontsize=7, color="0.35", va="bottom",
+                wrap=True)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
