@@ -466,8 +466,7 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
                 x_val, y_val, has_validation = element.get_value()
             tf.cond(has_validation, lambda: self._theta_step(x_val, y_val), lambda: tf.constant(0.0))
         y_pred, loss, _ = self._w_step(x, y, sample_weight)
-        if IS_KERAS_3:
-            self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        self.track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def fit(self, x=None, y=None, **kwargs):
@@ -482,6 +481,7 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
                 "replica (the default strategy or OneDeviceStrategy); tfemb.esapn.ESAPNSearch gathers its state "
                 "across replicas."
             )
+        self.rec_model.check_embedding_optimizer_replicas(self.distribute_strategy)
         self._build_optimizers()
         if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and replicas > 1:
             _build_compiled_under_strategy(self, x)

@@ -484,13 +484,13 @@ class ESAPNSearch(WeightedLossMixin, keras.Model):
             else:
                 tf.cond(run, lambda: self.policy_step(x_prev, y_prev)[0], lambda: tf.constant(0.0))
         y_pred, loss, _, _ = self.model_step(x, y, sample_weight)
-        if IS_KERAS_3:
-            self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        self.track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def fit(self, x=None, y=None, **kwargs):
         """Keras ``fit`` on a ``tf.data.Dataset`` of time-ordered ``(x, y)`` batches; each batch's previous one is
         paired with it for the policy step."""
+        self.rec_model.check_embedding_optimizer_replicas(self.distribute_strategy)
         self._build_optimizers()
         if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and self.distribute_strategy.num_replicas_in_sync > 1:
             _build_compiled_under_strategy(self, x)

@@ -51,6 +51,30 @@ def scatter_update(var, indices, updates):
     return _scatter(tf.raw_ops.ResourceScatterUpdate, var, indices, updates)
 
 
+def _replicas():
+    """Replicas in sync of the current ``tf.distribute`` strategy (1 outside any, or in the default one)."""
+    context = tf.distribute.get_replica_context()
+    if context is not None:
+        return context.num_replicas_in_sync
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def check_single_replica(optimizer, replicas=None):
+    """Raises a ValueError when ``optimizer`` (a SparseOptimizer) would run under a multi-replica strategy.
+
+    Its row updates write each replica's own copy of a table with that replica's share of the gradient (no
+    cross-replica sum) and keep one set of slots, so the replicas would silently drift apart."""
+    replicas = _replicas() if replicas is None else int(replicas)
+    if optimizer is not None and replicas > 1:
+        raise ValueError(
+            f"embedding_optimizer={type(optimizer).__name__}(learning_rate={optimizer.learning_rate:g}) (row-sparse "
+            f"updates) runs on a single replica only. Received a tf.distribute strategy with {replicas} replicas "
+            "in sync: build the model with embedding_optimizer=None under a multi-replica strategy (the compiled "
+            "optimizer then updates the embedding tables, with gradients summed across replicas), or train on "
+            "one replica (the default strategy or OneDeviceStrategy)."
+        )
+
+
 class SparseOptimizer(tf.Module):
     """Base class: ``apply(grads_and_vars)`` with row-sparse or dense gradients."""
 
@@ -85,6 +109,7 @@ class SparseOptimizer(tf.Module):
         pass
 
     def apply(self, grads_and_vars):
+        check_single_replica(self)
         grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
         self.build([v for _, v in grads_and_vars])
         step = self.iterations.assign_add(1)

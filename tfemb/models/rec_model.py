@@ -15,20 +15,35 @@ def _output_activation(task):
 
 
 class WeightedLossMixin:
-    """``compute_loss`` that takes ``[batch]`` sample weights for ``[batch]`` outputs under Keras 2 too.
+    """``compute_loss`` that gives per-example losses for ``[batch]`` outputs (binary and regression models).
 
-    Keras 2's losses average over the last axis first: on the ``[batch]`` outputs of binary and regression
-    models that leaves a scalar, which a ``[batch]`` sample weight cannot weight ("Can not squeeze dim[0]"). A
-    trailing axis gives per-example losses, so weights apply as in Keras 3; unweighted, the mean is the same.
-    Mixed into ``RecModel`` and the search wrappers (``tfemb.autoemb``, ``tfemb.esapn``), which compute the loss
-    of their own steps."""
+    Keras' losses average over the last axis first: on ``[batch]`` outputs that leaves one scalar per batch,
+    which (1) a ``[batch]`` sample weight cannot weight per example (Keras 2: "Can not squeeze dim[0]"; Keras 3:
+    silently multiplies the batch mean by the mean weight), and (2) Keras 3 does not divide by the number of
+    replicas under a ``tf.distribute`` strategy (``reduce_values`` skips scalars), so with N replicas the summed
+    gradients were N times too large. A trailing axis gives per-example losses, which Keras weights and scales
+    per replica as intended; unweighted on one replica, the mean is the same. Mixed into ``RecModel`` and the
+    search wrappers (``tfemb.autoemb``, ``tfemb.esapn``), which compute the loss of their own steps."""
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, *args, **kwargs):
-        if (not IS_KERAS_3 and sample_weight is not None and y_pred is not None
+        if ((IS_KERAS_3 or sample_weight is not None) and y is not None and y_pred is not None
                 and getattr(y_pred, "shape", None) is not None and y_pred.shape.rank == 1):
             y_pred = y_pred[:, tf.newaxis]
             y = tf.reshape(y, [-1, 1])
         return super().compute_loss(x, y, y_pred, sample_weight, *args, **kwargs)
+
+    def track_loss(self, loss, x):
+        """Keras 3: adds a step's ``compute_loss`` value to the ``loss`` that ``fit`` reports, as Keras' own
+        ``train_step`` does: under an N-replica strategy each replica's loss is its share of the global mean
+        (divided by N, so the summed gradients are the global batch's), which is multiplied back here. (Keras 2
+        tracks the loss inside ``compute_loss``.)"""
+        if not IS_KERAS_3:
+            return
+        context = tf.distribute.get_replica_context()
+        replicas = 1 if context is None else context.num_replicas_in_sync
+        if replicas > 1:
+            loss = loss * tf.cast(replicas, loss.dtype)
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
 
 
 class RecModel(WeightedLossMixin, keras.Model):
@@ -249,24 +264,63 @@ class RecModel(WeightedLossMixin, keras.Model):
     def fit(self, x=None, y=None, **kwargs):
         """Keras ``fit``; a ``tf.data.Dataset`` is passed with ``shuffle=False`` unless told otherwise (Keras never
         shuffles a dataset; see ``tfemb._keras.dataset_fit_kwargs``)."""
+        self.check_embedding_optimizer_replicas()
+        self._build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
         return super().fit(x, y, **dataset_fit_kwargs(x, kwargs))
+
+    def check_embedding_optimizer_replicas(self, strategy=None):
+        """Raises a ValueError, before any step is traced, when the model has a row-sparse ``embedding_optimizer``
+        and would train under a multi-replica strategy (``strategy``, default the model's). Also called by the
+        search wrappers' ``fit`` (``tfemb.esapn``, ``tfemb.autoemb``), whose steps use the same optimizer."""
+        strategy = strategy or self.distribute_strategy
+        sparse_optimizers.check_single_replica(self.embedding_optimizer, strategy.num_replicas_in_sync)
+
+    def evaluate(self, x=None, y=None, **kwargs):
+        self._build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
+        return super().evaluate(x, y, **kwargs)
+
+    def _build_compiled_under_strategy(self, x, y=None, sample_weight=None):
+        """Builds the model and its compiled loss and metrics from the first rows of ``x`` (a ``tf.data.Dataset``
+        or arrays), in the strategy's scope, before a Keras 3 ``fit`` / ``evaluate`` under a multi-replica
+        ``tf.distribute`` strategy. Keras 3 would otherwise build them from the replica-*averaged* first batch
+        (``strategy.reduce("MEAN", ...)``), which turns the integer id inputs into floats: every scheme then
+        refuses its ids and ``fit`` fails with "Unable to automatically build the model". Keras 2 needs none of
+        this; nor does a single replica, or a model whose loss and metrics are built already."""
+        strategy = self.distribute_strategy
+        if not IS_KERAS_3 or strategy is None or strategy.num_replicas_in_sync < 2:
+            return
+        unbuilt = [c for c in (getattr(self, "_compile_loss", None), getattr(self, "_compile_metrics", None))
+                   if c is not None and not c.built]
+        if not unbuilt and self.built:
+            return
+        if isinstance(x, tf.data.Dataset):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iter(x)))
+        elif isinstance(x, (dict, np.ndarray, tf.Tensor, list, tuple)):
+            def head(v):
+                return None if v is None else tf.convert_to_tensor(np.asarray(v)[:2]) \
+                    if not isinstance(v, tf.Tensor) else v[:2]
+            x, y, sample_weight = tf.nest.map_structure(head, x), tf.nest.map_structure(head, y), \
+                tf.nest.map_structure(head, sample_weight)
+        else:  # a generator or PyDataset: left to Keras
+            return
+        with strategy.scope():
+            y_pred = self(x, training=False)
+            if y is not None:
+                self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+                self.compute_metrics(x, y, y_pred, sample_weight)
+                self.reset_metrics()
 
     def train_step(self, data):
         if self.embedding_optimizer is None:
             return super().train_step(data)
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            raise NotImplementedError(
-                "embedding_optimizer (row-sparse updates) runs on a single replica; under a multi-replica "
-                "tf.distribute strategy use embedding_optimizer=None (the compiled optimizer updates every variable)"
-            )
+        sparse_optimizers.check_single_replica(self.embedding_optimizer)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
         variables = self.trainable_variables
         self.apply_split_gradients(zip(tape.gradient(loss, variables), variables))
-        if IS_KERAS_3:
-            self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+        self.track_loss(loss, x)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     def apply_split_gradients(self, grads_and_vars, optimizer=None):
