@@ -100,6 +100,12 @@ def test_only_the_best_model_within_budget_is_kept():
     assert compare.select_best(mse, 0.25)[0] == 2
     assert compare.select_best(results[:1], 0.25) is None
     assert compare.select_best(results[1:2], 0.25) is None
+    # With validation metrics the choice reads them, not the test split's: md 4x is best on validation.
+    val = {"fixed-16": 0.79, "fixed-4": 0.70, "md 4x": 0.73, "hashing 4x": 0.69, "qr 3x": 0.95}
+    with_val = [dict(r, val_metrics={"auc": val[r["name"]]}) for r in results]
+    assert compare.select_best(with_val, 0.25)[0] == 4
+    # ... unless a candidate has none: then every candidate is judged on the test split.
+    assert compare.select_best(with_val[:4] + [results[4]], 0.25)[0] == 2
     lines = []
     assert compare.export_best([(results[1], object())], out_dir="unused", log=lines.append) is None
     assert "nothing exported" in lines[0]

@@ -340,13 +340,23 @@ def main(out_dir="outputs/compare", spec=None):
 _QUALITY = (("auc", True), ("accuracy", True), ("mse", False))
 
 
-def _quality(result):
-    """``(metric, value, higher_is_better)`` of a result, or None when it has no finite quality metric."""
-    for name, higher in _QUALITY:
-        value = result["metrics"].get(name)
-        if value is not None and value == value:
-            return name, float(value), higher
+def _quality(result, split=None):
+    """``(metric, value, higher_is_better, split)`` of a result, or None when it has no finite quality metric.
+
+    ``split=None``: the validation metrics (``val_metrics``) when the result has them, else the test metrics
+    (``metrics``); ``"val"`` / ``"test"``: that split's only."""
+    sources = {"val": result.get("val_metrics") or {}, "test": result.get("metrics") or {}}
+    for where in ([split] if split else ["val", "test"]):
+        for name, higher in _QUALITY:
+            value = sources[where].get(name)
+            if value is not None and value == value:
+                return name, float(value), higher, where
     return None
+
+
+def _selection_split(candidates):
+    """``"val"`` when every candidate result has validation metrics, else ``"test"``."""
+    return "val" if candidates and all(_quality(r, "val") for r in candidates) else "test"
 
 
 def select_best(results, budget_fraction=0.25):
@@ -354,16 +364,20 @@ def select_best(results, budget_fraction=0.25):
 
     The baseline is the first result with the ``fixed`` scheme (the main job lists it first); the candidates are
     the results whose ``embedding_parameters`` are at most ``budget_fraction`` x the baseline's; the best has the
-    best quality (AUC, accuracy: highest; MSE: lowest). None when there is no baseline or no candidate.
+    best quality (AUC, accuracy: highest; MSE: lowest) on the validation split when every candidate has
+    validation metrics (``experiment.run``'s ``val_metrics``), so that the test split stays out of the choice,
+    else on the test split. None when there is no baseline or no candidate.
     """
     baseline = next((r for r in results if r.get("scheme") == "fixed"), None)
     if baseline is None:
         return None
     budget = budget_fraction * baseline["embedding_parameters"]
+    candidates = [i for i, r in enumerate(results) if r["embedding_parameters"] <= budget and _quality(r)]
+    split = _selection_split([results[i] for i in candidates])
     best, best_key = None, None
-    for i, r in enumerate(results):
-        q = _quality(r)
-        if q is None or r["embedding_parameters"] > budget:
+    for i in candidates:
+        q = _quality(results[i], split)
+        if q is None:
             continue
         key = q[1] if q[2] else -q[1]
         if best_key is None or key > best_key:
@@ -396,7 +410,8 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
     """Exports the best variant within a budget for TF Serving and prints how to serve and query it.
 
     Picks, among the variants whose embedding parameters are at most ``budget_fraction`` x the fixed baseline's
-    (the first ``fixed`` variant), the one with the best test quality (``select_best``), exports its model with
+    (the first ``fixed`` variant), the one with the best validation quality (``select_best``; the test quality
+    without a validation split), exports its model with
     ``tfemb.export.export_saved_model`` to ``<out_dir>/export/<name>/<version>/`` (the next free version) and
     prints the ``tfemb serve`` command, a curl REST predict request with one real row's raw values and the
     Python ``Client`` calls.
@@ -413,7 +428,8 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
 
     Returns:
         None when nothing fits the budget, else a dict: ``variant``, ``name`` (the served model name),
-        ``export_dir``, ``path`` (the version directory), ``metric``, ``value``, ``embedding_parameters``,
+        ``export_dir``, ``path`` (the version directory), ``metric``, ``value`` (on the ``selected_on`` split,
+        ``"val"`` or ``"test"``), ``test_value``, ``embedding_parameters``,
         ``baseline`` and its ``baseline_embedding_parameters``, ``budget_fraction``, ``commands`` (``serve``,
         ``curl``, ``python``) and ``_model`` (the exported Keras model).
     """
@@ -429,7 +445,9 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
     result, model = pairs[index]
     if model is None:
         raise ValueError(f"export_best: the model of the best variant {result['name']!r} was not kept")
-    metric, value, _ = _quality(result)
+    split = _selection_split([r for r, _ in pairs if r["embedding_parameters"] <= chosen[2] and _quality(r)])
+    metric, value, _, _ = _quality(result, split)
+    test = _quality(result, "test")
     name = _slug(f"{result['model']}_{result['name']}")
     export_dir = os.path.join(out_dir, "export", name)
     warmup = None if rows is None else rows.head(64)
@@ -438,13 +456,16 @@ def export_best(results_and_models, budget_fraction=0.25, out_dir="outputs/compa
     commands = serving_commands(model, export_dir, name=name, rows=rows)
     share = result["embedding_parameters"] / max(baseline["embedding_parameters"], 1)
     log("")
+    chosen_by = (f"validation {metric} {value:.4f}, test {test[0]} {test[1]:.4f}" if split == "val"
+                 else f"test {metric} {value:.4f}; no validation split")
     log(f"Best variant within {budget_fraction:.0%} of {baseline['name']}'s embedding parameters: "
-        f"{result['name']} ({metric}={value:.4f}, {result['embedding_parameters']:,} embedding parameters, "
+        f"{result['name']} ({chosen_by}; {result['embedding_parameters']:,} embedding parameters, "
         f"{share:.1%} of {baseline['name']})")
     log(f"exported to {path}")
     log("")
     log_serving_commands(commands, log)
     return {"variant": result["name"], "name": name, "export_dir": export_dir, "path": path, "metric": metric,
-            "value": value, "embedding_parameters": result["embedding_parameters"], "baseline": baseline["name"],
+            "value": value, "selected_on": split, "test_value": None if test is None else test[1],
+            "embedding_parameters": result["embedding_parameters"], "baseline": baseline["name"],
             "baseline_embedding_parameters": baseline["embedding_parameters"], "budget_fraction": budget_fraction,
             "commands": commands, "_model": model}

@@ -409,6 +409,9 @@ def run(cfg, prepared=None, out_dir=None, log=None):
     epochs_run = len(history.history.get("loss", []))
     test_split = "test" if prepared.num_rows("test") else "val"
     metrics = evaluate(model, prepared, test_split, batch)
+    # The validation split's metrics: what a choice between runs should read (tfemb compare's export), the test
+    # split staying for the report.
+    val_metrics = evaluate(model, prepared, "val", batch) if has_val and test_split == "test" else None
     result = {
         "name": cfg["name"],
         "model": cfg["model"]["name"],
@@ -417,6 +420,7 @@ def run(cfg, prepared=None, out_dir=None, log=None):
         "embedding_dim": model.embedding_dim,
         "metrics": metrics,
         "evaluated_on": test_split,
+        "val_metrics": val_metrics,
         "embedding_parameters": int(model.embedding_parameter_count()),
         "embedding_bytes": int(model.embedding_storage_bytes()),
         "total_parameters": int(sum(int(np.prod(v.shape)) for v in model.weights)),
