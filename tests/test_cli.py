@@ -330,6 +330,24 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
 
 
+def test_inspect_errors_name_what_inspect_reads(tmp_path, capsys):
+    """A folder that is neither a run nor an export (e.g. the folder of several exports) and a SavedModel's own
+    graph file get errors that say inspect also reads exports, not "no saved model" / "not a valid .keras"."""
+    (tmp_path / "exports" / "deepfm").mkdir(parents=True)
+    graph = tmp_path / "exports" / "deepfm" / "1" / "saved_model.pb"
+    graph.parent.mkdir()
+    graph.write_bytes(b"\x08\x01")
+    assert cli.main(["inspect", str(tmp_path / "exports")]) == 2
+    err = capsys.readouterr().err
+    assert f"no saved model or export at {tmp_path / 'exports'}" in err and "SavedModel version directory" in err
+    assert cli.main(["inspect", str(graph)]) == 2
+    err = capsys.readouterr().err
+    assert "is a SavedModel's graph file; inspect the export by its version directory" in err
+    assert "not a valid .keras archive" not in err
+    assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
 TINY = ("name: tiny\n"
         "data: {source: synthetic_ctr, params: {num_rows: 1000, seed: 2}}\n"
         "model: {name: fm, embedding_dim: 4}\n"

@@ -745,6 +745,52 @@ def test_fixed_reference_export_measures_the_fixed_twin(big_vocab, tmp_path):
     assert _entries(tmp_path / "h") == ["1"]
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r.update(model="MatrixFactorization", task="regression"),
+     r"it exports a MatrixFactorization \(regression\), this model is a FactorizationMachine \(binary\)"),
+    (lambda r: r.update(table_dtype="int8"), "its tables are stored as int8, not float32"),
+    (lambda r: r["features"][0].update(scheme="HashingEmbedding"),
+     r"feature\(s\) \['user'\] are not FixedEmbedding tables \(\['HashingEmbedding'\]\)"),
+    (lambda r: r["features"][1].update(vocabulary_size=99),
+     r"its tables have other vocabularies or dimensions: item: 99 x 16 \(this model: 2001 x 16\)"),
+    (lambda r: r.update(features=r["features"][:1]), r"its embedded features are \['user'\], this model's"),
+])
+def test_fixed_reference_path_must_be_a_fixed_export_of_the_model(big_vocab, tmp_path, edit, message):
+    """``fixed_reference=PATH`` (``tfemb export --fixed-reference PATH``): the export of another model, or of a
+    compact or quantised one, is refused before anything is written, instead of ratios "vs fixed embeddings"
+    that compare with something else (a DeepFM export measured against an MF export read 422%)."""
+    reference = tmp_path / "reference" / "1"
+    shutil.copytree(big_vocab["fixed_path"], reference)
+    report_path = reference / "assets.extra" / "tfemb_export.json"
+    report = json.loads(report_path.read_text())
+    edit(report)
+    report_path.write_text(json.dumps(report))
+    with pytest.raises(ExportError, match="is not a fixed-embedding export of this model: " + message):
+        export_saved_model(big_vocab["hashed"], tmp_path / "out", fixed_reference=str(reference.parent))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["double_hashing_index", "fixed"])
+def test_summary_parameters_agree_with_the_table_total(scheme, exports, capsys):
+    """``tfemb inspect EXPORT``: the summary's embedding parameters (the schemes' counts) and the TOTAL row of the
+    stored tables (values stored) differ where a compact form stores zeros (here the zero row of each indexed
+    double-hashing table); the summary says how many values are stored instead of two unexplained totals."""
+    _, path = exports(scheme)
+    report = inspect_export(path)
+    stored = sum(t["parameters"] for t in report["tables"])
+    parameters = report["embedding"]["parameters"]
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    summary = next(line for line in text.splitlines() if line.startswith("embedding tables:"))
+    total = next(line for line in text.splitlines() if line.startswith("TOTAL"))
+    assert f"{stored:,}" in total.split()
+    if scheme == "fixed":
+        assert stored == parameters and "values stored" not in summary
+    else:
+        assert stored == parameters + len(report["features"]) * DIM  # one zero row per table
+        assert f"{parameters:,} parameters ({stored:,} values stored in the tables below" in summary
+
+
 def test_inspect_cli_on_exports(big_vocab, capsys):
     parent = os.path.dirname(big_vocab["fixed_path"])
     assert cli.main(["inspect", parent]) == 0

@@ -94,7 +94,24 @@ def inspect_path(path):
 
     if is_export(path):
         return table_rows(inspect_export(path))
+    _check_inspect_path(path)
     return load_saved_model(path).embedding_report()
+
+
+def _check_inspect_path(path):
+    """A clear error for a path ``tfemb inspect`` cannot read (neither a saved model nor an export): without it,
+    a SavedModel's own file was called a corrupt .keras archive, and a folder of exports "no saved model"."""
+    if os.path.basename(path) == "saved_model.pb" and os.path.isfile(path):
+        raise ValueError(f"{path} is a SavedModel's graph file; inspect the export by its version directory "
+                         f"({os.path.dirname(path) or '.'}) or the directory above it")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model.keras")):
+        raise FileNotFoundError(
+            f"no saved model or export at {path}: expected a .keras file, a run directory (tfemb train writes "
+            "<run>/model.keras), or an export (a SavedModel version directory or the directory of its integer "
+            "versions)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path} (expected a .keras file, a run directory or "
+                                "an export)")
 
 
 def cmd_inspect(args):

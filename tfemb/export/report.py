@@ -138,12 +138,21 @@ def _pct(r):
 def summary_lines(report):
     usage = report["bytes_on_disk"]
     fixed = report["fixed_reference"]
+    # The table rows count the values each table stores; a compact form can store zeros that are no parameter of
+    # the scheme (the zero row of an indexed double-hashing table, MD's head / tail zero rows, PEP's pruned
+    # entries in a dense table or the zero after its packed values). Say so where the two totals differ, or the
+    # TOTAL row under the tables contradicts this line.
+    stored = sum(t["parameters"] for t in report.get("tables", []))
+    stored_note = ""
+    if report.get("features") and stored != report["embedding"]["parameters"]:
+        stored_note = f" ({stored:,} values stored in the tables below, zeros of the compact forms included)"
     lines = [
         f"model: {report['model']} ({report['task']}), tables stored as {report['table_dtype']}"
         + (f", compact forms for {report['optimize_for']}" if report.get("optimize_for") else ""),
         f"bytes on disk: {_mb(usage['total'])} (saved_model.pb {_mb(usage['saved_model_pb'])}, variables "
         f"{_mb(usage['variables'])}, assets {_mb(usage['assets'])}, assets.extra {_mb(usage['assets_extra'])})",
-        f"embedding tables: {report['embedding']['parameters']:,} parameters, {_mb(report['embedding']['bytes'])}",
+        f"embedding tables: {report['embedding']['parameters']:,} parameters{stored_note}, "
+        f"{_mb(report['embedding']['bytes'])}",
         f"other layers: {report['other']['parameters']:,} parameters, {_mb(report['other']['bytes'])}",
     ]
     if fixed.get("source", "none") != "none":

@@ -670,11 +670,47 @@ def _fixed_reference_info(model, fixed_reference):
         return "export", info
     if isinstance(fixed_reference, (str, os.PathLike)):
         version_dir = resolve_version_dir(os.fspath(fixed_reference))
-        return "path", export_report.read_report(version_dir)
+        reference = export_report.read_report(version_dir)
+        check_fixed_reference(model, reference)
+        return "path", reference
     raise ValueError(
         "fixed_reference must be None (estimate), 'export' (export the same model with fixed embeddings and "
         f"measure it) or the path of a fixed-embedding export. Received: fixed_reference={fixed_reference!r}"
     )
+
+
+def check_fixed_reference(model, reference):
+    """``ExportError`` unless the export ``reference`` (its report) is what the report compares against: the same
+    network (model class, task) with ``FixedEmbedding`` float32 tables of this model's features, vocabularies
+    and dimensions. Another model's export, or a compact or quantised one, would give ratios that are not "vs
+    fixed embeddings"."""
+    problems = []
+    if reference.get("model") != type(model).__name__ or reference.get("task") != model.task:
+        problems.append(f"it exports a {reference.get('model')} ({reference.get('task')}), this model is a "
+                        f"{type(model).__name__} ({model.task})")
+    if reference.get("table_dtype", "float32") != "float32":
+        problems.append(f"its tables are stored as {reference.get('table_dtype')}, not float32")
+    features = {f["feature"]: f for f in reference.get("features", [])}
+    not_fixed = sorted(name for name, f in features.items() if f.get("scheme") != "FixedEmbedding")
+    if not_fixed:
+        problems.append(f"feature(s) {not_fixed} are not FixedEmbedding tables "
+                        f"({sorted({features[n].get('scheme') for n in not_fixed})})")
+    expected = {name: (int(model.embedding_layers[name].vocabulary_size), int(model.embedding_layers[name].output_dim))
+                for name in model.embedding_names}
+    found = {name: (f.get("vocabulary_size"), f.get("output_dim")) for name, f in features.items()}
+    if set(expected) != set(found):
+        problems.append(f"its embedded features are {sorted(found)}, this model's {sorted(expected)}")
+    else:
+        shapes = [f"{name}: {found[name][0]} x {found[name][1]} (this model: {expected[name][0]} x {expected[name][1]})"
+                  for name in sorted(expected) if found[name] != expected[name]]
+        if shapes:
+            problems.append("its tables have other vocabularies or dimensions: " + "; ".join(shapes))
+    if problems:
+        raise ExportError(
+            f"fixed_reference {reference.get('path')} is not a fixed-embedding export of this model: "
+            + "; ".join(problems) + ". Pass the export of the same network with FixedEmbedding float32 tables, "
+            "fixed_reference='export' to export and measure one, or None to estimate it"
+        )
 
 
 def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, model_name, optimize_for="size"):
@@ -728,7 +764,8 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
         fixed_reference: the report's fixed-embedding baseline: None (estimated: this export with every
             scheme's tables replaced by ``vocabulary_size x output_dim`` float32 tables), ``"export"`` (the
             same network with ``FixedEmbedding`` is exported to a temporary directory and measured) or the path
-            of an export of the fixed model.
+            of an export of the fixed model (``check_fixed_reference``: the same network with float32
+            ``FixedEmbedding`` tables of the same vocabularies and dimensions; checked before anything is written).
         optimize_for: ``"size"`` (default: every scheme's smallest compact form) or ``"latency"`` (the faster
             forms where a scheme has one, at more bytes: PEP's ``"slots"`` layout, double hashing's stored row
             pairs, MD's head-tail table; ``OPTIMIZE_FOR``). The layers' own ``compact_layout`` /
@@ -740,8 +777,9 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
 
     Raises:
         FileExistsError: ``version`` exists and ``overwrite`` is False.
-        ExportError: the graph needs a non-core op, warm-up rows fail, or a scheme reads a table outside its
-            ``gather_rows`` hook with ``table_dtype`` set.
+        ExportError: the graph needs a non-core op, warm-up rows fail, a scheme reads a table outside its
+            ``gather_rows`` hook with ``table_dtype`` set, or ``fixed_reference`` is the path of an export that is
+            not the fixed-embedding form of this model.
     """
     _check_model(model)
     table_dtype = quantize.check_table_dtype(table_dtype)
@@ -753,6 +791,8 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ExportError(f"export_dir {export_dir} is a file, not a directory (the model's base path, which holds "
                           "its integer version directories)")
+    if fixed_reference is not None and fixed_reference not in ("none", "estimate", "export"):
+        _fixed_reference_info(model, fixed_reference)  # a wrong path fails here, before anything is written
     created = not os.path.exists(export_dir)
     os.makedirs(export_dir, exist_ok=True)
     if auto:
