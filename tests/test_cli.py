@@ -78,6 +78,10 @@ def test_compare_streaming_table(tmp_path):
     for r, label in zip(stream["runs"], ("FSE (sum)", "AutoEmb", "ESAPN")):  # seconds and ratio, fixed decimals
         ratio = fse["examples_per_second"] / r["examples_per_second"]
         assert f"| {r['seconds']:.1f} | {ratio:.2f}x |" in md and f"| {label} |" in md
+    # The hard export's fidelity to the soft model beside the size it has; FSE and ESAPN export what streamed.
+    agreement = auto["hard_vs_soft"]["agreement"]
+    assert f"| {agreement:.0%} agree |" in md and md.count("| same |") == 2
+    assert compare._export_fidelity({"agreement": float("nan"), "mean_abs": 0.1234}) == "mean |Δ| 0.123"  # regression
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["streaming"]["runs"]) == 3
     assert any("ESAPN: streaming" in line for line in lines)

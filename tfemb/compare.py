@@ -307,6 +307,9 @@ def run_streaming(spec, log=print):
         rows.append({"method": streaming.LABELS[method], f"test {q1}": r["test"][q1], f"test {q2}": r["test"][q2],
                      "emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
                      "mean dim (users/items)": " / ".join(f"{v:.1f}" for v in r["mean_dim"].values()) or "fixed",
+                     # the hard export's predictions vs the soft model's on the test rows (what the size column
+                     # costs in fidelity); FSE and ESAPN export the model that streamed
+                     "export = model": _export_fidelity(r.get("hard_vs_soft")),
                      "examples/s": _finite_round(r["examples_per_second"]), "stream s": f"{r['seconds']:.1f}"})
     fse = next((r for r in runs if r["method"] == "fse"), None)
     if fse:
@@ -321,9 +324,23 @@ def run_streaming(spec, log=print):
           + "\nemb params / emb bytes / mean dim: the export at the sizes each search chose. test accuracy / mse: "
             "the model's test-then-train quality during the stream (for DARTS, SAM and AutoEmb the soft mixture of "
             "the candidates; compare.json holds the hard export's on the same rows as streaming.runs[].hard_test). "
+            "export = model: for those three, the share of test rows where the hard export (each id at its "
+            "highest-weighted size) predicts what the soft model predicts (the same class; binary: the same side "
+            "of 0.5); FSE and ESAPN export the model that streamed. "
             "examples/s: after the warm-up batches (what time/example vs FSE compares); stream s: the whole "
             "stream's wall time, warm-up and tracing included.\n")
     return {"rows": rows, "runs": runs, "markdown": md, "data": info}
+
+
+def _export_fidelity(hard_vs_soft):
+    """The streaming table's "export = model" cell: ``"same"`` (the exported model is the streamed one), the
+    share of test rows where the hard export agrees with the soft model, or (regression) their mean |Δ|."""
+    if not hard_vs_soft:
+        return "same"
+    agreement = hard_vs_soft.get("agreement", math.nan)
+    if math.isfinite(agreement):
+        return f"{agreement:.0%} agree"
+    return f"mean |Δ| {hard_vs_soft['mean_abs']:.3g}"
 
 
 def _finite_round(value):
