@@ -448,6 +448,18 @@ def test_quantized_output_within_first_order_bound(table_dtype, ctr, exports):
     assert np.all(diff <= 2 * bound + 1e-6), (diff.max(), bound.min())
 
 
+def test_table_dtype_on_a_model_without_scheme_tables_is_refused(ctr, tmp_path):
+    from tfemb.models import LogisticRegression
+
+    model = LogisticRegression(ctr.schema)
+    model.build()
+    with pytest.raises(ExportError, match=r"table_dtype='int8' stores the embedding schemes' tables, and "
+                                          r"LogisticRegression has none"):
+        export_saved_model(model, tmp_path / "lr", table_dtype="int8")
+    assert not (tmp_path / "lr").exists()
+    assert os.path.isdir(export_saved_model(model, tmp_path / "lr"))  # float32 as it is
+
+
 def test_int8_reference_by_hand():
     table = np.array([[0.5, -0.25, 0.125], [0.0, 0.0, 0.0], [1e-3, -2e-3, 0.0]], np.float32)
     q, scale = quantize_int8(table)
@@ -548,6 +560,9 @@ def test_export_refuses_a_python_scheme_and_leaves_nothing(tmp_path):
     with pytest.raises(ExportError, match="EagerPyFunc"):
         export_saved_model(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()  # the base directory this export created is removed too
+    with pytest.raises(ExportError, match="EagerPyFunc"):
+        export_saved_model(model, tmp_path / "a" / "b" / "m")
+    assert not (tmp_path / "a").exists()  # and the parents it created
     (tmp_path / "m").mkdir()  # an existing base directory stays, empty
     with pytest.raises(ExportError, match="EagerPyFunc"):
         export_saved_model(model, tmp_path / "m")

@@ -411,6 +411,11 @@ class ExportModule(tf.Module):
                 "compact embedding layers and cannot reproduce a custom forward pass"
             )
         self.table_dtype = quantize.check_table_dtype(table_dtype)
+        if self.table_dtype and not model.embedding_names:
+            raise ExportError(
+                f"table_dtype={self.table_dtype!r} stores the embedding schemes' tables, and {type(model).__name__} "
+                "has none (its per-id first-order weights stay float32): export it with table_dtype=None"
+            )
         self.optimize_for = check_optimize_for(optimize_for)
         names = model_input_names(model)
         spec = signature_spec(model)
@@ -793,7 +798,7 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
                           "its integer version directories)")
     if fixed_reference is not None and fixed_reference not in ("none", "estimate", "export"):
         _fixed_reference_info(model, fixed_reference)  # a wrong path fails here, before anything is written
-    created = not os.path.exists(export_dir)
+    created = _missing_dirs(export_dir)  # the directories this export creates, deepest first
     os.makedirs(export_dir, exist_ok=True)
     if auto:
         version = next_version(export_dir)
@@ -823,9 +828,26 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-        if created and not published and not os.listdir(export_dir):  # a failed first export leaves nothing
-            os.rmdir(export_dir)
+        if not published:  # a failed first export leaves nothing, not even the parents it created
+            for folder in created:
+                try:
+                    os.rmdir(folder)  # only while empty: another writer's files stay
+                except OSError:
+                    break
     return target
+
+
+def _missing_dirs(path):
+    """The directories ``os.makedirs(path)`` would create, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 # ------------------------------------------------------------------------------------------ loading
