@@ -288,6 +288,10 @@ class ESAPNSearch(WeightedLossMixin, keras.Model):
     Save and export the wrapped model (``search.rec_model``): it holds the embeddings and the per-id state; the
     wrapper holds the policies (one per ESAPN feature, ``search.policies``), their optimizer and the step count.
 
+    Sample weights (``(x, y, w)`` batches) weight the model step's loss and the metrics, as in Keras. The policy
+    step and the per-id state are unweighted: every row counts as one interaction of its ids and leaves its own
+    loss in their loss history, whatever its weight (the paper's streams have no weights).
+
     Args:
         model: a tfemb ``RecModel``.
         validation: ``"previous_batch"`` (default, the code's ``Val_Type="last_batch"``) or None (no policy
