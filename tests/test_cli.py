@@ -35,7 +35,9 @@ def test_compare_writes_table_plot_and_json(tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["task"] == "binary" and len(saved["results"]) == 2
     md = (tmp_path / "compare.md").read_text()
-    assert "| variant | auc | logloss | emb params | emb bytes | train s | epochs |" in md
+    assert "| variant | auc | logloss | val auc | emb params | emb bytes | train s | epochs |" in md
+    for r in results:  # test AUC, logloss, then the validation AUC the export's choice reads
+        assert f"| {r['metrics']['auc']:.4f} | {r['metrics']['logloss']:.4f} | {r['val_metrics']['auc']:.4f} |" in md
     for r in results:  # seconds with one decimal in every row, whatever their size
         assert f"| {r['train_seconds']:.1f} | {r['epochs']} |" in md
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -229,6 +229,8 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
         unreached = (r.get("pep") or {}).get("reached") is False  # the searched model, not a retrained ticket
         row = {"variant": r["name"] + (" [PEP target not reached: searched model]" if unreached else "")}
         row.update({m: r["metrics"].get(m, float("nan")) for m in metric_names})
+        if any(x.get("val_metrics") for x in results):  # what the export's choice reads (select_best)
+            row[f"val {metric_names[0]}"] = (r.get("val_metrics") or {}).get(metric_names[0], float("nan"))
         row.update({"emb params": r["embedding_parameters"], "emb bytes": r["embedding_bytes"],
                     "train s": f"{r['train_seconds']:.1f}", "epochs": r["epochs"]})  # one decimal in every row
         rows.append(row)
