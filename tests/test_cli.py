@@ -84,6 +84,10 @@ def test_compare_streaming_table(tmp_path):
     agreement = auto["hard_vs_soft"]["agreement"]
     assert f"| {agreement:.0%} agree |" in md and md.count("| same |") == 2
     assert compare._export_fidelity({"agreement": float("nan"), "mean_abs": 0.1234}) == "mean |Δ| 0.123"  # regression
+    # PEP's epochs cell counts the search and the retraining, as its train seconds do.
+    assert compare._epochs_cell({"epochs": 3, "pep": {"reached": True, "search_epochs": 2}}) == "2+3"
+    assert compare._epochs_cell({"epochs": 2, "pep": {"reached": False, "search_epochs": 2}}) == 2
+    assert compare._epochs_cell({"epochs": 4}) == 4
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["streaming"]["runs"]) == 3
     assert any("ESAPN: streaming" in line for line in lines)
