@@ -252,18 +252,6 @@ def cached_stream_step(search, key, step, args):
     return fn(*args)
 
 
-def _build_compiled_under_strategy(search, dataset):
-    """Builds ``search``'s compiled loss and metrics from one undistributed batch of ``dataset``, in the strategy's
-    scope. Keras 3 would otherwise build them under a multi-replica strategy from a replica-averaged first batch,
-    which turns the integer id inputs into floats (the ids then fail the embedding layers' dtype check)."""
-    xb, yb, wb = keras.utils.unpack_x_y_sample_weight(next(iter(dataset)))
-    with search.distribute_strategy.scope():
-        y_pred = search.rec_model(xb, training=False)
-        search.compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=wb)
-        search.compute_metrics(xb, yb, y_pred, wb)
-        search.reset_metrics()
-
-
 # ---------------------------------------------------------------------------------------------- the search
 class AutoEmbSearch(WeightedLossMixin, keras.Model):
     """Trains a ``RecModel`` whose embeddings include ``AutoEmbEmbedding`` layers: ``fit`` alternates θ and W.
@@ -484,7 +472,7 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
         self.rec_model.check_embedding_optimizer_replicas(self.distribute_strategy)
         self._build_optimizers()
         if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and replicas > 1:
-            _build_compiled_under_strategy(self, x)
+            self.build_compiled_under_strategy(x)
         if self.uses_validation:
             if self.validation_stream == PREVIOUS_BATCH:
                 stream = previous_batch_stream(x)

@@ -57,7 +57,7 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
-    PREVIOUS_BATCH, _batch_metrics, _build_compiled_under_strategy, cached_stream_step, per_example_loss,
+    PREVIOUS_BATCH, _batch_metrics, cached_stream_step, per_example_loss,
     previous_batch_stream, refuse_wrapper_save, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
@@ -65,6 +65,7 @@ from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
 from tfemb.models.rec_model import WeightedLossMixin
+from tfemb.optimizers import replicas_in_sync
 
 #: Policy actions, in the order of the policy's logits (the code's "remain dim, increase dim").
 ACTIONS = ("unchange", "enlarge")
@@ -257,11 +258,6 @@ def esapn_layers(model):
     return scheme_layers(model, ESAPNEmbedding)
 
 
-def _replicas():
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
 def _all_gather(value):
     """``value`` of every replica concatenated on axis 0 (itself on one replica): each replica then applies the same
     state updates, so the per-id state stays identical across replicas."""
@@ -429,7 +425,7 @@ class ESAPNSearch(WeightedLossMixin, keras.Model):
                 stats[name] = (tf.reduce_sum(tf.where(choice, reward, tf.zeros_like(reward))) / used,
                                tf.reduce_mean(tf.nn.softmax(logits)[:, ENLARGE]))
             # Every replica computes the same loss on the gathered batch; the gradients are summed over replicas.
-            loss = tf.add_n(terms) / float(_replicas())
+            loss = tf.add_n(terms) / float(replicas_in_sync())
             if gate is not None:
                 loss *= tf.cast(gate, loss.dtype)
         grads = tape.gradient(loss, variables)
@@ -483,7 +479,7 @@ class ESAPNSearch(WeightedLossMixin, keras.Model):
             # Every replica must take the same branch (the policy step gathers across replicas).
             has_prev = tf.reduce_any(_all_gather(tf.reshape(tf.cast(has_prev, tf.int32), [-1])) > 0)
             run = tf.logical_and(has_prev, self._take_policy_step())
-            if _replicas() > 1:
+            if replicas_in_sync() > 1:
                 self.policy_step(x_prev, y_prev, gate=run)
             else:
                 tf.cond(run, lambda: self.policy_step(x_prev, y_prev)[0], lambda: tf.constant(0.0))
@@ -497,7 +493,7 @@ class ESAPNSearch(WeightedLossMixin, keras.Model):
         self.rec_model.check_embedding_optimizer_replicas(self.distribute_strategy)
         self._build_optimizers()
         if IS_KERAS_3 and isinstance(x, tf.data.Dataset) and self.distribute_strategy.num_replicas_in_sync > 1:
-            _build_compiled_under_strategy(self, x)
+            self.build_compiled_under_strategy(x)
         if self.uses_policy:
             if not isinstance(x, tf.data.Dataset):
                 raise TypeError("ESAPNSearch.fit needs a tf.data.Dataset of (x, y) batches (the policy step reads the "

@@ -51,7 +51,7 @@ def scatter_update(var, indices, updates):
     return _scatter(tf.raw_ops.ResourceScatterUpdate, var, indices, updates)
 
 
-def _replicas():
+def replicas_in_sync():
     """Replicas in sync of the current ``tf.distribute`` strategy (1 outside any, or in the default one)."""
     context = tf.distribute.get_replica_context()
     if context is not None:
@@ -64,7 +64,7 @@ def check_single_replica(optimizer, replicas=None):
 
     Its row updates write each replica's own copy of a table with that replica's share of the gradient (no
     cross-replica sum) and keep one set of slots, so the replicas would silently drift apart."""
-    replicas = _replicas() if replicas is None else int(replicas)
+    replicas = replicas_in_sync() if replicas is None else int(replicas)
     if optimizer is not None and replicas > 1:
         raise ValueError(
             f"embedding_optimizer={type(optimizer).__name__}(learning_rate={optimizer.learning_rate:g}) (row-sparse "

@@ -718,7 +718,8 @@ def check_fixed_reference(model, reference):
         )
 
 
-def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, model_name, optimize_for="size"):
+def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, model_name, optimize_for="size",
+                   resolved_reference=None):
     staging = tempfile.mkdtemp(prefix="tfemb-export-schema-")
     try:
         schema_path = os.path.join(staging, SCHEMA_ASSET)
@@ -740,7 +741,10 @@ def _write_version(model, folder, table_dtype, warmup_rows, fixed_reference, mod
         except Exception as error:
             raise ExportError(f"warm-up rows cannot be served by the export: {error}") from error
         warmup.write_warmup_requests(os.path.join(folder, warmup.WARMUP_PATH), batches, RAW_SIGNATURE, model_name)
-    kind, reference = _fixed_reference_info(model, fixed_reference) if fixed_reference != "none" else (None, None)
+    if resolved_reference is not None:  # a path, read and checked by export_saved_model before writing
+        kind, reference = resolved_reference
+    else:
+        kind, reference = _fixed_reference_info(model, fixed_reference) if fixed_reference != "none" else (None, None)
     info = module.describe()
     info["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     export_report.write_report(folder, info, reference_kind=kind, reference=reference)
@@ -796,8 +800,9 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         raise ExportError(f"export_dir {export_dir} is a file, not a directory (the model's base path, which holds "
                           "its integer version directories)")
+    resolved_reference = None
     if fixed_reference is not None and fixed_reference not in ("none", "estimate", "export"):
-        _fixed_reference_info(model, fixed_reference)  # a wrong path fails here, before anything is written
+        resolved_reference = _fixed_reference_info(model, fixed_reference)  # a wrong path fails before any write
     created = _missing_dirs(export_dir)  # the directories this export creates, deepest first
     os.makedirs(export_dir, exist_ok=True)
     if auto:
@@ -809,7 +814,7 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     published = False
     try:
         _write_version(model, tmp, table_dtype, warmup_rows, fixed_reference, os.path.basename(export_dir),
-                       optimize_for)
+                       optimize_for, resolved_reference)
         _fsync_tree(tmp)
         for _ in range(100):
             try:

@@ -39,11 +39,42 @@ class WeightedLossMixin:
         tracks the loss inside ``compute_loss``.)"""
         if not IS_KERAS_3:
             return
-        context = tf.distribute.get_replica_context()
-        replicas = 1 if context is None else context.num_replicas_in_sync
+        replicas = sparse_optimizers.replicas_in_sync()
         if replicas > 1:
             loss = loss * tf.cast(replicas, loss.dtype)
         self._loss_tracker.update_state(loss, sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+
+    def build_compiled_under_strategy(self, x, y=None, sample_weight=None):
+        """Builds the model and its compiled loss and metrics from the first rows of ``x`` (a ``tf.data.Dataset``
+        or arrays), in the strategy's scope, before a Keras 3 ``fit`` / ``evaluate`` under a multi-replica
+        ``tf.distribute`` strategy. Keras 3 would otherwise build them from the replica-*averaged* first batch
+        (``strategy.reduce("MEAN", ...)``), which turns the integer id inputs into floats: every scheme then
+        refuses its ids and ``fit`` fails with "Unable to automatically build the model". Keras 2 needs none of
+        this; nor does a single replica, or a model whose loss and metrics are built already. The search wrappers
+        (``tfemb.autoemb``, ``tfemb.esapn``) run their ``rec_model`` forward and build their own loss and metrics."""
+        strategy = self.distribute_strategy
+        if not IS_KERAS_3 or strategy is None or strategy.num_replicas_in_sync < 2:
+            return
+        unbuilt = [c for c in (getattr(self, "_compile_loss", None), getattr(self, "_compile_metrics", None))
+                   if c is not None and not c.built]
+        if not unbuilt and self.built:
+            return
+        if isinstance(x, tf.data.Dataset):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iter(x)))
+        elif isinstance(x, (dict, np.ndarray, tf.Tensor, list, tuple)):
+            def head(v):
+                return None if v is None else tf.convert_to_tensor(np.asarray(v)[:2]) \
+                    if not isinstance(v, tf.Tensor) else v[:2]
+            x, y, sample_weight = tf.nest.map_structure(head, x), tf.nest.map_structure(head, y), \
+                tf.nest.map_structure(head, sample_weight)
+        else:  # a generator or PyDataset: left to Keras
+            return
+        with strategy.scope():
+            y_pred = getattr(self, "rec_model", self)(x, training=False)
+            if y is not None:
+                self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+                self.compute_metrics(x, y, y_pred, sample_weight)
+                self.reset_metrics()
 
 
 class RecModel(WeightedLossMixin, keras.Model):
@@ -265,7 +296,7 @@ class RecModel(WeightedLossMixin, keras.Model):
         """Keras ``fit``; a ``tf.data.Dataset`` is passed with ``shuffle=False`` unless told otherwise (Keras never
         shuffles a dataset; see ``tfemb._keras.dataset_fit_kwargs``)."""
         self.check_embedding_optimizer_replicas()
-        self._build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
+        self.build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
         return super().fit(x, y, **dataset_fit_kwargs(x, kwargs))
 
     def check_embedding_optimizer_replicas(self, strategy=None):
@@ -276,39 +307,8 @@ class RecModel(WeightedLossMixin, keras.Model):
         sparse_optimizers.check_single_replica(self.embedding_optimizer, strategy.num_replicas_in_sync)
 
     def evaluate(self, x=None, y=None, **kwargs):
-        self._build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
+        self.build_compiled_under_strategy(x, y, kwargs.get("sample_weight"))
         return super().evaluate(x, y, **kwargs)
-
-    def _build_compiled_under_strategy(self, x, y=None, sample_weight=None):
-        """Builds the model and its compiled loss and metrics from the first rows of ``x`` (a ``tf.data.Dataset``
-        or arrays), in the strategy's scope, before a Keras 3 ``fit`` / ``evaluate`` under a multi-replica
-        ``tf.distribute`` strategy. Keras 3 would otherwise build them from the replica-*averaged* first batch
-        (``strategy.reduce("MEAN", ...)``), which turns the integer id inputs into floats: every scheme then
-        refuses its ids and ``fit`` fails with "Unable to automatically build the model". Keras 2 needs none of
-        this; nor does a single replica, or a model whose loss and metrics are built already."""
-        strategy = self.distribute_strategy
-        if not IS_KERAS_3 or strategy is None or strategy.num_replicas_in_sync < 2:
-            return
-        unbuilt = [c for c in (getattr(self, "_compile_loss", None), getattr(self, "_compile_metrics", None))
-                   if c is not None and not c.built]
-        if not unbuilt and self.built:
-            return
-        if isinstance(x, tf.data.Dataset):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iter(x)))
-        elif isinstance(x, (dict, np.ndarray, tf.Tensor, list, tuple)):
-            def head(v):
-                return None if v is None else tf.convert_to_tensor(np.asarray(v)[:2]) \
-                    if not isinstance(v, tf.Tensor) else v[:2]
-            x, y, sample_weight = tf.nest.map_structure(head, x), tf.nest.map_structure(head, y), \
-                tf.nest.map_structure(head, sample_weight)
-        else:  # a generator or PyDataset: left to Keras
-            return
-        with strategy.scope():
-            y_pred = self(x, training=False)
-            if y is not None:
-                self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-                self.compute_metrics(x, y, y_pred, sample_weight)
-                self.reset_metrics()
 
     def train_step(self, data):
         if self.embedding_optimizer is None:
