@@ -301,7 +301,6 @@ BAD = [
     ("GET on predict", "GET", P, None, 400, "Malformed request: GET /v1/models/toy_latest:predict"),
     ("no model name", "GET", "/v1/models", None, 400, "Missing model name in request."),
     ("classify", "POST", "/v1/models/toy_latest:classify", {"examples": []}, 501, "classify is not served"),
-    ("outside /v1", "GET", "/v2/models/toy", None, 404, "Not found"),
 ]
 
 

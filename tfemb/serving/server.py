@@ -841,14 +841,20 @@ class _Service:
     # -- REST --------------------------------------------------------------------------------------------------
 
     def rest(self, method, path, body):
-        """``(http_status, content_type, body_bytes)`` for one REST request."""
+        """``(http_status, content_type, body_bytes, close)`` for one REST request; ``close``: answer with
+        ``Connection: close``."""
         path = urllib.parse.urlsplit(path).path
+        if method == "GET" and path == PROMETHEUS_PATH:
+            return 200, "text/plain; version=0.0.4", self.metrics.render(self.registry), False
+        if not _V1_PATH.fullmatch(path):
+            # http_server.cc: the REST dispatcher takes only (?i)/v1/.*; for any other path no handler is found
+            # and libevent answers its own 404 page, closing the connection (evhttp_server.cc: evhttp_send_error).
+            return 404, "text/html", _EVHTTP_NOT_FOUND, True
+        return self._rest_v1(method, path, body) + (False,)
+
+    def _rest_v1(self, method, path, body):
         model_name, api = None, "unknown"
         try:
-            if method == "GET" and path == PROMETHEUS_PATH:
-                return 200, "text/plain; version=0.0.4", self.metrics.render(self.registry)
-            if not _V1_PATH.fullmatch(path):
-                raise ServingStatus("NOT_FOUND", f"Not found: {method} {path}. The REST API is under /v1/models/.")
             m = _PREDICT_PATH.fullmatch(path) if method == "POST" else None
             if m:
                 model_name, version, label = _decode(m.group(1)), _version(m.group(2)), _decode(m.group(3))
@@ -1004,6 +1010,11 @@ def _version(part):
         raise _invalid(f"Failed to convert version: {part} to numeric.") from None
 
 
+# libevent's evhttp_send_error(req, 404, NULL) page (Content-Type text/html, Connection: close).
+_EVHTTP_NOT_FOUND = (b"<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n"
+                     b"</BODY></HTML>\n")
+
+
 def _error_json(message):
     return json.dumps({"error": message}).encode()
 
@@ -1066,6 +1077,9 @@ class _RestHandler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._handle("PATCH")
 
+    def do_HEAD(self):  # evhttp accepts HEAD and passes it on; _reply sends no body
+        self._handle("HEAD")
+
     def handle_expect_100(self):
         # "Expect: 100-continue" (curl sends it for large bodies): refuse an oversized body before it is sent.
         try:
@@ -1085,8 +1099,10 @@ class _RestHandler(BaseHTTPRequestHandler):
             except _BodyError as exc:
                 self._refuse(exc, drain=exc.unread)
                 return
-            status, ctype, payload = self.server.service.rest(method, self.path, body)
-            self._reply(status, ctype, payload)
+            status, ctype, payload, close = self.server.service.rest(method, self.path, body)
+            if close:
+                self.close_connection = True
+            self._reply(status, ctype, payload, close=close)
         finally:
             self.server.active.release()
 
