@@ -126,7 +126,8 @@ def exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(exports):
-    registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0)
+    registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0,
+                             allow_version_labels_for_unavailable_models=True)
     srv = LocalServer(registry, port=0, grpc_port=0, max_body_bytes=MAX_BODY).start()
     yield srv
     srv.stop()
@@ -342,7 +343,8 @@ def test_max_batch_size_refuses_larger_requests_as_tf_serving_with_batching(expo
     rows than ``batching.config``'s ``max_batch_size``; the local server can be told to do the same."""
     with pytest.raises(ValueError, match=r"max_batch_size must be None or an int >= 1. Received: max_batch_size=0"):
         LocalServer(ModelRegistry(str(exports / "toy"), poll_seconds=0), port=0, grpc_port=None, max_batch_size=0)
-    registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0)
+    registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0,
+                             allow_version_labels_for_unavailable_models=True)
     with LocalServer(registry, port=0, grpc_port=0, max_batch_size=3) as srv:
         small = {name: values[:3] for name, values in BATCH.items()}
         for client in (Client(url=srv.rest_url, model_name="toy_latest"),
@@ -461,7 +463,8 @@ def test_client_retries_until_a_late_server_starts(exports):
 
     def start_late():
         time.sleep(0.8)
-        registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0)
+        registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0,
+                                 allow_version_labels_for_unavailable_models=True)
         servers.append(LocalServer(registry, port=rest_port, grpc_port=grpc_port).start())
 
     grpc_answer = {}

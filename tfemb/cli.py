@@ -180,10 +180,22 @@ def cmd_serve(args):
         return server.serve(args.export_dir, port=args.port, grpc_port=args.grpc_port, host=args.host,
                             model_name=args.model_name, model_config=args.model_config,
                             poll_seconds=args.poll_seconds, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                            max_batch_size=args.max_batch_size, out=lambda m: (print(m), sys.stdout.flush()))
+                            max_batch_size=args.max_batch_size,
+                            allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+                            out=lambda m: (print(m), sys.stdout.flush()))
     except (OSError, ValueError) as exc:  # a port in use, an address that is not ours, a bad --max-batch-size
         print(f"tfemb serve: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _true_false(text):
+    """A TF Serving boolean flag's value (``--flag=true``)."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false. Received: {text!r}")
 
 
 def build_parser():
@@ -236,6 +248,10 @@ def build_parser():
     p.add_argument("--max-batch-size", type=int, metavar="N",
                    help="refuse requests of more than N rows, as TF Serving with batching does (serving/"
                         "batching.config: 256); default: no limit")
+    p.add_argument("--allow_version_labels_for_unavailable_models", "--allow-version-labels-for-unavailable-models",
+                   nargs="?", const=True, default=False, type=_true_false, metavar="true|false",
+                   help="TF Serving's flag: let --model-config's version_labels name versions not loaded yet "
+                        "(labels are assigned before any version loads: without it a labelled config is refused)")
     p.set_defaults(func=cmd_serve)
     return parser
 

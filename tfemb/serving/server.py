@@ -314,14 +314,22 @@ class ModelRegistry:
             ``--file_system_poll_wait_seconds``, default 1).
         warmup: replay ``assets.extra/tf_serving_warmup_requests`` before a version is served (a failing
             record fails the load, as in TF Serving).
+        allow_version_labels_for_unavailable_models: TF Serving's flag of that name. A config's
+            ``version_labels`` are assigned before any version loads (``server_core.cc``: ``ReloadConfig`` calls
+            ``UpdateModelVersionLabelMap`` first), when no version is available: without the flag
+            :meth:`start` refuses them with TF Serving's ``FAILED_PRECONDITION`` error, as
+            ``tensorflow_model_server`` refuses to start. With it, a label may name a version not loaded (yet);
+            requests by it are answered NOT_FOUND until that version is served.
 
     The set of models is fixed when the registry is made; their versions are re-read every poll.
     """
 
-    def __init__(self, export_dir, model_name=None, model_config=None, poll_seconds=1.0, warmup=True):
+    def __init__(self, export_dir, model_name=None, model_config=None, poll_seconds=1.0, warmup=True,
+                 allow_version_labels_for_unavailable_models=False):
         self.export_dir = os.path.abspath(export_dir)
         self.poll_seconds = float(poll_seconds)
         self.warmup = warmup
+        self.allow_version_labels_for_unavailable_models = bool(allow_version_labels_for_unavailable_models)
         self._models = {}
         self._lock = threading.Lock()  # one poll at a time
         self._stop = threading.Event()
@@ -375,11 +383,28 @@ class ModelRegistry:
         """Load what is there now, then poll in a background thread."""
         if self._thread is not None:
             return self
+        self._check_labels()
         self.poll_once(initial=True)
         if self.poll_seconds > 0:
             self._thread = threading.Thread(target=self._run, name="tfemb-serve-poll", daemon=True)
             self._thread.start()
         return self
+
+    def _check_labels(self):
+        """server_core.cc ``UpdateModelVersionLabelMap``: a label must name an AVAILABLE version, unless
+        ``--allow_version_labels_for_unavailable_models`` (then any label not yet pointing elsewhere; the labels are
+        read once, at start, so none is). Checked before the first load, as TF Serving does."""
+        if self.allow_version_labels_for_unavailable_models:
+            return
+        for model in self._models.values():
+            for label, version in model.labels.items():
+                if version not in model.served:
+                    raise ValueError(
+                        f"FAILED_PRECONDITION: Request to assign label to version {version} of model {model.name}, "
+                        f"which is not currently available for inference (version_labels {{ key: {label!r} value: "
+                        f"{version} }}: labels are assigned before any version loads; tensorflow_model_server "
+                        "needs --allow_version_labels_for_unavailable_models=true to start with them, and so does "
+                        "tfemb serve)")
 
     def stop(self):
         self._stop.set()
@@ -1363,10 +1388,12 @@ class LocalServer:
 
 
 def serve(export_dir, port=8501, grpc_port=8500, host="127.0.0.1", model_name=None, model_config=None,
-          poll_seconds=1.0, max_body_bytes=DEFAULT_MAX_BODY_BYTES, max_batch_size=None, out=print):
+          poll_seconds=1.0, max_body_bytes=DEFAULT_MAX_BODY_BYTES, max_batch_size=None,
+          allow_version_labels_for_unavailable_models=False, out=print):
     """Serve until SIGINT / SIGTERM (``tfemb serve``). Ports: 0 picks a free one, a negative one disables it."""
     registry = ModelRegistry(export_dir, model_name=model_name, model_config=model_config,
-                             poll_seconds=poll_seconds)
+                             poll_seconds=poll_seconds,
+                             allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)
     server = LocalServer(registry, host=host, port=None if port < 0 else port,
                          grpc_port=None if grpc_port < 0 else grpc_port, max_body_bytes=max_body_bytes,
                          max_batch_size=max_batch_size)
