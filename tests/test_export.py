@@ -59,6 +59,8 @@ SCHEMES = {
     "pep": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension"),
     # The same PEP tables exported in the slots layout (the fastest lookup, PEPEmbedding(compact_layout=...)).
     "pep_slots": lambda: scheme_factory("pep", output_dim=DIM, threshold_type="dimension", compact_layout="slots"),
+    # DHE: no table, the network with its batch norms folded (the Box-Muller encoding: the more ops of the two).
+    "dhe": lambda: scheme_factory("dhe", output_dim=DIM, num_hashes=16, hidden_units=[8, 8], distribution="gaussian"),
 }
 LAYER_MODULES = {"md": "tfemb.layers.mixed_dimension_embedding", "md_fast": "tfemb.layers.mixed_dimension_embedding",
                  "pep": "tfemb.layers.pep_embedding"}
@@ -505,11 +507,15 @@ def test_reload_in_a_fresh_process(ctr, exports):
 
 
 # ------------------------------------------------------------------------------------------------ ops
-def test_only_core_ops(exports):
-    _, path = exports("double_hashing")
+@pytest.mark.parametrize("scheme", ["double_hashing", "dhe"])
+def test_only_core_ops(scheme, exports):
+    _, path = exports(scheme)
     ops = check_ops(path)
     assert "LookupTableFindV2" in ops and "StringSplitV2" in ops and not unsupported_ops(path)
     assert not {"PyFunc", "EagerPyFunc", "PyFuncStateless"} & set(ops)
+    if scheme == "dhe":  # the hash arithmetic, Box-Muller and Mish in stock ops; no batch norm left
+        assert {"FloorMod", "Log", "Cos", "Sin", "Softplus", "Tanh"} <= set(ops)
+        assert not {op for op in ops if "BatchNorm" in op}
 
 
 def test_py_function_and_custom_ops_are_caught(tmp_path, exports):

@@ -2,6 +2,7 @@
 
 from tfemb.layers.autoemb_controller import AutoEmbController, popularity_buckets
 from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
+from tfemb.layers.deep_hash_embedding import DeepHashEmbedding, dhe_parameter_count, dhe_width_for_budget
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding, IndexedRowsEmbedding
 from tfemb.layers.embedding_scheme import COMBINERS, PADDING_ID, EmbeddingScheme
 from tfemb.layers.esapn_embedding import ESAPNCompactEmbedding, ESAPNEmbedding

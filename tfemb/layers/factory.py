@@ -9,6 +9,7 @@
 import math
 
 from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
+from tfemb.layers.deep_hash_embedding import DeepHashEmbedding, dhe_width_for_budget
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
@@ -27,13 +28,25 @@ SCHEMES = {
     "pep": PEPEmbedding,
     "autoemb": AutoEmbEmbedding,
     "esapn": ESAPNEmbedding,
+    "dhe": DeepHashEmbedding,
 }
 
 #: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
-COMPRESSIBLE = ("hashing", "qr", "double_hashing", "md")
+COMPRESSIBLE = ("hashing", "qr", "double_hashing", "md", "dhe")
 
 #: Compressible schemes whose sizes come from ``compression`` or their own rule, never from ``num_buckets``.
 SIZED_BY_RULE = ("md",)
+
+#: Hidden layers of a DHE network sized by ``compression`` (the paper's Figure 1 network has five).
+DHE_HIDDEN_LAYERS = 5
+
+#: ``scheme_factory("dhe", compression=...)`` arguments that size the network, and the schemes a feature whose
+#: budget cannot hold it may fall back to (at the same compression).
+DHE_SIZING = ("num_hidden_layers", "min_width", "fallback")
+DHE_FALLBACKS = ("hashing",)
+
+#: Arguments of every scheme (``EmbeddingScheme``) that a fallback layer keeps.
+_BASE_ARGS = ("combiner", "validate_ids", "dtype")
 
 #: Schemes that use per-id counts; the others are not handed ``frequencies`` (they would only bloat the config).
 USES_FREQUENCIES = ("double_hashing", "md")
@@ -120,7 +133,8 @@ def scheme_factory(name, **kwargs):
             ``"autoemb"`` (``AutoEmbEmbedding``: ``candidate_dims``, ``selection``, ...; sized by its search and
             trained with ``tfemb.autoemb``; gets the feature's counts only with ``popularity="frequencies"``), or
             ``"esapn"`` (``ESAPNEmbedding``: ``candidate_dims``, ``history_length``, ...; ``output_dim`` must be
-            ``max(candidate_dims)``; sized by its policies, trained with ``tfemb.esapn``).
+            ``max(candidate_dims)``; sized by its policies, trained with ``tfemb.esapn``), or ``"dhe"``
+            (``DeepHashEmbedding``: ``num_hashes``, ``hidden_units``, ``distribution``, ...; no table).
         **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
             ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
             replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer
@@ -130,7 +144,12 @@ def scheme_factory(name, **kwargs):
             ``num_blocks``, ``alpha``, ``round_pow2`` and optionally ``compression`` (the budget form of
             Algorithm 3, projections included; see ``tfemb.layers.mixed_dimension_embedding.md_scheme``) and
             ``blocking="popularity"`` (the default; ``"field"``, one block per CTR field, needs the whole
-            Schema: ``md_field_factory`` or ``tfemb.experiment.build_model``).
+            Schema: ``md_field_factory`` or ``tfemb.experiment.build_model``). ``"dhe"`` takes ``compression``
+            in place of ``hidden_units``: ``num_hidden_layers`` (default 5, the paper's) equal hidden layers as wide
+            as the budget allows (``dhe_width_for_budget``). A feature whose budget cannot hold them at
+            ``min_width`` (default 1) units, as a small vocabulary's, is an error naming it, or with
+            ``fallback="hashing"`` gets a hashing-trick table at the same compression (DHE is meant for the
+            large vocabularies).
 
     The layer is named ``f"{feature_name}_embedding"``; ``frequencies`` are passed only to schemes that use
     popularity (``double_hashing``, ``md``; ``md`` requires them).
@@ -163,16 +182,29 @@ def scheme_factory(name, **kwargs):
                 f"name={name!r}"
             )
         compression = _check_compression(compression)
-        taken = [key for key in ("num_buckets", "num_hot", "budget") if key in kwargs]
+        replaced = ("hidden_units",) if name == "dhe" else ("num_buckets", "num_hot", "budget")
+        taken = [key for key in replaced if key in kwargs]
         if taken:
             raise ValueError(
                 f"compression replaces {', '.join(taken)}; give one or the other. Received: "
                 f"compression={compression}, " + ", ".join(f"{key}={kwargs[key]!r}" for key in taken)
             )
-    elif name in COMPRESSIBLE and name not in SIZED_BY_RULE and "num_buckets" not in kwargs:
+    elif name in COMPRESSIBLE and name not in SIZED_BY_RULE + ("dhe",) and "num_buckets" not in kwargs:
         raise ValueError(f"scheme {name!r} needs num_buckets or compression. Received neither")
     if "output_dim" not in kwargs:
         raise ValueError(f"scheme_factory needs output_dim. Received: {sorted(kwargs)}")
+    dhe_sizing = {key: kwargs.pop(key) for key in DHE_SIZING if key in kwargs} if name == "dhe" else {}
+    if dhe_sizing and compression is None:
+        raise ValueError(f"{', '.join(dhe_sizing)} size a DHE network with compression; without it give "
+                         f"hidden_units. Received: " + ", ".join(f"{k}={v!r}" for k, v in dhe_sizing.items()))
+    hidden_layers = dhe_sizing.get("num_hidden_layers", DHE_HIDDEN_LAYERS)
+    min_width = dhe_sizing.get("min_width", 1)
+    fallback = dhe_sizing.get("fallback")
+    for key, value in (("num_hidden_layers", hidden_layers), ("min_width", min_width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an int >= 1. Received: {key}={value!r}")
+    if fallback not in (None,) + DHE_FALLBACKS:
+        raise ValueError(f"fallback must be one of {DHE_FALLBACKS} or None. Received: fallback={fallback!r}")
 
     def build(feature_name, vocabulary_size, frequencies=None):
         args = dict(kwargs)
@@ -184,6 +216,23 @@ def scheme_factory(name, **kwargs):
                 args["num_buckets"] = hashing_buckets(vocabulary_size, compression)
             elif name == "qr":
                 args["num_buckets"] = qr_buckets(vocabulary_size, dim, compression, args.get("operation", "mult"))
+            elif name == "dhe":
+                budget = vocabulary_size * dim / compression
+                try:
+                    width = dhe_width_for_budget(budget, args.get("num_hashes", 1024), dim, hidden_layers)
+                    if width < min_width:
+                        raise ValueError(f"the budget of {budget:,.0f} parameters holds hidden layers of width "
+                                         f"{width}, under min_width={min_width}")
+                except ValueError as exc:
+                    if fallback is None:
+                        raise ValueError(f"feature {feature_name!r} (vocabulary_size={vocabulary_size}, "
+                                         f"compression={compression}): {exc}; or set fallback="
+                                         f"{DHE_FALLBACKS[0]!r} for such features") from None
+                    return HashingEmbedding(vocabulary_size=vocabulary_size, output_dim=dim,
+                                            num_buckets=hashing_buckets(vocabulary_size, compression),
+                                            name=f"{feature_name}_embedding",
+                                            **{k: v for k, v in args.items() if k in _BASE_ARGS})
+                args["hidden_units"] = [width] * hidden_layers
             else:
                 args["num_hot"], args["num_buckets"] = double_hashing_sizes(
                     vocabulary_size, dim, compression, args.get("combine", "sum")
