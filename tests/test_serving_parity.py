@@ -4,13 +4,21 @@ starts answering. Real sockets on 127.0.0.1; the toy SavedModels and helpers are
 
 import http.client
 import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from tfemb.serving.server import LocalServer, ModelRegistry
 
-from test_serving import CONFIG, save_toy  # noqa: F401  (the module fixtures below reuse its exports)
-from test_serving import exports, server  # noqa: F401
+from test_serving import REPO, save_toy
+from test_serving import exports, server  # noqa: F401  (its module fixtures, reused here)
 
 
 def raw_call(port, method, path):
@@ -60,8 +68,9 @@ def test_labels_are_refused_at_start_without_the_flag_as_tf_serving_does(exports
     version that is not available: without --allow_version_labels_for_unavailable_models it does not start."""
     registry = ModelRegistry(str(exports), model_config=str(exports / "models.config"), poll_seconds=0)
     server = LocalServer(registry, port=0, grpc_port=0)
-    with pytest.raises(ValueError, match=r"FAILED_PRECONDITION: Request to assign label to version 1 of model toy, "
-                                         r"which is not currently available for inference"):
+    with pytest.raises(ValueError, match=r"FAILED_PRECONDITION: Request to assign label to version 2 of model toy, "
+                                         r"which is not currently available for inference \(version_labels "
+                                         r"\{ key: 'canary' value: 2 \}"):
         server.start()
     assert server.rest_url is None and server.grpc_target is None  # no port was opened
     # The same config with the flag: served, the labels pick their versions.
@@ -100,5 +109,117 @@ def test_tfemb_serve_has_tf_servings_flag(exports, capsys):
     assert main(["serve", str(exports), "--model-config", str(exports / "models.config"), "--port", "0",
                  "--grpc-port", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "Request to assign label to version 1 of model toy" in err
+    assert "Request to assign label to version 2 of model toy" in err
     assert "--allow_version_labels_for_unavailable_models" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up: the ports open once every configured model has a version (server_core.cc, server.cc)
+# ---------------------------------------------------------------------------------------------------------------
+
+TWO_MODELS = """
+model_config_list {
+  config { name: "ready" base_path: "ready" model_platform: "tensorflow" }
+  config { name: "late" base_path: "late" model_platform: "tensorflow" }
+}
+"""
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_ports_open_only_once_every_configured_model_has_a_version(tmp_path, caplog):
+    """ServerCore::Create waits until every configured model has an available version
+    (ConnectAdaptersToManagerAndAwaitModelLoads) and only then does server.cc open the gRPC and HTTP ports: a
+    client or a healthcheck never sees a server that answers for one model and 404s another it lists."""
+    save_toy(str(tmp_path / "ready"), 1, 1.0)
+    (tmp_path / "late").mkdir()
+    (tmp_path / "models.config").write_text(TWO_MODELS)
+    rest_port, grpc_port = _free_port(), _free_port()
+    registry = ModelRegistry(str(tmp_path), model_config=str(tmp_path / "models.config"), poll_seconds=0.1)
+    server = LocalServer(registry, port=rest_port, grpc_port=grpc_port)
+    started = threading.Event()
+    thread = threading.Thread(target=lambda: (server.start(), started.set()), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
+            thread.start()
+            deadline = time.monotonic() + 30
+            while "late" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not started.is_set() and _refused(rest_port) and _refused(grpc_port)
+            assert "No versions of servable late found under base path " + str(tmp_path / "late") in caplog.text
+            assert "servable ready" not in caplog.text  # only the model still missing a version is named
+            save_toy(str(tmp_path / "late"), 1, 2.0)
+            assert started.wait(30)
+        for name in ("ready", "late"):
+            status, _, body = raw_call(rest_port, "GET", f"/v1/models/{name}")
+            assert status == 200 and json.loads(body)["model_version_status"][0]["state"] == "AVAILABLE"
+    finally:
+        server.stop()
+        thread.join(10)
+
+
+def test_a_server_stopped_while_waiting_for_models_never_opens_its_ports(tmp_path):
+    (tmp_path / "late").mkdir()
+    rest_port = _free_port()
+    server = LocalServer(ModelRegistry(str(tmp_path / "late"), poll_seconds=0.1), port=rest_port, grpc_port=None)
+    thread = threading.Thread(target=server.start, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive() and _refused(rest_port)
+    server.stop()
+    thread.join(10)
+    assert not thread.is_alive() and _refused(rest_port) and server.rest_url is None
+    # wait_for_models=False: the ports open at once, as before; the model answers 404 until a version comes.
+    with LocalServer(ModelRegistry(str(tmp_path / "late"), poll_seconds=0.1), port=0, grpc_port=None,
+                     wait_for_models=False) as srv:
+        status, _, body = raw_call(srv.port, "GET", "/v1/models/late")
+        assert status == 404 and json.loads(body) == {"error": "Could not find any versions of model late"}
+
+
+def test_tfemb_serve_names_the_model_it_waits_for_and_opens_its_ports_when_it_comes(tmp_path):
+    """The command as a compose service runs it: the log names the missing model, the ports stay closed (the
+    healthcheck fails) until its version is there, then both models answer."""
+    save_toy(str(tmp_path / "ready"), 1, 1.0)
+    (tmp_path / "models.config").write_text(TWO_MODELS)
+    rest_port = _free_port()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, "-m", "tfemb.cli", "serve", str(tmp_path), "--model-config",
+                             str(tmp_path / "models.config"), "--port", str(rest_port), "--grpc-port", "-1",
+                             "--poll-seconds", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    out, err = [], []
+    for stream, lines in ((proc.stdout, out), (proc.stderr, err)):  # drained aside: a read never blocks the test
+        threading.Thread(target=lambda st=stream, ls=lines: ls.extend(iter(st.readline, "")), daemon=True).start()
+
+    def wait_for(lines, text):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not any(text in line for line in lines):
+            time.sleep(0.05)
+        return any(text in line for line in lines)
+
+    try:
+        assert wait_for(err, f"No versions of servable late found under base path {tmp_path / 'late'}"), "".join(err)
+        assert _refused(rest_port) and not any("servable ready" in line for line in err)
+        save_toy(str(tmp_path / "late"), 1, 2.0)
+        assert wait_for(out, f"REST  on http://127.0.0.1:{rest_port}"), "".join(out + err)
+        for name in ("ready", "late"):
+            status, _, body = raw_call(rest_port, "GET", f"/v1/models/{name}")
+            assert status == 200 and json.loads(body)["model_version_status"][0]["state"] == "AVAILABLE"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

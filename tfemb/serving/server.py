@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import threading
+import time
 import urllib.parse
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -397,7 +398,7 @@ class ModelRegistry:
         if self.allow_version_labels_for_unavailable_models:
             return
         for model in self._models.values():
-            for label, version in model.labels.items():
+            for label, version in sorted(model.labels.items()):  # a proto map has no order: the first by name
                 if version not in model.served:
                     raise ValueError(
                         f"FAILED_PRECONDITION: Request to assign label to version {version} of model {model.name}, "
@@ -405,6 +406,45 @@ class ModelRegistry:
                         f"{version} }}: labels are assigned before any version loads; tensorflow_model_server "
                         "needs --allow_version_labels_for_unavailable_models=true to start with them, and so does "
                         "tfemb serve)")
+
+    def missing_models(self):
+        """Names of the models with no version served (yet)."""
+        return [name for name, model in self._models.items() if not model.served]
+
+    def wait_until_available(self, cancel=None, log_every=10.0):
+        """Block until every model has a served version (``True``), or ``cancel`` (a ``threading.Event``) is set
+        (``False``). TF Serving's ``ServerCore::Create`` does the same before the server opens its ports
+        (``server_core.cc``: ``ConnectAdaptersToManagerAndAwaitModelLoads``). Each model still missing a version is
+        logged at once and every ``log_every`` seconds, with ``file_system_storage_path_source.cc``'s words."""
+        cancel = cancel or threading.Event()
+        next_log = 0.0
+        while True:
+            missing = self.missing_models()
+            if not missing:
+                return True
+            now = time.monotonic()
+            if now >= next_log:
+                for name in missing:
+                    log.warning("%s", self._missing_message(self._models[name]))
+                next_log = now + log_every
+            if self._thread is None:  # no poll thread (poll_seconds <= 0): poll here while waiting
+                if cancel.wait(0.5):
+                    return False
+                self.poll_once()
+            elif cancel.wait(min(0.5, max(self.poll_seconds, 0.05))):
+                return False
+
+    @staticmethod
+    def _missing_message(model):
+        failed = {v: st for v, st in model.states.items() if st[0] == "END" and st[1] != "OK"}
+        if failed:
+            version = max(failed)
+            why = f"version {version} failed to load ({failed[version][2]}); a new version or changed files are retried"
+        else:
+            why = (f"No versions of servable {model.name} found under base path {model.base_path}. Did you forget to "
+                   "name your leaf directory as a number (eg. '/1/')?")
+        return (f"{why} [model {model.name!r} has no version loaded: the REST and gRPC ports open once every "
+                "configured model has one, as tensorflow_model_server's do]")
 
     def stop(self):
         self._stop.set()
@@ -1289,6 +1329,11 @@ class LocalServer:
         max_batch_size: None (default: any number of rows, TF Serving without batching) or an int >= 1: requests
             of more rows are refused with INVALID_ARGUMENT (400) as TF Serving refuses them with batching on
             (``serving/batching.config``'s ``max_batch_size``), so a client can be tested against that limit.
+        wait_for_models: True (default): :meth:`start` opens the ports only once every model of the registry has
+            a version loaded, as ``tensorflow_model_server`` does (``ServerCore::Create`` waits for the configured
+            models before ``server.cc`` starts gRPC and HTTP), logging each model still missing one; it blocks
+            until then, or until :meth:`stop` is called from another thread. False: open the ports at once; a
+            model without a version answers NOT_FOUND until one is loaded.
 
     Example:
 
@@ -1297,7 +1342,7 @@ class LocalServer:
     """
 
     def __init__(self, registry, host="127.0.0.1", port=8501, grpc_port=8500,
-                 max_body_bytes=DEFAULT_MAX_BODY_BYTES, grpc_workers=16, max_batch_size=None):
+                 max_body_bytes=DEFAULT_MAX_BODY_BYTES, grpc_workers=16, max_batch_size=None, wait_for_models=True):
         if port is None and grpc_port is None:
             raise ValueError("LocalServer needs a REST port, a gRPC port or both. Received: port=None, "
                              "grpc_port=None")
@@ -1311,6 +1356,8 @@ class LocalServer:
                                            or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be None or an int >= 1. Received: max_batch_size={max_batch_size!r}")
         self.service = _Service(registry, max_batch_size=max_batch_size)
+        self.wait_for_models = wait_for_models
+        self._cancel = threading.Event()  # stop() while start() waits for the models
         self._http = None
         self._http_thread = None
         self._grpc = None
@@ -1318,6 +1365,8 @@ class LocalServer:
     def start(self):
         self.registry.start()
         try:
+            if self.wait_for_models and not self.registry.wait_until_available(self._cancel) or self._cancel.is_set():
+                return self  # stopped before every model had a version: no port was opened
             self._start_transports()
         except BaseException:
             self.stop(grace=0)
@@ -1366,6 +1415,7 @@ class LocalServer:
 
     def stop(self, grace=2.0):
         """Stop accepting requests, let running ones finish (up to ``grace`` seconds), stop polling."""
+        self._cancel.set()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
             self._grpc = None
@@ -1401,20 +1451,20 @@ def serve(export_dir, port=8501, grpc_port=8500, host="127.0.0.1", model_name=No
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            previous[sig] = signal.signal(sig, lambda *_: done.set())
+            previous[sig] = signal.signal(sig, lambda *_: (done.set(), server._cancel.set()))
         except ValueError:  # not the main thread: the caller stops us some other way
             pass
     try:
-        server.start()
-        for name in registry.model_names:
-            served = sorted(registry._models[name].served)
-            out(f"model {name}: base path {registry._models[name].base_path}, "
-                f"serving version(s) {served if served else 'none yet (waiting for one)'}")
-        if server.rest_url:
-            out(f"REST  on {server.rest_url}  (POST /v1/models/<name>:predict)")
-        if server.grpc_target:
-            out(f"gRPC  on {server.grpc_target}  (tensorflow.serving.PredictionService)")
-        out("Ctrl-C to stop")
+        server.start()  # returns once every model has a version (or on SIGINT / SIGTERM while it waits)
+        if not done.is_set():
+            for name in registry.model_names:
+                out(f"model {name}: base path {registry._models[name].base_path}, "
+                    f"serving version(s) {sorted(registry._models[name].served)}")
+            if server.rest_url:
+                out(f"REST  on {server.rest_url}  (POST /v1/models/<name>:predict)")
+            if server.grpc_target:
+                out(f"gRPC  on {server.grpc_target}  (tensorflow.serving.PredictionService)")
+            out("Ctrl-C to stop")
         while not done.wait(0.5):
             pass
     finally:
