@@ -223,3 +223,33 @@ def test_tfemb_serve_names_the_model_it_waits_for_and_opens_its_ports_when_it_co
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Status and metadata responses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_status_ignores_a_version_label_as_tf_serving_does(server):
+    """get_model_status_impl.cc looks at model_spec.version only: a status request by label (REST
+    /labels/<l>, gRPC ModelSpec.version_label) answers every version of the model, even for a label the config
+    does not have (http_rest_api_handler.cc: ProcessModelStatusRequest → GetModelStatusImpl::GetModelStatus)."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    every = raw_call(server.port, "GET", "/v1/models/toy")
+    assert [s["version"] for s in json.loads(every[2])["model_version_status"]] == ["2", "1"]
+    for label in ("stable", "canary", "nope"):
+        status, _, body = raw_call(server.port, "GET", f"/v1/models/toy/labels/{label}")
+        assert (status, body) == (200, every[2]), label
+    status, _, body = raw_call(server.port, "GET", "/v1/models/nope/labels/stable")
+    assert status == 404 and json.loads(body) == {"error": "Could not find any versions of model nope"}
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "toy"
+        request.model_spec.version_label = "stable"
+        assert [s.version for s in stub.GetModelStatus(request, timeout=10).model_version_status] == [2, 1]
+    # Metadata and predict resolve the label (GetServableHandle); an unknown one is INVALID_ARGUMENT.
+    status, _, body = raw_call(server.port, "GET", "/v1/models/toy/labels/nope/metadata")
+    assert status == 400 and json.loads(body) == {"error": "Unrecognized servable version label: nope"}

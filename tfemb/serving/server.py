@@ -533,14 +533,11 @@ class ModelRegistry:
         raise ServingStatus("NOT_FOUND", f"Servable not found for request: {_request_name(name, version)}")
 
     def status_proto(self, name, version=None, label=None):
-        """``GetModelStatusResponse`` (get_model_status_impl.cc): every known version, newest first."""
+        """``GetModelStatusResponse`` (get_model_status_impl.cc): every known version, newest first. A version
+        label is ignored there (only ``model_spec.version`` is read): by label, every version is answered."""
         from tensorflow_serving.apis import get_model_status_pb2
 
         model = self._models.get(name)
-        if label is not None:
-            if model is None or label not in model.labels:
-                raise _invalid(f"Unrecognized servable version label: {label}")
-            version = model.labels[label]
         states = dict(model.states) if model is not None else {}
         if version is not None:
             if version not in states:
