@@ -253,3 +253,32 @@ def test_status_ignores_a_version_label_as_tf_serving_does(server):
     # Metadata and predict resolve the label (GetServableHandle); an unknown one is INVALID_ARGUMENT.
     status, _, body = raw_call(server.port, "GET", "/v1/models/toy/labels/nope/metadata")
     assert status == 400 and json.loads(body) == {"error": "Unrecognized servable version label: nope"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models.config validation (server_core.cc: GetPlatform)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,message", [
+    ("", "Illegal setting neither ModelServerConfig::model_type (deprecated) nor ModelServerConfig::model_platform."),
+    ('model_platform: "tensorflow" model_type: TENSORFLOW',
+     "Illegal setting both ModelServerConfig::model_type (deprecated) and ModelServerConfig::model_platform."),
+    ("model_type: OTHER", "ModelServerConfig::model_type choice 2 not supported."),
+])
+def test_a_config_tf_serving_refuses_is_refused(tmp_path, fields, message):
+    """A config without model_platform served by tfemb serve would stop tensorflow_model_server from starting."""
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "m" base_path: "m" {fields} }} }}')
+    with pytest.raises(ValueError) as info:
+        ModelRegistry(str(tmp_path), model_config=str(config), poll_seconds=0)
+    assert message in str(info.value) and "'m'" in str(info.value)
+
+
+def test_the_deprecated_model_type_tensorflow_is_served(tmp_path):
+    save_toy(str(tmp_path / "m"), 1, 1.0)
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "m" base_path: "m" model_type: TENSORFLOW } }')
+    with LocalServer(ModelRegistry(str(tmp_path), model_config=str(config), poll_seconds=0), port=0,
+                     grpc_port=None) as srv:
+        assert raw_call(srv.port, "GET", "/v1/models/m")[0] == 200

@@ -279,6 +279,22 @@ def _policy_from_proto(config):
     return ("latest", 1)
 
 
+def _platform(cfg):
+    """A ModelConfig's platform, or the ``ValueError`` TF Serving refuses the config with (``server_core.cc``:
+    ``GetPlatform``, called for every model when a config is loaded: no platform at all stops the server)."""
+    if cfg.model_type:  # the deprecated ModelType enum
+        if cfg.model_platform:
+            return ValueError("Illegal setting both ModelServerConfig::model_type (deprecated) and "
+                              "ModelServerConfig::model_platform.")
+        if cfg.model_type == 1:  # ModelType.TENSORFLOW
+            return "tensorflow"
+        return ValueError(f"ModelServerConfig::model_type choice {cfg.model_type} not supported.")
+    if not cfg.model_platform:
+        return ValueError("Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                          "ModelServerConfig::model_platform. Add model_platform: \"tensorflow\"")
+    return cfg.model_platform
+
+
 def _check_base_path(path):
     """``ValueError`` when ``path`` cannot be a model's base path and the server would wait forever for versions
     that never come: a saved Keras model (a ``.keras`` file, or a ``tfemb train`` run directory with no SavedModel
@@ -366,7 +382,10 @@ class ModelRegistry:
         if config.WhichOneof("config") != "model_config_list":
             raise ValueError(f"{path}: only model_config_list is supported")
         for cfg in config.model_config_list.config:
-            if cfg.model_platform not in ("", "tensorflow"):
+            platform = _platform(cfg)
+            if isinstance(platform, ValueError):
+                raise ValueError(f"{path}: model {cfg.name!r}: {platform}")
+            if platform != "tensorflow":
                 raise ValueError(f"{path}: model {cfg.name!r} has model_platform {cfg.model_platform!r}; "
                                  "only 'tensorflow' is served")
             if not cfg.name or cfg.name in self._models:
