@@ -282,3 +282,14 @@ def test_the_deprecated_model_type_tensorflow_is_served(tmp_path):
     with LocalServer(ModelRegistry(str(tmp_path), model_config=str(config), poll_seconds=0), port=0,
                      grpc_port=None) as srv:
         assert raw_call(srv.port, "GET", "/v1/models/m")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/models/toy/versions/9223372036854775808",
+                                  "/v1/models/toy/versions/18446744073709551615/metadata"])
+def test_a_version_beyond_int64_is_a_bad_request(server, path):
+    """http_rest_api_util.cc ParseModelInfo: absl::SimpleAtoi into int64_t fails → INVALID_ARGUMENT (400)."""
+    version = path.split("/")[5]
+    for method, target in (("GET", path), ("POST", path.replace("/metadata", "") + ":predict")):
+        status, _, body = raw_call(server.port, method, target)
+        assert status == 400 and json.loads(body) == {"error": f"Failed to convert version: {version} to numeric."}
+    assert raw_call(server.port, "GET", "/v1/models/toy/versions/9223372036854775807")[0] == 404  # int64 max: fine

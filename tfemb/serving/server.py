@@ -1086,9 +1086,12 @@ def _version(part):
     if not part:
         return None
     try:
-        return int(part)
+        version = int(part)
     except ValueError:
-        raise _invalid(f"Failed to convert version: {part} to numeric.") from None
+        version = None
+    if version is None or not -(2 ** 63) <= version < 2 ** 63:  # http_rest_api_util.cc: SimpleAtoi into int64_t
+        raise _invalid(f"Failed to convert version: {part} to numeric.")
+    return version
 
 
 # libevent's evhttp_send_error(req, 404, NULL) page (Content-Type text/html, Connection: close).
