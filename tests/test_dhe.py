@@ -91,6 +91,21 @@ def test_training_updates_batch_norm_statistics_and_the_layer_learns():
     assert not np.allclose(np.asarray(tf.convert_to_tensor(layer.norms[0].moving_mean)), moving)
 
 
+def test_hidden_layers_of_one_shape_start_from_different_kernels():
+    layer = DeepHashEmbedding(100, 4, num_hashes=8, hidden_units=[6, 6, 6])
+    layer.build()
+    kernels = [np.asarray(tf.convert_to_tensor(k)) for k in layer.kernels[1:3]]
+    assert kernels[0].shape == kernels[1].shape and not np.allclose(kernels[0], kernels[1])
+    seeded = DeepHashEmbedding(100, 4, num_hashes=8, hidden_units=[6, 6, 6],
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=7))
+    again = DeepHashEmbedding.from_config(seeded.get_config())
+    seeded.build(), again.build()
+    for a, b in zip(seeded.kernels, again.kernels):  # seeded: reproducible, and still one draw per kernel
+        np.testing.assert_array_equal(np.asarray(tf.convert_to_tensor(a)), np.asarray(tf.convert_to_tensor(b)))
+    assert not np.allclose(np.asarray(tf.convert_to_tensor(seeded.kernels[1])),
+                           np.asarray(tf.convert_to_tensor(seeded.kernels[2])))
+
+
 def test_compact_folds_batch_norm_and_keeps_the_outputs():
     layer = DeepHashEmbedding(800, 5, num_hashes=24, hidden_units=[12, 10, 7], seed=4)
     layer.build()
@@ -202,3 +217,16 @@ def test_deepfm_with_dhe_trains_through_tfemb_models():
     last = model.fit(make_dataset(x, y, batch_size=200), epochs=8, verbose=0).history["loss"][-1]
     assert last < 0.8 * first
     assert model.embedding_parameter_count() == 2 * dhe_parameter_count(64, [32, 32], 8)
+
+
+def test_the_dhe_benchmark_spec_is_a_valid_compare_spec():
+    import pathlib
+
+    import yaml
+
+    from tfemb import compare
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "specs" / "dhe_movielens.yaml"
+    spec = yaml.safe_load(path.read_text())
+    compare.check_spec(spec, where=str(path))
+    assert {v["embedding"]["scheme"] for v in spec["variants"]} == {"fixed", "hashing", "dhe"}

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
+from tfemb.layers.autoemb_embedding import _fresh_initializer
 from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
@@ -175,8 +176,10 @@ class DeepHashEmbedding(EmbeddingScheme):
     def build(self, input_shape=None):
         self.kernels, self.biases = [], []
         for i, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
+            # A fresh initializer per kernel: under Keras 2 one unseeded instance gives equal-shaped kernels the
+            # same values.
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(fan_in, fan_out),
-                                                initializer=self.kernel_initializer))
+                                                initializer=_fresh_initializer(self.kernel_initializer, i)))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(fan_out,), initializer="zeros"))
         for norm, units in zip(self.norms, self.hidden_units):
             norm.build((None, units))
