@@ -293,3 +293,25 @@ def test_a_version_beyond_int64_is_a_bad_request(server, path):
         status, _, body = raw_call(server.port, method, target)
         assert status == 400 and json.loads(body) == {"error": f"Failed to convert version: {version} to numeric."}
     assert raw_call(server.port, "GET", "/v1/models/toy/versions/9223372036854775807")[0] == 404  # int64 max: fine
+
+
+def test_the_api_verb_is_case_sensitive_though_the_path_is_not(server):
+    """The path regexes are (?i), but http_rest_api_handler.cc compares the method ("predict") and the
+    subresource ("metadata") exactly: :PREDICT is a malformed request, /METADATA asks for the status."""
+    body = json.dumps({"instances": [{"user": "a", "age": 1.0, "tags": [1, 2]}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for path, want in (("/V1/MODELS/toy:predict", 200), ("/v1/models/toy:Predict", 400),
+                           ("/v1/models/toy:PREDICT", 400)):
+            conn.request("POST", path, body=body)
+            resp = conn.getresponse()
+            answer = json.loads(resp.read())
+            assert resp.status == want, path
+            if want == 400:
+                assert answer == {"error": f"Malformed request: POST {path}"}
+    finally:
+        conn.close()
+    status, _, body = raw_call(server.port, "GET", "/v1/models/toy/versions/1/METADATA")
+    assert status == 200 and list(json.loads(body)) == ["model_version_status"]
+    status, _, body = raw_call(server.port, "GET", "/V1/Models/toy/versions/1/metadata")
+    assert status == 200 and json.loads(body)["model_spec"]["version"] == "1"

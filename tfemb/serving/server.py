@@ -939,7 +939,9 @@ class _Service:
             m = _PREDICT_PATH.fullmatch(path) if method == "POST" else None
             if m:
                 model_name, version, label = _decode(m.group(1)), _version(m.group(2)), _decode(m.group(3))
-                api = m.group(4).lower()
+                api = m.group(4)
+                if api not in ("classify", "regress", "predict"):  # the regex is (?i), the comparison is not
+                    raise _invalid(f"Malformed request: {method} {path}")
                 if api != "predict":
                     raise ServingStatus("UNIMPLEMENTED", f"{api} is not served by tfemb serve; use :predict "
                                                          "(tfemb exports have no classify/regress signatures)")
@@ -952,7 +954,7 @@ class _Service:
                 model_name, version, label = _decode(m.group(1)), _version(m.group(2)), _decode(m.group(3))
                 if not model_name:
                     raise _invalid("Missing model name in request.")
-                if m.group(4):
+                if m.group(4) == "metadata":  # "METADATA" matches the (?i) regex, and is a status request
                     api = "metadata"
                     result = self.registry.resolve(model_name, version, label).metadata_json()
                 else:
