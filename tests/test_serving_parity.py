@@ -315,3 +315,20 @@ def test_the_api_verb_is_case_sensitive_though_the_path_is_not(server):
     assert status == 200 and list(json.loads(body)) == ["model_version_status"]
     status, _, body = raw_call(server.port, "GET", "/V1/Models/toy/versions/1/metadata")
     assert status == 200 and json.loads(body)["model_spec"]["version"] == "1"
+
+
+def test_the_wait_log_names_a_version_that_failed_to_load(tmp_path, caplog):
+    base = tmp_path / "broken"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    server = LocalServer(ModelRegistry(str(base), poll_seconds=0.1), port=_free_port(), grpc_port=None)
+    thread = threading.Thread(target=server.start, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "failed to load" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    server.stop()
+    thread.join(10)
+    assert "version 1 failed to load (loading " in caplog.text
+    assert "model 'broken' has no version loaded" in caplog.text and _refused(server.port)
