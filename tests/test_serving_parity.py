@@ -332,3 +332,25 @@ def test_the_wait_log_names_a_version_that_failed_to_load(tmp_path, caplog):
     thread.join(10)
     assert "version 1 failed to load (loading " in caplog.text
     assert "model 'broken' has no version loaded" in caplog.text and _refused(server.port)
+
+
+def test_grpc_without_a_model_name_is_invalid_argument(server):
+    """server_core.cc ServableRequestFromModelSpec: an empty ModelSpec.name is INVALID_ARGUMENT 'ModelSpec has no
+    name specified.' for every call that gets a servable (Predict, GetModelMetadata)."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        predict = predict_pb2.PredictRequest()
+        predict.model_spec.signature_name = "serving_default"
+        metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        metadata.model_spec.version_label = "stable"
+        for call, request in ((stub.Predict, predict), (stub.GetModelMetadata, metadata)):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details() == "ModelSpec has no name specified."
+        with pytest.raises(grpc.RpcError) as info:  # predict_impl.cc: no model_spec at all
+            stub.Predict(predict_pb2.PredictRequest(), timeout=10)
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")

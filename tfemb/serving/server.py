@@ -536,6 +536,8 @@ class ModelRegistry:
         """The servable for a request, or a ``ServingStatus`` as TF Serving's ``GetServableHandle`` raises."""
         if version is not None and label is not None:  # http_rest_api_util.cc
             raise _invalid(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
+        if not name:  # server_core.cc: ServableRequestFromModelSpec (gRPC; a REST path always has a name)
+            raise _invalid("ModelSpec has no name specified.")
         model = self._models.get(name)
         if label is not None:
             if model is None or label not in model.labels:  # server_core.cc: GetModelVersionForLabel
@@ -1009,6 +1011,8 @@ class _Service:
 
         spec = request.model_spec
         if servable is None:
+            if not request.HasField("model_spec"):  # predict_impl.cc: TensorflowPredictor::Predict
+                raise _invalid("Missing ModelSpec")
             servable = self.registry.resolve(spec.name, *_spec_version(spec))
         sig = servable.signature(spec.signature_name, rest=False)
         req_names, sig_names = set(request.inputs), set(sig.inputs)
