@@ -354,3 +354,17 @@ def test_grpc_without_a_model_name_is_invalid_argument(server):
         with pytest.raises(grpc.RpcError) as info:  # predict_impl.cc: no model_spec at all
             stub.Predict(predict_pb2.PredictRequest(), timeout=10)
         assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+
+
+def test_the_metrics_path_answers_any_method_in_text_plain(server):
+    """http_server.cc registers the Prometheus path as an exact-path handler, ahead of the /v1/ dispatcher;
+    ProcessPrometheusRequest does not look at the method and answers Content-Type text/plain."""
+    from tfemb.serving.server import PROMETHEUS_PATH
+
+    raw_call(server.port, "GET", "/v1/models/toy")
+    for method in ("GET", "POST", "HEAD"):
+        status, headers, body = raw_call(server.port, method, PROMETHEUS_PATH)
+        assert (status, headers["Content-Type"]) == (200, "text/plain"), method
+        if method != "HEAD":
+            assert b':tensorflow:serving:request_count{API="status",entrypoint="REST",model_name="toy"' in body
+    assert raw_call(server.port, "GET", PROMETHEUS_PATH + "/")[0] == 404  # exact path only

@@ -927,8 +927,8 @@ class _Service:
         """``(http_status, content_type, body_bytes, close)`` for one REST request; ``close``: answer with
         ``Connection: close``."""
         path = urllib.parse.urlsplit(path).path
-        if method == "GET" and path == PROMETHEUS_PATH:
-            return 200, "text/plain; version=0.0.4", self.metrics.render(self.registry), False
+        if path == PROMETHEUS_PATH:  # http_server.cc: ProcessPrometheusRequest, whatever the method
+            return 200, "text/plain", self.metrics.render(self.registry), False
         if not _V1_PATH.fullmatch(path):
             # http_server.cc: the REST dispatcher takes only (?i)/v1/.*; for any other path no handler is found
             # and libevent answers its own 404 page, closing the connection (evhttp_server.cc: evhttp_send_error).
