@@ -368,3 +368,26 @@ def test_the_metrics_path_answers_any_method_in_text_plain(server):
         if method != "HEAD":
             assert b':tensorflow:serving:request_count{API="status",entrypoint="REST",model_name="toy"' in body
     assert raw_call(server.port, "GET", PROMETHEUS_PATH + "/")[0] == 404  # exact path only
+
+
+def test_the_wait_log_says_why_a_model_has_no_version(tmp_path, caplog):
+    """file_system_storage_path_source.cc's words: a base path that is not there, or one whose versions the
+    'specific' policy does not name."""
+    save_toy(str(tmp_path / "old"), 1, 1.0)
+    (tmp_path / "models.config").write_text(
+        'model_config_list { config { name: "gone" base_path: "gone" model_platform: "tensorflow" } '
+        'config { name: "old" base_path: "old" model_platform: "tensorflow" '
+        'model_version_policy { specific { versions: 3 } } } }')
+    registry = ModelRegistry(str(tmp_path), model_config=str(tmp_path / "models.config"), poll_seconds=0.1)
+    server = LocalServer(registry, port=_free_port(), grpc_port=None)
+    thread = threading.Thread(target=server.start, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "servable old" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    server.stop()
+    thread.join(10)
+    assert f"Could not find base path {tmp_path / 'gone'} for servable gone" in caplog.text
+    assert ("No versions of servable old found under base path " in caplog.text
+            and "specific { versions: [3] } names none of the versions there: [1]" in caplog.text)

@@ -459,9 +459,15 @@ class ModelRegistry:
         if failed:
             version = max(failed)
             why = f"version {version} failed to load ({failed[version][2]}); a new version or changed files are retried"
-        else:
+        elif not os.path.isdir(model.base_path):
+            why = f"Could not find base path {model.base_path} for servable {model.name}"
+        else:  # file_system_storage_path_source.cc: PollFileSystemForServable
             why = (f"No versions of servable {model.name} found under base path {model.base_path}. Did you forget to "
                    "name your leaf directory as a number (eg. '/1/')?")
+            there = sorted(scan_versions(model.base_path))
+            if there and model.policy[0] == "specific":
+                why += (f" (model_version_policy specific {{ versions: {sorted(model.policy[1])} }} names none of the "
+                        f"versions there: {there})")
         return (f"{why} [model {model.name!r} has no version loaded: the REST and gRPC ports open once every "
                 "configured model has one, as tensorflow_model_server's do]")
 
