@@ -20,7 +20,8 @@ Models and versions (:class:`ModelRegistry`) follow TF Serving's file-system sou
 integer version directories; the newest complete one is served (or what a ``models.config``
 ``model_version_policy`` asks for); a poll thread loads new versions and swaps them in only once loaded, so
 requests never wait for or fail on a load. Directories that are hidden, not integers, lack
-``saved_model.pb``, or are still changing between two polls are ignored.
+``saved_model.pb``, or are still changing between two polls are ignored. As ``tensorflow_model_server``
+(``server_core.cc``, ``server.cc``), :class:`LocalServer` opens its ports only once every model has a version.
 """
 
 import base64
@@ -1471,7 +1472,8 @@ class LocalServer:
 def serve(export_dir, port=8501, grpc_port=8500, host="127.0.0.1", model_name=None, model_config=None,
           poll_seconds=1.0, max_body_bytes=DEFAULT_MAX_BODY_BYTES, max_batch_size=None,
           allow_version_labels_for_unavailable_models=False, out=print):
-    """Serve until SIGINT / SIGTERM (``tfemb serve``). Ports: 0 picks a free one, a negative one disables it."""
+    """Serve until SIGINT / SIGTERM (``tfemb serve``). Ports: 0 picks a free one, a negative one disables it. As
+    ``tensorflow_model_server``, the ports open once every model has a version loaded (see :class:`LocalServer`)."""
     registry = ModelRegistry(export_dir, model_name=model_name, model_config=model_config,
                              poll_seconds=poll_seconds,
                              allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)
