@@ -98,7 +98,9 @@ def test_a_label_on_a_version_that_never_loads_answers_not_found(tmp_path):
 def test_tfemb_serve_has_tf_servings_flag(exports, capsys):
     from tfemb.cli import build_parser, main
 
-    parse = lambda *a: build_parser().parse_args(["serve", "x", *a]).allow_version_labels_for_unavailable_models  # noqa: E731
+    def parse(*flags):
+        return build_parser().parse_args(["serve", "x", *flags]).allow_version_labels_for_unavailable_models
+
     assert parse() is False
     for spelling in ("--allow_version_labels_for_unavailable_models", "--allow-version-labels-for-unavailable-models"):
         assert parse(spelling) is True

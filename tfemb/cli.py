@@ -180,8 +180,8 @@ def cmd_serve(args):
         return server.serve(args.export_dir, port=args.port, grpc_port=args.grpc_port, host=args.host,
                             model_name=args.model_name, model_config=args.model_config,
                             poll_seconds=args.poll_seconds, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                            max_batch_size=args.max_batch_size,
-                            allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+                            max_batch_size=args.max_batch_size, allow_version_labels_for_unavailable_models=(
+                                args.allow_version_labels_for_unavailable_models),
                             out=lambda m: (print(m), sys.stdout.flush()))
     except (OSError, ValueError) as exc:  # a port in use, an address that is not ours, a bad --max-batch-size
         print(f"tfemb serve: error: {exc}", file=sys.stderr)
