@@ -42,3 +42,32 @@ def deserialize(config):
 
 def backend_name():
     return "keras3" if IS_KERAS_3 else "keras2"
+
+
+class TrackedCollectionsCheckpoint:
+    """Mixin of tfemb's layers and models: under Keras 3, ``tf.train.Checkpoint`` also saves and restores the
+    layers and variables they hold in lists and dicts (e.g. a model's ``embedding_layers``, an MLP's dense layers).
+
+    Keras 3 wraps list and dict attributes in its own tracked collections, which TensorFlow's checkpointing does not
+    see (keras-team/keras#19425): a ``tf.train.Checkpoint(model=...)`` of a tfemb model silently held neither its
+    embedding tables nor its dense tower (only what the compiled optimizer happened to reference). Here each
+    trackable element of such a collection is a checkpoint child named ``"<attribute>/<key or index>"``. Keras'
+    own ``.keras`` / ``.weights.h5`` files do not use this. Keras 2 tracks these collections itself: a no-op there.
+    Restore into a built model (``model.build()``): elements are matched when the restore runs, not later.
+    """
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if IS_KERAS_3 and save_type == "checkpoint":
+            for attribute in dict.fromkeys(getattr(self, "_tracked", ())):
+                value = getattr(self, attribute, None)
+                if isinstance(value, dict):
+                    items = value.items()
+                elif isinstance(value, (list, tuple)):
+                    items = enumerate(value)
+                else:  # sets: no stable order to name their elements by
+                    continue
+                for key, item in items:
+                    if isinstance(item, tf.__internal__.tracking.Trackable):
+                        children.setdefault(f"{attribute}/{key}", item)
+        return children

@@ -4,7 +4,7 @@ Keras' stock Adam (and, under Keras 3, Adagrad) updates its slot variables for e
 step, so on realistic vocabularies the optimizer, not the network, sets the training speed (docs/ARCHITECTURE.md,
 "Where training time goes"). These optimizers take the row-sparse gradients (``tf.IndexedSlices``) of the
 tables an ``EmbeddingScheme`` lists in ``sparse_tables()`` and touch only those rows, as TorchRec's fused
-optimizers and DLRM's row-wise Adagrad do. They are pure TensorFlow (``tf.Module``), so they behave the same
+optimizers and DLRM's row-wise Adagrad do. They are pure TensorFlow (trackable objects), so they behave the same
 under Keras 3 and Keras 2 and checkpoint with ``tf.train.Checkpoint``.
 
 Semantics differ from the dense optimizers in the known way: rows not looked up in a step keep their moments
@@ -75,27 +75,47 @@ def check_single_replica(optimizer, replicas=None):
         )
 
 
-class SparseOptimizer(tf.Module):
-    """Base class: ``apply(grads_and_vars)`` with row-sparse or dense gradients."""
+class SparseOptimizer(tf.__internal__.tracking.AutoTrackable):
+    """Base class: ``apply(grads_and_vars)`` with row-sparse or dense gradients.
+
+    A trackable object, not a ``tf.Module``: a model holding one checkpoints its state (``tf.train.Checkpoint``,
+    Keras 2's TF-format weights) as it does a Keras optimizer's, and Keras 2 does not count its slots among the
+    model's weights. The slots are checkpointed by the position of their variable among the variables the
+    optimizer has seen (``build`` order, which ``RecModel`` sets to its ``sparse_variables()`` order), because
+    variable names differ between two models of one config; a restore into an optimizer that has not made its
+    slots yet is applied when it makes them.
+    """
 
     def __init__(self, learning_rate, name=None):
-        super().__init__(name=name)
+        super().__init__()
+        self.name = name or type(self).__name__
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0. Received: learning_rate={learning_rate!r}")
         self.learning_rate = float(learning_rate)
-        self._slots = {}
+        # (id(var), kind) -> slot and id(var) -> position: lookups, not checkpoint dependencies.
+        object.__setattr__(self, "_slots", {})
+        object.__setattr__(self, "_positions", {})
+        self.slots = {}  # f"{position}_{kind}" -> slot: the checkpoint dependencies
         self.iterations = None
 
     def _slot(self, var, kind, shape=None, init=0.0):
-        key = (var.name, kind, id(var))
+        key = (id(var), kind)
         if key not in self._slots:
+            position = self._positions.setdefault(id(var), len(self._positions))
             with tf.init_scope():
                 shape = var.shape if shape is None else shape
-                self._slots[key] = tf.Variable(
+                slot = tf.Variable(
                     tf.fill(shape, tf.constant(init, var.dtype)), trainable=False,
                     name=f"{var.name.split(':')[0].replace('/', '_')}_{kind}",
                 )
+            self._slots[key] = slot
+            self.slots[f"{position}_{kind}"] = slot
         return self._slots[key]
+
+    @property
+    def variables(self):
+        """The iteration counter (once built) and every slot, in creation order."""
+        return ([] if self.iterations is None else [self.iterations]) + list(self._slots.values())
 
     def build(self, variables):
         """Creates the slot variables eagerly (also done lazily on first use)."""

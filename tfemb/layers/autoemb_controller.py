@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import keras, register
+from tfemb._keras import TrackedCollectionsCheckpoint, keras, register
 from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import check_positive_int, sparse_gather
 
@@ -50,7 +50,7 @@ def num_popularity_buckets(encoding, max_popularity):
 
 
 @register
-class AutoEmbController(keras.layers.Layer):
+class AutoEmbController(TrackedCollectionsCheckpoint, keras.layers.Layer):
     """Softmax weights over ``N`` candidate embedding dimensions from an id's popularity and context.
 
     The controller of AutoEmb (Zhao et al., arXiv 2002.11252, Section 2): its input is the id's popularity as a

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import IS_KERAS_3, keras
+from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, keras
 
 #: Keras 3's variable class (its tf.Variable is ``.value``); None under Keras 2, whose variables are tf.Variables.
 _KerasVariable = keras.Variable if IS_KERAS_3 else None
@@ -100,7 +100,7 @@ def _assert_all(ok, ids, message):
     return tf.cond(all_ok, lambda: all_ok, fail)
 
 
-class EmbeddingScheme(keras.layers.Layer):
+class EmbeddingScheme(TrackedCollectionsCheckpoint, keras.layers.Layer):
     """Base class of every tfemb embedding method.
 
     An embedding scheme maps integer ids (id 0 is the out-of-vocabulary id of a ``tfemb.data.Schema``) to

@@ -8,7 +8,7 @@ through ``.keras`` files; the weightless interactions are plain functions of ten
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import keras, register
+from tfemb._keras import TrackedCollectionsCheckpoint, keras, register
 from tfemb.layers.fixed_embedding import FixedEmbedding
 
 
@@ -130,7 +130,7 @@ def dnn_config(model):
 
 # --------------------------------------------------------------------------------------------- weight blocks
 @register
-class MLP(keras.layers.Layer):
+class MLP(TrackedCollectionsCheckpoint, keras.layers.Layer):
     """A stack of fully connected layers: ``Dense -> [BatchNorm] -> activation -> [Dropout]`` per layer.
 
     Batch normalisation, when on, comes before the activation (as in DeepCTR's ``DNN``).
@@ -208,7 +208,7 @@ class MLP(keras.layers.Layer):
 
 
 @register
-class LinearTerms(keras.layers.Layer):
+class LinearTerms(TrackedCollectionsCheckpoint, keras.layers.Layer):
     """First-order terms: one weight (vector) per id of every sparse feature, a linear map of the dense
     features, and a bias.
 
@@ -302,7 +302,7 @@ class LinearTerms(keras.layers.Layer):
 
 
 @register
-class CrossNetwork(keras.layers.Layer):
+class CrossNetwork(TrackedCollectionsCheckpoint, keras.layers.Layer):
     """DCN-v2 cross layers: ``x_{l+1} = x_0 ⊙ (x_l W_l + b_l) + x_l``.
 
     ``W_l`` is full rank (``[d, d]``) by default, or the low-rank product ``V_l U_l`` (``[d, r] x [r, d]``)

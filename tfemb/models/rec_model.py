@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb import optimizers as sparse_optimizers
-from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, deserialize, keras, serialize
+from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, dataset_fit_kwargs, deserialize, keras, serialize
 from tfemb.data.schema import Schema
 from tfemb.layers.embedding_scheme import EmbeddingScheme
 from tfemb.layers.fixed_embedding import FixedEmbedding
@@ -77,7 +77,7 @@ class WeightedLossMixin:
                 self.reset_metrics()
 
 
-class RecModel(WeightedLossMixin, keras.Model):
+class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
     """Base class of tfemb's CF and CTR networks.
 
     It owns one ``EmbeddingScheme`` per sparse feature of ``schema`` (categorical, multi-hot, discretised
@@ -251,6 +251,10 @@ class RecModel(WeightedLossMixin, keras.Model):
         if not self.built:
             self.call(self.example_inputs())
         self.built = True
+        if self.embedding_optimizer is not None:
+            # Slots made now, in sparse_variables() order: the order two models of one config share, by which the
+            # slots are checkpointed (and a restore into a fresh model finds them).
+            self.embedding_optimizer.build(self.sparse_variables())
 
     def get_build_config(self):
         # Keras records input shapes only when a model is built through __call__; a model built by build()
@@ -279,7 +283,17 @@ class RecModel(WeightedLossMixin, keras.Model):
         config = getattr(keras, "saving", keras.utils).deserialize_keras_object(config)
         self.compile(**config)
         if self.built and getattr(self, "optimizer", None) is not None and hasattr(self.optimizer, "build"):
-            self.optimizer.build(self.trainable_variables)
+            self.optimizer.build(self.dense_trainable_variables())
+
+    def dense_trainable_variables(self):
+        """The trainable variables the compiled optimizer updates: all of them, or, with an
+        ``embedding_optimizer``, all but ``sparse_variables()``. The compiled optimizer is built with these (on the
+        first step, and by ``compile_from_config``), so a reloaded model's optimizer has the saved one's variables
+        and its state loads (Keras skips, with only a warning, an optimizer state of another length)."""
+        if self.embedding_optimizer is None:
+            return list(self.trainable_variables)
+        sparse_ids = {id(v) for v in self.sparse_variables()}
+        return [v for v in self.trainable_variables if id(v) not in sparse_ids]
 
     # ------------------------------------------------------------------------------------------ training
     def sparse_variables(self):
@@ -334,6 +348,10 @@ class RecModel(WeightedLossMixin, keras.Model):
         dense_pairs = [(g, v) for g, v in pairs if id(v) not in sparse_ids]
         sparse_pairs = [(g, v) for g, v in pairs if id(v) in sparse_ids]
         if dense_pairs:
+            if optimizer is None and IS_KERAS_3 and not self.optimizer.built:
+                # Built with every dense variable, not only those with a gradient in this first step: the
+                # variables compile_from_config builds a reloaded model's optimizer with.
+                self.optimizer.build(self.dense_trainable_variables())
             (optimizer or self.optimizer).apply_gradients(dense_pairs)
         if sparse_pairs:
             sparse.apply(sparse_pairs)

@@ -1,0 +1,245 @@
+"""Saving and reloading tfemb models and layers the ways Keras users do, for every embedding scheme.
+
+For each scheme that ``scheme_factory`` / the recipes offer, inside a representative model (DeepFM for CTR, the CF
+network and MF for CF): ``model.save("x.keras")`` + ``keras.models.load_model`` (no custom_objects), the weights file
+(``.weights.h5`` under Keras 3, the TF checkpoint format under Keras 2) into a freshly built model of the same config,
+``tf.train.Checkpoint``, and the layer's ``get_config`` -> ``from_config`` -> ``set_weights`` round trip; then what a
+user can get wrong (another vocabulary, a truncated file). Runs under Keras 3 and, with TF_USE_LEGACY_KERAS=1,
+Keras 2. Sizes are tiny (vocabularies of 6-20 ids, 4-dim embeddings).
+"""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tfemb._keras import IS_KERAS_3, keras
+from tfemb.data.pipeline import make_dataset
+from tfemb.data.schema import CategoricalFeature, Label, MultiHotFeature, NumericFeature, Schema
+from tfemb.layers import EmbeddingScheme, scheme_factory
+from tfemb.layers.mixed_dimension_embedding import md_field_factory
+from tfemb.models import CFNetwork, DeepFM, MatrixFactorization
+from tfemb.pep import retrain
+from tfemb.tasks import compile_model
+
+D = 4
+ATOL = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+def _frame(n=96, seed=0, users=13, items=19):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "user_id": rng.zipf(1.6, n) % users,
+        "item_id": 100 + rng.zipf(1.4, n) % items,
+        "c1": (rng.zipf(1.5, n) % 9).astype(str),
+        "c2": rng.integers(0, 6, n),
+        "tags": ["|".join(map(str, rng.choice(5, rng.integers(0, 4), replace=False))) for _ in range(n)],
+        "n1": rng.normal(size=n),
+        "click": rng.integers(0, 2, n),
+    })
+
+
+def ctr_schema(df):
+    return Schema([CategoricalFeature("c1"), CategoricalFeature("c2"), MultiHotFeature("tags", max_length=3),
+                   NumericFeature("n1")], Label("click")).fit(df)
+
+
+def cf_schema(df):
+    return Schema([CategoricalFeature("user_id"), CategoricalFeature("item_id")], Label("click")).fit(df)
+
+
+def _deepfm(embeddings, **kwargs):
+    def make(schema):
+        return DeepFM(schema, embeddings=embeddings(schema), embedding_dim=D, dnn_units=(5,), **kwargs)
+    return "ctr", make
+
+
+def _cf(embeddings, dim=D, cls=CFNetwork, **kwargs):
+    def make(schema):
+        if cls is CFNetwork:
+            kwargs.setdefault("hidden_units", (5,))
+        return cls(schema, embeddings=embeddings(schema), embedding_dim=dim, **kwargs)
+    return "cf", make
+
+
+#: case -> (data kind, schema -> unbuilt model). Non-default constructor arguments everywhere, so a config that
+#: drops one shows.
+CASES = {
+    "fixed": _deepfm(lambda s: scheme_factory("fixed", output_dim=D, embeddings_initializer="glorot_uniform")),
+    "hashing": _deepfm(lambda s: scheme_factory("hashing", output_dim=D, compression=2.0, seed=7)),
+    "qr": _deepfm(lambda s: scheme_factory("qr", output_dim=D, compression=2.0, operation="concat")),
+    "double_hashing": _deepfm(lambda s: scheme_factory("double_hashing", output_dim=D, compression=2.0, seed=3,
+                                                       combine="concat", compact_lookup="index"),
+                              embedding_optimizer="adam"),
+    "md_popularity": _deepfm(lambda s: scheme_factory("md", output_dim=D, num_blocks=2, alpha=0.5, lookup="gather",
+                                                      compact_premultiply=False)),
+    "md_field": _deepfm(lambda s: md_field_factory(s, D, alpha=0.5), embedding_optimizer="rowwise_adagrad"),
+    "pep": _deepfm(lambda s: scheme_factory("pep", output_dim=D, threshold_init=-2.0, g_scale=2.0,
+                                            keep_initial=True)),
+    "pep_retrain": _deepfm(lambda s: scheme_factory("pep", output_dim=D, threshold_init=-2.0, g_scale=2.0,
+                                                    keep_initial=True)),
+    "autoemb": _cf(lambda s: scheme_factory("autoemb", output_dim=D, candidate_dims=(2, 4), controller_units=5)),
+    "autoemb_darts": _cf(lambda s: scheme_factory("autoemb", output_dim=D, candidate_dims=(2, 4), selection="darts")),
+    "esapn": _cf(lambda s: scheme_factory("esapn", output_dim=5, candidate_dims=(2, 3, 5), history_length=3),
+                 dim=5),
+    "mf_qr": _cf(lambda s: scheme_factory("qr", output_dim=D, num_buckets=4, operation="add"),
+                 cls=MatrixFactorization),
+}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return _frame()
+
+
+def make_case(case, df, compiled=True):
+    """A built model of ``case`` on ``df``, its encoded inputs and labels; PEP after its search (thresholds no
+    longer at their init), ``pep_retrain`` the lottery-ticket model of a mask of that search."""
+    kind, make = CASES[case]
+    schema = ctr_schema(df) if kind == "ctr" else cf_schema(df)
+    x, y = schema.transform(df)
+    model = make(schema)
+    model.build()
+    if case == "pep_retrain":
+        masks = {name: np.random.default_rng(i).random((layer.vocabulary_size, D)) < 0.5
+                 for i, (name, layer) in enumerate(model.embedding_layers.items())}
+        model = retrain(model, masks, mode="random", seed=1)
+    if compiled:
+        compile_model(model, optimizer="adam", learning_rate=0.05)
+    return model, x, y
+
+
+def inputs_of(x):
+    return {k: tf.constant(v) for k, v in x.items()}
+
+
+def predict(model, x):
+    return np.asarray(model(inputs_of(x), training=False))
+
+
+def fit_once(model, x, y):
+    return model.fit(make_dataset(x, y, batch_size=48), epochs=1, verbose=0).history["loss"]
+
+
+def sizes(model):
+    """What the size reports say of each scheme."""
+    return {name: (layer.parameter_count(), layer.storage_bytes(), np.asarray(layer.dims_per_id()).tolist())
+            for name, layer in model.embedding_layers.items()}
+
+
+def weights_by_name(model):
+    return {w.path if IS_KERAS_3 else w.name: np.asarray(w) for w in model.weights}
+
+
+def assert_same_weights(a, b):
+    wa, wb = [np.asarray(w) for w in a.weights], [np.asarray(w) for w in b.weights]
+    assert len(wa) == len(wb)
+    for i, (u, v) in enumerate(zip(wa, wb)):
+        np.testing.assert_array_equal(u, v, err_msg=f"weight {i}: {a.weights[i].name}")
+
+
+def fresh_copy(model):
+    """A freshly built model of the same config (new weights)."""
+    clone = type(model).from_config(model.get_config())
+    clone.build()
+    return clone
+
+
+@pytest.fixture(scope="module")
+def trained(frame):
+    """Every case trained for one epoch (cached per case)."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            model, x, y = make_case(case, frame)
+            fit_once(model, x, y)
+            cache[case] = (model, x, y)
+        return cache[case]
+    return get
+
+
+# ----------------------------------------------------------------------------------------------- .keras files
+@pytest.mark.parametrize("case", list(CASES))
+def test_keras_file_round_trip(case, trained, tmp_path):
+    model, x, y = trained(case)
+    path = str(tmp_path / f"{case}.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert type(reloaded) is type(model)
+    np.testing.assert_allclose(predict(reloaded, x), predict(model, x), rtol=0, atol=ATOL)
+    assert sizes(reloaded) == sizes(model)
+    assert_same_weights(reloaded, model)
+    for name, layer in model.embedding_layers.items():
+        assert reloaded.embedding_layers[name].get_config() == layer.get_config(), name
+    # Compiled with the optimizer's state: training resumes from the same step.
+    assert int(reloaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) > 0
+    if IS_KERAS_3:
+        for a, b in zip(reloaded.optimizer.variables, model.optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    assert np.isfinite(fit_once(reloaded, x, y)).all()
+
+
+# ------------------------------------------------------------------------------------ weights and checkpoints
+def weights_path(tmp_path, name):
+    """Keras 3 writes ``.weights.h5``; Keras 2's default (any other name) is the TF checkpoint format."""
+    return str(tmp_path / (f"{name}.weights.h5" if IS_KERAS_3 else f"{name}_ckpt"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_weights_file_into_a_fresh_model(case, trained, tmp_path):
+    model, x, y = trained(case)
+    path = weights_path(tmp_path, case)
+    model.save_weights(path)
+    fresh = fresh_copy(model)
+    assert not np.allclose(predict(fresh, x), predict(model, x), atol=ATOL)
+    fresh.load_weights(path)
+    assert_same_weights(fresh, model)
+    np.testing.assert_allclose(predict(fresh, x), predict(model, x), rtol=0, atol=ATOL)
+    assert sizes(fresh) == sizes(model)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tf_train_checkpoint(case, trained, tmp_path):
+    model, x, y = trained(case)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    # Into a model that is not compiled: every weight (tables, dense tower, per-id state) is in the checkpoint.
+    plain = fresh_copy(model)
+    tf.train.Checkpoint(model=plain).restore(path).expect_partial()
+    assert_same_weights(plain, model)
+    # Into a compiled one: the optimizers' state too.
+    fresh = fresh_copy(model)
+    compile_model(fresh, optimizer="adam", learning_rate=0.05)
+    fresh.optimizer.build(fresh.dense_trainable_variables())
+    status = tf.train.Checkpoint(model=fresh).restore(path)
+    status.assert_existing_objects_matched()
+    assert_same_weights(fresh, model)
+    # The compiled optimizer's state comes back with the model (Keras tracks it as an attribute of the model).
+    assert int(fresh.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) > 0
+    if model.embedding_optimizer is not None:  # the row-sparse optimizer's slots too
+        for a, b in zip(fresh.embedding_optimizer.variables, model.embedding_optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(predict(fresh, x), predict(model, x), rtol=0, atol=ATOL)
+    assert sizes(fresh) == sizes(model)
+
+
+# ------------------------------------------------------------------------------------------ layer configs
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_config_round_trip(case, trained):
+    model, x, _ = trained(case)
+    for name, layer in model.embedding_layers.items():
+        config = layer.get_config()
+        clone = type(layer).from_config(config)
+        assert clone.get_config() == config, name
+        ids = tf.constant(x[name])
+        clone(ids)  # builds
+        clone.set_weights(layer.get_weights())
+        np.testing.assert_allclose(np.asarray(clone(ids)), np.asarray(layer(ids)), rtol=0, atol=ATOL, err_msg=name)
+        assert (clone.parameter_count(), clone.storage_bytes()) == (layer.parameter_count(), layer.storage_bytes())
+        np.testing.assert_array_equal(clone.dims_per_id(), layer.dims_per_id())
+        # Through Keras' own serialisation too (what a model config holds).
+        again = keras.layers.deserialize(keras.layers.serialize(layer))
+        assert type(again) is type(layer) and again.get_config() == config
