@@ -28,6 +28,7 @@ import _benchcli  # noqa: E402
 #: Script name -> whether it has ``--quick``. In the order they run: the short ones first.
 BENCHMARKS = {
     "real_data": False,
+    "dhe": True,
     "serving_latency": True,
     "streaming": True,
     "throughput": True,
