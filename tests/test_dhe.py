@@ -230,3 +230,35 @@ def test_the_dhe_benchmark_spec_is_a_valid_compare_spec():
     spec = yaml.safe_load(path.read_text())
     compare.check_spec(spec, where=str(path))
     assert {v["embedding"]["scheme"] for v in spec["variants"]} == {"fixed", "hashing", "dhe"}
+
+
+def test_table_dtype_stores_the_other_schemes_tables_and_keeps_dhe_float32(tmp_path):
+    from tfemb.data import CategoricalFeature, Label, Schema
+    from tfemb.export import ExportError, export_saved_model, load_export
+    from tfemb.models import DeepFM
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"u": rng.integers(0, 40, 400), "i": rng.integers(0, 3000, 400)})
+    df["click"] = (df["u"] % 2).astype(int)
+    schema = Schema([CategoricalFeature("u"), CategoricalFeature("i")], Label("click")).fit(df)
+    x, _ = schema.transform(df)
+    # Items get a DHE network, users (too few ids for one) a hashing table: int8 stores the hashing table only.
+    mixed = DeepFM(schema, embeddings=scheme_factory("dhe", output_dim=8, compression=2.0, num_hashes=16,
+                                                     num_hidden_layers=1, min_width=8, fallback="hashing"),
+                   embedding_dim=8, dnn_units=(8,))
+    mixed.build()
+    assert [type(mixed.embedding_layers[n]).__name__ for n in ("u", "i")] == ["HashingEmbedding", "DeepHashEmbedding"]
+    path = export_saved_model(mixed, tmp_path / "mixed", table_dtype="int8")
+    loaded = load_export(path)
+    dtypes = {row["feature"]: {t["dtype"] for t in loaded.report["tables"] if t["feature"] == row["feature"]}
+              for row in loaded.report["features"]}
+    assert "int8" in dtypes["u"] and dtypes["i"] == {"float32"}
+    expected = mixed(x, training=False).numpy()
+    assert np.max(np.abs(loaded.predict_encoded(x)["probability"] - expected)) < 0.02
+    # A model whose every scheme is DHE has no table to store: refused, naming the schemes.
+    only = DeepFM(schema, embeddings=scheme_factory("dhe", output_dim=8, num_hashes=16, hidden_units=[8]),
+                  embedding_dim=8, dnn_units=(8,))
+    only.build()
+    with pytest.raises(ExportError, match=r"none of DeepFM's schemes \(DeepHashEmbedding\) has one"):
+        export_saved_model(only, tmp_path / "only", table_dtype="float16")
+    assert not (tmp_path / "only").exists()

@@ -423,14 +423,21 @@ class ExportModule(tf.Module):
         for name in model.embedding_names:
             layer = compact_layer(model.embedding_layers[name], self.optimize_for)
             gathered[name] = quantize.gathered_tables(layer)
-            if self.table_dtype and not gathered[name]:
+            # A scheme that stores no id-indexed table (DHE: a network) keeps float32 weights under table_dtype.
+            if self.table_dtype and not gathered[name] and layer.sparse_tables():
                 raise ExportError(
                     f"feature {name!r}: {type(layer).__name__} reads no table through EmbeddingScheme.gather_rows, "
                     f"so table_dtype={self.table_dtype!r} cannot apply to it; its lookup must gather its tables with "
                     "self.gather_rows(table, rows) (export it with table_dtype=None meanwhile)"
                 )
-            quantized[name] = quantize.quantize_scheme(layer, self.table_dtype, gathered[name])
+            quantized[name] = quantize.quantize_scheme(layer, self.table_dtype if gathered[name] else None,
+                                                       gathered[name])
             compact[name] = layer
+        if self.table_dtype and not any(gathered.values()):
+            schemes = sorted({type(model.embedding_layers[n]).__name__ for n in model.embedding_names})
+            raise ExportError(
+                f"table_dtype={self.table_dtype!r} stores the embedding schemes' tables, and none of "
+                f"{type(model).__name__}'s schemes ({', '.join(schemes)}) has one: export it with table_dtype=None")
         self.encoder = RawFeatureEncoder(model.schema, names)
         parts = _Parts(model=model, compact=compact, gathered=gathered, quantized=quantized, task=model.task,
                        spec=spec, view=_CompactView(model, compact))
