@@ -47,7 +47,7 @@ def test_compare_writes_table_plot_and_json(tmp_path):
 
 def test_default_compare_covers_every_baseline_scheme():
     schemes = {v["embedding"]["scheme"] for v in compare.DEFAULT_COMPARE["variants"]}
-    assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep"} <= schemes
+    assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep", "dhe"} <= schemes
     assert {"fse", "darts", "sam", "autoemb", "esapn"} <= set(compare.DEFAULT_COMPARE["streaming"]["methods"])
 
 

@@ -30,6 +30,11 @@ DEFAULT_COMPARE = {
         {"name": "md per-field α=0.3 4x",
          "embedding": {"scheme": "md", "params": {"compression": 4, "alpha": 0.3, "blocking": "field"}}},
         {"name": "md α=0.3 4x", "embedding": {"scheme": "md", "params": {"compression": 4, "alpha": 0.3}}},
+        # DHE: no tables, a network per field sized to the budget; fields whose budget cannot hold hidden layers of
+        # 16 units (the five smallest here) keep a hashing table at the same compression.
+        {"name": "dhe 4x (k=256, 2 layers)",
+         "embedding": {"scheme": "dhe", "params": {"compression": 4, "num_hashes": 256, "num_hidden_layers": 2,
+                                                   "min_width": 16, "fallback": "hashing"}}},
         # PEP: a search with a snapshot at 1/4 of the fixed parameters, then its lottery ticket retrained (the row
         # reports the retrained model; train s = search + retrain). Settings: benchmarks/README.md, "PEP evidence".
         {"name": "pep 4x (search+retrain)",

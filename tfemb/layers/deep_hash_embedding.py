@@ -106,7 +106,7 @@ class DeepHashEmbedding(EmbeddingScheme):
     with one prime ``2**31 - 1`` for all ``k`` hashes (the paper: universal hashing, a prime ``p > m``); the dense
     layers start from Glorot-uniform kernels (Keras' ``Dense`` default; the paper does not give its initialiser);
     ids are the Schema's encoded ids (0 = out of vocabulary), so values unseen at training share id 0 rather than
-    getting their own encoding as raw DHE inputs could; DHE with side features (the paper's §4.5) is not
+    getting their own encoding as raw DHE inputs could; DHE with side features (the paper's variant with the id's attributes) is not
     implemented.
 
     Args:
