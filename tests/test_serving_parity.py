@@ -194,6 +194,7 @@ def test_tfemb_serve_names_the_model_it_waits_for_and_opens_its_ports_when_it_co
     """The command as a compose service runs it: the log names the missing model, the ports stay closed (the
     healthcheck fails) until its version is there, then both models answer."""
     save_toy(str(tmp_path / "ready"), 1, 1.0)
+    (tmp_path / "late").mkdir()
     (tmp_path / "models.config").write_text(TWO_MODELS)
     rest_port = _free_port()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")
@@ -206,7 +207,7 @@ def test_tfemb_serve_names_the_model_it_waits_for_and_opens_its_ports_when_it_co
         threading.Thread(target=lambda st=stream, ls=lines: ls.extend(iter(st.readline, "")), daemon=True).start()
 
     def wait_for(lines, text):
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None and not any(text in line for line in lines):
             time.sleep(0.05)
         return any(text in line for line in lines)
