@@ -96,6 +96,10 @@ SCHEMES = {
     "pep 25% (retrained, slots)": ("pep", {}, None),
     "pep 25% (retrained, all packed)": ("pep", {}, None),
     "pep 25% (retrained, slots, all packed)": ("pep", {}, None),
+    # DHE as the main job has it: the fields whose budget holds hidden layers of 16 units get a network of 256
+    # hashes and two hidden layers, the others a hashing table at the same compression.
+    "dhe 4x": ("dhe", {"compression": COMPRESSION, "num_hashes": 256, "num_hidden_layers": 2, "min_width": 16,
+                       "fallback": "hashing"}, None),
 }
 
 #: Export options of a variant that shares its trained model with another: ``optimize_for`` (the argument of
