@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 from tfemb._keras import keras  # noqa: E402
 from tfemb.layers import (  # noqa: E402
-    DoubleHashingEmbedding, FixedEmbedding, HashingEmbedding, PEPEmbedding, QREmbedding,
+    DeepHashEmbedding, DoubleHashingEmbedding, FixedEmbedding, HashingEmbedding, PEPEmbedding, QREmbedding,
 )
 
 V = 23
@@ -38,6 +38,8 @@ SCHEMES = [
     # PEP search: V and s in one variable (the default) and in two; both halves must train.
     (PEPEmbedding, {"output_dim": 6, "threshold_init": -3.0}),
     (PEPEmbedding, {"output_dim": 6, "threshold_init": -3.0, "fused": False, "combiner": "mean"}),
+    # DHE: no table; its network (and each replica's batch norm) trains.
+    (DeepHashEmbedding, {"output_dim": 5, "num_hashes": 16, "hidden_units": [8, 8], "combiner": "mean"}),
 ]
 
 
@@ -72,10 +74,11 @@ def test_scheme_trains_under_mirrored_strategy(strategy, layer_cls, kwargs):
         outputs = keras.layers.Dense(1)(keras.layers.Flatten()(layer(inputs)))
         model = keras.Model(inputs, outputs)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), loss="mse")
-    before = [np.array(w.numpy()) for w in layer.sparse_tables()]
+    trained = layer.sparse_tables() or layer.trainable_weights  # a table-free scheme: its network
+    before = [np.array(w.numpy()) for w in trained]
     history = model.fit(ids, targets, batch_size=8, epochs=1, verbose=0)  # 2 steps of 2 x 4 examples
     assert np.all(np.isfinite(history.history["loss"])), history.history
-    after = [np.array(w.numpy()) for w in layer.sparse_tables()]
+    after = [np.array(w.numpy()) for w in trained]
     assert all(not np.allclose(b, a) for b, a in zip(before, after)), "an embedding table did not train"
     if isinstance(layer, PEPEmbedding):  # the thresholds train too (one variable: its second column block)
         threshold = np.asarray(layer.threshold)
