@@ -243,3 +243,38 @@ def test_layer_config_round_trip(case, trained):
         # Through Keras' own serialisation too (what a model config holds).
         again = keras.layers.deserialize(keras.layers.serialize(layer))
         assert type(again) is type(layer) and again.get_config() == config
+
+
+# ------------------------------------------------------------------------------------------ what goes wrong
+def _other_vocabulary(case):
+    """A model of ``case`` fitted on other rows: some features have another vocabulary size."""
+    other_df = _frame(n=12, seed=5) if CASES[case][0] == "ctr" else _frame(seed=5, users=7, items=9)
+    other, _, _ = make_case(case, other_df, compiled=False)
+    return other
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_weights_of_another_vocabulary_fail_naming_the_layer_and_shapes(case, trained, tmp_path):
+    model, _, _ = trained(case)
+    other = _other_vocabulary(case)
+    differ = [n for n, layer in model.embedding_layers.items()
+              if other.embedding_layers[n].vocabulary_size != layer.vocabulary_size]
+    assert differ
+    files = [weights_path(tmp_path, case)]
+    model.save_weights(files[0])
+    if IS_KERAS_3:  # Keras 3 also loads the weights of a .keras file
+        files.append(str(tmp_path / f"{case}.keras"))
+        model.save(files[1])
+    for path in files:
+        with pytest.raises(ValueError) as error:
+            other.load_weights(path)
+        message = str(error.value)
+        # The layer (not a "received 0 variables" from Keras 3's retry under the model's other path), the
+        # variable's shapes and, from tfemb's own check, the vocabulary.
+        assert "shape" in message and "received 0 variables" not in message, message
+        if IS_KERAS_3:  # (Keras 2's TF-format error names the variable, without its layer when built by build())
+            assert any(f"{n}_embedding" in message for n in differ), message
+            assert "vocabulary_size=" in message, message
+    checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="incompatible tensor with shape"):
+        tf.train.Checkpoint(model=other).restore(checkpoint)

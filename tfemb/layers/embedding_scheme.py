@@ -249,6 +249,47 @@ class EmbeddingScheme(TrackedCollectionsCheckpoint, keras.layers.Layer):
         return self.frequencies
 
     # ------------------------------------------------------------------------------------------ serialisation
+    def load_own_variables(self, store):
+        """``.keras`` / ``.weights.h5`` loading. Weights saved from a layer of another vocabulary (or other sizes)
+        fail with an error naming this layer, the variable and both shapes (``_load_variables``).
+
+        Keras 3 loads a layer once per path the model holds it under (a RecModel's ``embedding_layers`` and
+        ``embedding_list``) and, when the first fails, retries under the next, where nothing is stored: that
+        retry re-raises the first error instead of an uninformative "received 0 variables"."""
+        previous = self.__dict__.get("_load_error")
+        if len(store.keys()) == 0 and previous is not None:
+            raise previous
+        try:
+            self._load_variables(store)
+        except (ValueError, KeyError) as error:
+            object.__setattr__(self, "_load_error", error)
+            raise
+        object.__setattr__(self, "_load_error", None)
+
+    def _own_variables(self):
+        """This layer's variables in the order Keras saves them (``save_own_variables``)."""
+        if IS_KERAS_3:
+            return list(self._trainable_variables) + list(self._non_trainable_variables)
+        return list(self._trainable_weights) + list(self._non_trainable_weights)
+
+    def _load_variables(self, store):
+        """Loads the stored variables after checking their shapes against this layer's. Subclasses with another
+        stored layout override it."""
+        own = self._own_variables()
+        if len(store.keys()) == len(own):
+            for i, variable in enumerate(own):
+                saved = tuple(int(n) for n in store[str(i)].shape)
+                if saved != tuple(variable.shape):
+                    name = getattr(variable, "path", variable.name).split("/")[-1].split(":")[0]
+                    raise ValueError(
+                        f"{self.name}: the saved weights do not fit this {type(self).__name__} (vocabulary_size="
+                        f"{self.vocabulary_size}, output_dim={self.output_dim}): {name!r} was saved with shape "
+                        f"{saved}, this layer's is {tuple(variable.shape)}. They come from a layer of another "
+                        "vocabulary or size; build the model from the saved one's config (keras.models.load_model, "
+                        "or from_config with the same Schema)"
+                    )
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -285,16 +285,11 @@ class ESAPNEmbedding(EmbeddingScheme):
         counts = self._initial_counts()
         return lambda shape, dtype=None: tf.constant(counts, tf.int64)
 
-    def load_own_variables(self, store):
+    def _load_variables(self, store):
         """``.keras`` / ``.weights.h5`` loading: a file from a different candidate set (or T) fails with an error
         naming both, before any variable is assigned."""
         mine = 3 * self.num_candidates - 2 + len(STATE_VARIABLES)
         total = len(store.keys())
-        previous = self.__dict__.get("_load_error")
-        if total == 0 and previous is not None:
-            # Keras 3 retries a layer that failed under another path of the model (here: ``embedding_list`` after
-            # ``embedding_layers``), where nothing is stored; keep the first, informative error.
-            raise previous
         groups, rest = divmod(total - len(STATE_VARIABLES) + 2, 3)
         saved = saved_t = None
         if rest == 0 and groups >= 1:
@@ -302,16 +297,11 @@ class ESAPNEmbedding(EmbeddingScheme):
             history = np.asarray(store[str(3 * groups - 2 + STATE_VARIABLES.index("loss_history"))])
             if record.ndim == 1 and record.shape[0] == groups and history.ndim == 2:
                 saved, saved_t = tuple(int(d) for d in record), int(history.shape[1])
-        try:
-            if saved is None:
-                raise ValueError(f"{self.name}: the saved weights do not come from an ESAPNEmbedding: {total} "
-                                 f"variables, this layer has {mine}")
-            check_restored_candidates(self.name, self.candidate_dims, saved, self.history_length, saved_t)
-        except ValueError as error:
-            object.__setattr__(self, "_load_error", error)
-            raise
-        object.__setattr__(self, "_load_error", None)
-        super().load_own_variables(store)
+        if saved is None:
+            raise ValueError(f"{self.name}: the saved weights do not come from an ESAPNEmbedding: {total} "
+                             f"variables, this layer has {mine}")
+        check_restored_candidates(self.name, self.candidate_dims, saved, self.history_length, saved_t)
+        super()._load_variables(store)
 
     # ----------------------------------------------------------------------------------------------- forward
     def call(self, ids, training=None):

@@ -454,12 +454,12 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         return [None if s < 0 else tf.reshape(flat[s:s + d * d0], (d, d0))
                 for s, d in zip(self._layout.projection_offsets, self.block_dims)]
 
-    def load_own_variables(self, store):
+    def _load_variables(self, store):
         """Loads ``.keras`` weights: this layout (one flat buffer), or the per-block variables of tfemb <= 0.x
         (``embeddings_i`` and ``projection_i`` for each block, then ``id_ranks``), converted."""
         first = store["0"]
         if tuple(int(n) for n in first.shape) == self._buffer_shape():
-            return super().load_own_variables(store)
+            return super()._load_variables(store)
         if len(first.shape) == 1 and int(first.shape[0]) == self._layout.size:  # the flat layout of row width 1
             self.flat_parameters.assign(np.asarray(first).reshape(self._buffer_shape()))
             if self.id_ranks is not None:
@@ -468,11 +468,23 @@ class MixedDimensionEmbedding(EmbeddingScheme):
         values = [np.asarray(store[str(i)]) for i in range(len(store.keys()))]
         legacy = self.num_blocks + sum(self._projected(i) for i in range(self.num_blocks)) + (
             self.permutation is not None)
-        if len(values) != legacy:
+        expected = []  # the earlier layout: each block's table, its projection when d_i < d0, then id_ranks
+        for i in range(self.num_blocks):
+            expected.append((self.block_sizes[i], self.block_dims[i]))
+            if self._projected(i):
+                expected.append((self.block_dims[i], self.output_dim))
+        if self.permutation is not None:
+            expected.append((self.vocabulary_size,))
+        if [tuple(v.shape) for v in values] != expected:
             raise ValueError(
-                f"{self.name}: expected {1 + (self.permutation is not None)} variables (flat_parameters"
-                f"{', id_ranks' if self.permutation is not None else ''}) or the {legacy} per-block variables of "
-                f"the earlier layout. Received: {len(values)} variables of shapes {[v.shape for v in values]}"
+                f"{self.name}: the saved weights do not fit this MixedDimensionEmbedding (vocabulary_size="
+                f"{self.vocabulary_size}, block_sizes={md_dims._short(self.block_sizes)}, block_dims="
+                f"{md_dims._short(self.block_dims)}): expected {1 + (self.permutation is not None)} variables "
+                f"(flat_parameters{', id_ranks' if self.permutation is not None else ''}; flat_parameters of "
+                f"shape {self._buffer_shape()}) or the {legacy} per-block variables of "
+                f"the earlier layout. Received: {len(values)} variables of shapes {[v.shape for v in values]}. "
+                "They come from a layer of another vocabulary or blocking; build the model from the saved one's "
+                "config (keras.models.load_model, or from_config with the same Schema)"
             )
         tables, projections, k = [], [], 0
         for i in range(self.num_blocks):
