@@ -251,6 +251,23 @@ def test_cross_network_matches_numpy():
         assert clone.get_config() == layer.get_config()
 
 
+def test_mlp_and_cross_layers_start_from_different_kernels():
+    # One unseeded initializer instance returns the same values at every call of a shape (Keras 2 warns, Keras 3
+    # does not): layers that share it started with equal kernels.
+    mlp = blocks.MLP((6, 6, 6))
+    mlp(tf.zeros((2, 6)))
+    cross = CrossNetwork(num_layers=3)
+    cross(tf.zeros((2, 6)))
+    for kernels in ([d.kernel.numpy() for d in mlp.dense_layers], [k.numpy() for k in cross.kernels]):
+        for i in range(1, len(kernels)):
+            assert not np.array_equal(kernels[0], kernels[i])
+    seeded = blocks.MLP((6, 6), kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    seeded(tf.zeros((2, 6)))
+    again = blocks.MLP((6, 6), kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    again(tf.zeros((2, 6)))
+    np.testing.assert_array_equal(seeded.dense_layers[0].kernel.numpy(), again.dense_layers[0].kernel.numpy())
+
+
 def test_dlrm_dot_interaction_matches_numpy(df):
     model, x, _ = make_model("dlrm", df)
     model.build()

@@ -45,6 +45,15 @@ def _l2_regularizer(l2):
     return keras.regularizers.L2(l2) if l2 else None
 
 
+def _fresh(initializer):
+    """A new instance of ``initializer`` for one more variable: an unseeded Keras initializer instance returns the
+    same values at every call of a shape (Keras 2 warns, Keras 3 does not), so layers sharing it would start equal.
+    A seeded one stays as reproducible as before; a plain function is returned as is."""
+    if not hasattr(initializer, "get_config"):
+        return initializer
+    return initializer.__class__.from_config(initializer.get_config())
+
+
 # ------------------------------------------------------------------------------------ weightless interactions
 def stack_fields(embedded, names):
     """``{feature: [batch, dim]}`` -> ``[batch, fields, dim]`` in the order of ``names``."""
@@ -171,7 +180,7 @@ class MLP(TrackedCollectionsCheckpoint, keras.layers.Layer):
         self.dropout_layers = []
         for i, width in enumerate(self.units):
             self.dense_layers.append(keras.layers.Dense(
-                width, use_bias=not self.batch_norm, kernel_initializer=self.kernel_initializer,
+                width, use_bias=not self.batch_norm, kernel_initializer=_fresh(self.kernel_initializer),
                 kernel_regularizer=_l2_regularizer(self.l2), name=f"dense_{i}",
             ))
             if self.batch_norm:
@@ -345,12 +354,12 @@ class CrossNetwork(TrackedCollectionsCheckpoint, keras.layers.Layer):
         for i in range(self.num_layers):
             if self.low_rank is None:
                 self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(dim, dim),
-                                                    initializer=self.kernel_initializer, regularizer=reg))
+                                                    initializer=_fresh(self.kernel_initializer), regularizer=reg))
             else:
                 self.projections.append(self.add_weight(name=f"kernel_v_{i}", shape=(dim, self.low_rank),
-                                                        initializer=self.kernel_initializer, regularizer=reg))
+                                                        initializer=_fresh(self.kernel_initializer), regularizer=reg))
                 self.kernels.append(self.add_weight(name=f"kernel_u_{i}", shape=(self.low_rank, dim),
-                                                    initializer=self.kernel_initializer, regularizer=reg))
+                                                    initializer=_fresh(self.kernel_initializer), regularizer=reg))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(dim,), initializer="zeros"))
         self.built = True
 
