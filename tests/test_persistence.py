@@ -85,6 +85,7 @@ CASES = {
     "autoemb_darts": _cf(lambda s: scheme_factory("autoemb", output_dim=D, candidate_dims=(2, 4), selection="darts")),
     "esapn": _cf(lambda s: scheme_factory("esapn", output_dim=5, candidate_dims=(2, 3, 5), history_length=3),
                  dim=5),
+    "fixed_cf": _cf(lambda s: None),
     "mf_qr": _cf(lambda s: scheme_factory("qr", output_dim=D, num_buckets=4, operation="add"),
                  cls=MatrixFactorization),
 }
@@ -278,3 +279,35 @@ def test_weights_of_another_vocabulary_fail_naming_the_layer_and_shapes(case, tr
     checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="incompatible tensor with shape"):
         tf.train.Checkpoint(model=other).restore(checkpoint)
+
+
+SAVE_UNDER_OTHER_KERAS = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_persistence as T
+model, x, y = T.make_case("fixed_cf", T._frame())
+T.fit_once(model, x, y)
+model.save({path!r})
+"""
+
+
+def test_keras_file_of_the_other_keras_fails_naming_the_version(tmp_path):
+    """A ``.keras`` file written under the other Keras: Keras 3 cannot rebuild under Keras 2 what Keras 3 wrote,
+    and Keras 2 files loaded under Keras 3 would put each table into another feature (the two order the layers
+    of the weights file differently: Keras 2 by feature name, here item_id before user_id). Both are refused
+    with an error naming the version, the layer and the way out."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "other.keras")
+    env = dict(os.environ)
+    if IS_KERAS_3:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    else:
+        env.pop("TF_USE_LEGACY_KERAS", None)
+    script = SAVE_UNDER_OTHER_KERAS.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True)
+    other = "Keras 2 \\(tf-keras\\)" if IS_KERAS_3 else "Keras 3"
+    with pytest.raises(ValueError, match=f"CFNetwork 'cf_network' was saved by {other}: its layer "
+                                         "'(user|item)_id_embedding' has .*Load the file under Keras"):
+        keras.models.load_model(path)

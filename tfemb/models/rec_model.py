@@ -14,6 +14,36 @@ def _output_activation(task):
     return {"binary": "sigmoid", "multiclass": "softmax", "regression": None}[task]
 
 
+def _keras3_dtype_policy(config, layer=None):
+    """``(layer name, policy name)`` of the first Keras 3 dtype policy (a serialised ``DTypePolicy``) in a layer
+    config tree, or None: the mark of a config written by Keras 3, which Keras 2 cannot deserialise."""
+    if isinstance(config, dict):
+        dtype = config.get("dtype")
+        if isinstance(dtype, dict) and "DTypePolicy" in str(dtype.get("class_name", "")):
+            return layer or config.get("name"), (dtype.get("config") or {}).get("name", dtype.get("class_name"))
+        name = config.get("name") if isinstance(config.get("name"), str) else layer
+        for value in config.values():
+            found = _keras3_dtype_policy(value, name)
+            if found is not None:
+                return found
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            found = _keras3_dtype_policy(value, layer)
+            if found is not None:
+                return found
+    return None
+
+
+def _keras2_dtype(embeddings):
+    """``(layer name, dtype)`` when every serialised scheme in ``embeddings`` has a plain string dtype, as Keras 2
+    writes it (Keras 3 writes a serialised ``DTypePolicy``), else None."""
+    configs = [spec.get("config") for spec in (embeddings or {}).values() if isinstance(spec, dict)]
+    configs = [c for c in configs if isinstance(c, dict) and "dtype" in c]
+    if configs and all(isinstance(c["dtype"], str) for c in configs):
+        return configs[0].get("name"), configs[0]["dtype"]
+    return None
+
+
 class WeightedLossMixin:
     """``compute_loss`` that gives per-example losses for ``[batch]`` outputs (binary and regression models).
 
@@ -395,6 +425,28 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        if IS_KERAS_3:
+            found = _keras2_dtype(config.get("embeddings"))
+            if found is not None:
+                layer, dtype = found
+                raise ValueError(
+                    f"{cls.__name__} {config.get('name')!r} was saved by Keras 2 (tf-keras): its layer {layer!r} has "
+                    f"dtype={dtype!r}, a string, where Keras 3 (the Keras of this process) writes a DTypePolicy. The "
+                    "two Kerases order a model's layers differently in the weights file (Keras 2 by feature name), "
+                    "so the tables would load into the wrong features. Load the file under Keras 2 "
+                    "(TF_USE_LEGACY_KERAS=1), or export the model there (tfemb export / "
+                    "tfemb.export.export_saved_model): a SavedModel loads under both"
+                )
+        else:
+            found = _keras3_dtype_policy(config.get("embeddings"))
+            if found is not None:
+                layer, policy = found
+                raise ValueError(
+                    f"{cls.__name__} {config.get('name')!r} was saved by Keras 3: its layer {layer!r} has the Keras 3 "
+                    f"dtype policy {policy!r}, which Keras 2 (tf-keras, TF_USE_LEGACY_KERAS=1, the Keras of this "
+                    "process) cannot rebuild. Load the file under Keras 3 (without TF_USE_LEGACY_KERAS), or export "
+                    "the model there (tfemb export / tfemb.export.export_saved_model): a SavedModel loads under both"
+                )
         return cls(**config)
 
     def example_inputs(self, batch_size=2):
