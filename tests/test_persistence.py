@@ -311,3 +311,28 @@ def test_keras_file_of_the_other_keras_fails_naming_the_version(tmp_path):
     with pytest.raises(ValueError, match=f"CFNetwork 'cf_network' was saved by {other}: its layer "
                                          "'(user|item)_id_embedding' has .*Load the file under Keras"):
         keras.models.load_model(path)
+
+
+@pytest.mark.parametrize("case", ["fixed", "md_field", "pep_retrain", "esapn"])
+def test_mixed_float16_model_reloads_under_the_default_policy(case, frame, tmp_path):
+    """A model built under mixed_float16 keeps that policy through its config and a ``.keras`` file, whatever the
+    global policy of the process that reloads it: before, its dense layers rebuilt float32 beside float16
+    schemes, and load_model failed ("AddN ... expected to be a half tensor")."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, x, y = make_case(case, frame)
+        fit_once(model, x, y)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for name, layer in model.embedding_layers.items():
+        clone = type(layer).from_config(layer.get_config())
+        assert clone.compute_dtype == "float16" and clone.variable_dtype == "float32", name
+    path = str(tmp_path / "mixed.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert reloaded.dtype_policy.name == "mixed_float16"
+    assert {layer.compute_dtype for layer in reloaded.embedding_layers.values()} == {"float16"}
+    np.testing.assert_allclose(predict(reloaded, x), predict(model, x), rtol=0, atol=ATOL)
+    clone = type(model).from_config(model.get_config())
+    assert clone.dtype_policy.name == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "float32"

@@ -35,12 +35,17 @@ def _keras3_dtype_policy(config, layer=None):
 
 
 def _keras2_dtype(embeddings):
-    """``(layer name, dtype)`` when every serialised scheme in ``embeddings`` has a plain string dtype, as Keras 2
-    writes it (Keras 3 writes a serialised ``DTypePolicy``), else None."""
+    """``(layer name, dtype)`` when every serialised scheme in ``embeddings`` has its dtype as Keras 2 writes it (a
+    string, or a ``Policy`` under mixed precision; Keras 3 writes a serialised ``DTypePolicy``), else None."""
     configs = [spec.get("config") for spec in (embeddings or {}).values() if isinstance(spec, dict)]
     configs = [c for c in configs if isinstance(c, dict) and "dtype" in c]
-    if configs and all(isinstance(c["dtype"], str) for c in configs):
-        return configs[0].get("name"), configs[0]["dtype"]
+
+    def keras2(dtype):
+        return isinstance(dtype, str) or (isinstance(dtype, dict) and dtype.get("class_name") == "Policy")
+
+    if configs and all(keras2(c["dtype"]) for c in configs):
+        dtype = configs[0]["dtype"]
+        return configs[0].get("name"), dtype if isinstance(dtype, str) else (dtype.get("config") or {}).get("name")
     return None
 
 
@@ -420,6 +425,9 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             "embedding_optimizer": None if self.embedding_optimizer is None else self.embedding_optimizer.get_config(),
             "embedding_learning_rate": self._embedding_lr,
             "num_classes": self.num_classes,
+            # The dtype policy the model was built under (e.g. "mixed_float16"): from_config builds every sublayer
+            # under it again, whatever the global policy of the process that reloads it.
+            "dtype": self.dtype_policy.name,
         }
         return config
 
@@ -447,7 +455,18 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
                     "process) cannot rebuild. Load the file under Keras 3 (without TF_USE_LEGACY_KERAS), or export "
                     "the model there (tfemb export / tfemb.export.export_saved_model): a SavedModel loads under both"
                 )
-        return cls(**config)
+        policy = config.get("dtype")
+        if not isinstance(policy, str):
+            return cls(**config)
+        # The dense layers a network makes in __init__ take the global policy: set it to the saved one meanwhile,
+        # or a model trained under mixed_float16 would rebuild half float32 (and fail to build: float16 schemes
+        # meeting a float32 tower) in a process with the default policy.
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            return cls(**config)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
 
     def example_inputs(self, batch_size=2):
         """A batch of valid encoded inputs (OOV ids / zeros): builds the model and serves as a smoke input."""
