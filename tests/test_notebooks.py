@@ -38,7 +38,14 @@ def test_notebook_is_clean(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
-    env = dict(os.environ, MPLBACKEND="Agg", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=env, capture_output=True,
+    # A user runs the notebook in notebooks/: it must leave no files there, and remove the temporary
+    # directories it makes (exports, servers' model dirs), so both get a folder of their own here.
+    workdir, tempdir = tmp_path / "cwd", tmp_path / "tmp"
+    workdir.mkdir()
+    tempdir.mkdir()
+    env = dict(os.environ, MPLBACKEND="Agg", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tempdir))
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(path)], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stderr[-4000:]}"
+    assert sorted(p.name for p in workdir.iterdir()) == [], f"{path.name} left files in the working directory"
+    assert sorted(p.name for p in tempdir.iterdir()) == [], f"{path.name} left temporary files"
