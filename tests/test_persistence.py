@@ -85,6 +85,8 @@ CASES = {
     "autoemb_darts": _cf(lambda s: scheme_factory("autoemb", output_dim=D, candidate_dims=(2, 4), selection="darts")),
     "esapn": _cf(lambda s: scheme_factory("esapn", output_dim=5, candidate_dims=(2, 3, 5), history_length=3),
                  dim=5),
+    "dhe": _deepfm(lambda s: scheme_factory("dhe", output_dim=D, num_hashes=6, num_buckets=1000, hidden_units=(5,),
+                                            distribution="gaussian", seed=4)),
     "fixed_cf": _cf(lambda s: None),
     "mf_qr": _cf(lambda s: scheme_factory("qr", output_dim=D, num_buckets=4, operation="add"),
                  cls=MatrixFactorization),
@@ -274,7 +276,8 @@ def test_weights_of_another_vocabulary_fail_naming_the_layer_and_shapes(case, tr
         # variable's shapes and, from tfemb's own check, the vocabulary.
         assert "shape" in message and "received 0 variables" not in message, message
         if IS_KERAS_3:  # (Keras 2's TF-format error names the variable, without its layer when built by build())
-            assert any(f"{n}_embedding" in message for n in differ), message
+            # (the scheme's layer, or the feature's linear table for a table-free scheme such as DHE)
+            assert any(f"{n}_embedding" in message or f"{n}_linear" in message for n in differ), message
             assert "vocabulary_size=" in message, message
     checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="incompatible tensor with shape"):
@@ -336,3 +339,24 @@ def test_mixed_float16_model_reloads_under_the_default_policy(case, frame, tmp_p
     clone = type(model).from_config(model.get_config())
     assert clone.dtype_policy.name == "mixed_float16"
     assert keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.parametrize("case", ["pep_retrain", "md_popularity", "double_hashing", "autoemb", "esapn", "dhe"])
+def test_model_of_compact_layers_round_trips(case, trained, tmp_path):
+    """A model built from the schemes' ``compact()`` layers (PackedEmbedding, MD's frozen form, IndexedRowsEmbedding,
+    MultiDimEmbedding, ESAPNCompactEmbedding, DHE's folded network) saves, reloads and checkpoints as it predicts."""
+    model, x, _ = trained(case)
+    config = {k: v for k, v in model.get_config().items() if k not in ("embeddings", "embedding_optimizer", "name")}
+    config["embeddings"] = {name: layer.compact() for name, layer in model.embedding_layers.items()}
+    compact = type(model)(**config)
+    compact.build()
+    expected = predict(compact, x)
+    path = str(tmp_path / "compact.keras")
+    compact.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(predict(reloaded, x), expected, rtol=0, atol=ATOL)
+    assert sizes(reloaded) == sizes(compact)
+    checkpoint = tf.train.Checkpoint(model=compact).save(str(tmp_path / "ckpt"))
+    fresh = fresh_copy(compact)
+    tf.train.Checkpoint(model=fresh).restore(checkpoint).expect_partial()
+    np.testing.assert_allclose(predict(fresh, x), expected, rtol=0, atol=ATOL)
