@@ -261,11 +261,14 @@ def test_mlp_and_cross_layers_start_from_different_kernels():
     for kernels in ([d.kernel.numpy() for d in mlp.dense_layers], [k.numpy() for k in cross.kernels]):
         for i in range(1, len(kernels)):
             assert not np.array_equal(kernels[0], kernels[i])
-    seeded = blocks.MLP((6, 6), kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    # A seeded initializer: layer i draws with seed + i, so the layers differ and a second MLP repeats the first.
+    seeded, again = (blocks.MLP((6, 6), kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+                     for _ in range(2))
     seeded(tf.zeros((2, 6)))
-    again = blocks.MLP((6, 6), kernel_initializer=keras.initializers.GlorotUniform(seed=1))
     again(tf.zeros((2, 6)))
-    np.testing.assert_array_equal(seeded.dense_layers[0].kernel.numpy(), again.dense_layers[0].kernel.numpy())
+    assert not np.array_equal(seeded.dense_layers[0].kernel.numpy(), seeded.dense_layers[1].kernel.numpy())
+    for a, b in zip(seeded.dense_layers, again.dense_layers):
+        np.testing.assert_array_equal(a.kernel.numpy(), b.kernel.numpy())
 
 
 def test_dlrm_dot_interaction_matches_numpy(df):

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import TrackedCollectionsCheckpoint, keras, register
+from tfemb.layers.autoemb_embedding import _fresh_initializer
 from tfemb.layers.fixed_embedding import FixedEmbedding
 
 
@@ -43,15 +44,6 @@ def check_l2(name, value):
 
 def _l2_regularizer(l2):
     return keras.regularizers.L2(l2) if l2 else None
-
-
-def _fresh(initializer):
-    """A new instance of ``initializer`` for one more variable: an unseeded Keras initializer instance returns the
-    same values at every call of a shape (Keras 2 warns, Keras 3 does not), so layers sharing it would start equal.
-    A seeded one stays as reproducible as before; a plain function is returned as is."""
-    if not hasattr(initializer, "get_config"):
-        return initializer
-    return initializer.__class__.from_config(initializer.get_config())
 
 
 # ------------------------------------------------------------------------------------ weightless interactions
@@ -180,7 +172,7 @@ class MLP(TrackedCollectionsCheckpoint, keras.layers.Layer):
         self.dropout_layers = []
         for i, width in enumerate(self.units):
             self.dense_layers.append(keras.layers.Dense(
-                width, use_bias=not self.batch_norm, kernel_initializer=_fresh(self.kernel_initializer),
+                width, use_bias=not self.batch_norm, kernel_initializer=_fresh_initializer(self.kernel_initializer, i),
                 kernel_regularizer=_l2_regularizer(self.l2), name=f"dense_{i}",
             ))
             if self.batch_norm:
@@ -354,12 +346,15 @@ class CrossNetwork(TrackedCollectionsCheckpoint, keras.layers.Layer):
         for i in range(self.num_layers):
             if self.low_rank is None:
                 self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(dim, dim),
-                                                    initializer=_fresh(self.kernel_initializer), regularizer=reg))
+                                                    initializer=_fresh_initializer(self.kernel_initializer, i),
+                                                    regularizer=reg))
             else:
                 self.projections.append(self.add_weight(name=f"kernel_v_{i}", shape=(dim, self.low_rank),
-                                                        initializer=_fresh(self.kernel_initializer), regularizer=reg))
+                                                        initializer=_fresh_initializer(self.kernel_initializer, 2 * i),
+                                                        regularizer=reg))
                 self.kernels.append(self.add_weight(name=f"kernel_u_{i}", shape=(self.low_rank, dim),
-                                                    initializer=_fresh(self.kernel_initializer), regularizer=reg))
+                                                    initializer=_fresh_initializer(self.kernel_initializer, 2 * i + 1),
+                                                    regularizer=reg))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(dim,), initializer="zeros"))
         self.built = True
 
