@@ -142,7 +142,8 @@ class MLP(TrackedCollectionsCheckpoint, keras.layers.Layer):
         dropout: dropout rate after each layer, in ``[0, 1)``. Default 0.
         l2: L2 strength of the kernels (``keras.regularizers.L2``). Default 0.
         batch_norm: batch normalisation before each activation. Default False.
-        kernel_initializer: initializer of the kernels. Default ``"glorot_uniform"``.
+        kernel_initializer: initializer of the kernels. Default ``"glorot_uniform"``. Each kernel draws from its
+            own copy (kernel ``i`` of a seeded initializer with ``seed + i``), so no two start equal.
 
     Input shape:
         ``[batch, d]``.
@@ -314,7 +315,8 @@ class CrossNetwork(TrackedCollectionsCheckpoint, keras.layers.Layer):
         num_layers: number of cross layers. Default 2.
         low_rank: None (full rank) or the rank ``r`` of each ``W_l``. Default None.
         l2: L2 strength of the cross kernels. Default 0.
-        kernel_initializer: initializer of the kernels. Default ``"glorot_uniform"``.
+        kernel_initializer: initializer of the kernels. Default ``"glorot_uniform"``. Each kernel draws from its
+            own copy (kernel ``i`` of a seeded initializer with ``seed + i``), so no two start equal.
 
     Input shape:
         ``[batch, d]``.
