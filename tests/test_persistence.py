@@ -222,7 +222,10 @@ def test_tf_train_checkpoint(case, trained, tmp_path):
     assert_same_weights(fresh, model)
     # The compiled optimizer's state comes back with the model (Keras tracks it as an attribute of the model).
     assert int(fresh.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) > 0
-    if model.embedding_optimizer is not None:  # the row-sparse optimizer's slots too
+    if model.embedding_optimizer is not None:  # the row-sparse optimizer's slots too, restored when made
+        assert not fresh.embedding_optimizer.variables
+        fresh.embedding_optimizer.build(fresh.sparse_variables())
+        assert len(fresh.embedding_optimizer.variables) == len(model.embedding_optimizer.variables) > 1
         for a, b in zip(fresh.embedding_optimizer.variables, model.embedding_optimizer.variables):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(predict(fresh, x), predict(model, x), rtol=0, atol=ATOL)

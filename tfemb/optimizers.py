@@ -81,9 +81,9 @@ class SparseOptimizer(tf.__internal__.tracking.AutoTrackable):
     A trackable object, not a ``tf.Module``: a model holding one checkpoints its state (``tf.train.Checkpoint``,
     Keras 2's TF-format weights) as it does a Keras optimizer's, and Keras 2 does not count its slots among the
     model's weights. The slots are checkpointed by the position of their variable among the variables the
-    optimizer has seen (``build`` order, which ``RecModel`` sets to its ``sparse_variables()`` order), because
-    variable names differ between two models of one config; a restore into an optimizer that has not made its
-    slots yet is applied when it makes them.
+    optimizer has seen (``track`` order, which ``RecModel`` sets to its ``sparse_variables()`` order when built),
+    because variable names differ between two models of one config; a restore into an optimizer that has not
+    made its slots yet is applied when it makes them.
     """
 
     def __init__(self, learning_rate, name=None):
@@ -116,6 +116,13 @@ class SparseOptimizer(tf.__internal__.tracking.AutoTrackable):
     def variables(self):
         """The iteration counter (once built) and every slot, in creation order."""
         return ([] if self.iterations is None else [self.iterations]) + list(self._slots.values())
+
+    def track(self, variables):
+        """Fixes the positions by which the slots of ``variables`` are checkpointed (in this order), without making
+        the slots: they are made on first use (``build`` / ``apply``), and a checkpoint restored before that is
+        applied to them then."""
+        for var in variables:
+            self._positions.setdefault(id(var), len(self._positions))
 
     def build(self, variables):
         """Creates the slot variables eagerly (also done lazily on first use)."""

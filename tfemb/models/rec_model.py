@@ -287,9 +287,9 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             self.call(self.example_inputs())
         self.built = True
         if self.embedding_optimizer is not None:
-            # Slots made now, in sparse_variables() order: the order two models of one config share, by which the
-            # slots are checkpointed (and a restore into a fresh model finds them).
-            self.embedding_optimizer.build(self.sparse_variables())
+            # The slots are checkpointed by their table's position in sparse_variables(), the order two models of
+            # one config share (they are made on the first training step; a restore before that applies then).
+            self.embedding_optimizer.track(self.sparse_variables())
 
     def get_build_config(self):
         # Keras records input shapes only when a model is built through __call__; a model built by build()
