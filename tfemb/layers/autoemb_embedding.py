@@ -11,7 +11,9 @@ from tfemb.layers.autoemb_controller import (
     popularity_buckets,
 )
 from tfemb.layers.batch_norm import batch_norm
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, sparse_gather
+from tfemb.layers.embedding_scheme import (
+    TrainingModeScheme, check_positive_int, dtype_bytes, fresh_initializer, sparse_gather,
+)
 from tfemb.layers.multi_dim_embedding import MultiDimEmbedding
 from tfemb.optimizers import scatter_add, scatter_update
 
@@ -51,16 +53,6 @@ def check_candidate_dims(candidate_dims):
     return tuple(int(d) for d in dims)
 
 
-def _fresh_initializer(initializer, index):
-    """A new instance of ``initializer`` for the ``index``-th weight: under Keras 2 one unseeded instance called
-    twice returns the same values, which would make every candidate table start identical. A seeded
-    initializer gets ``seed + index``, so the weights stay reproducible and still differ."""
-    config = initializer.get_config()
-    if config.get("seed") is not None:
-        config["seed"] = int(config["seed"]) + index
-    return type(initializer).from_config(config)
-
-
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
@@ -68,7 +60,7 @@ def _choice(name, value, allowed):
 
 
 @register
-class AutoEmbEmbedding(EmbeddingScheme):
+class AutoEmbEmbedding(TrainingModeScheme):
     """Every id holds an embedding in each of ``N`` candidate dimensions; a per-id softmax weights them.
 
     AutoEmb (Zhao et al., "AutoEmb: Automated Embedding Dimensionality Search in Streaming Recommendations",
@@ -181,9 +173,8 @@ class AutoEmbEmbedding(EmbeddingScheme):
                 len(dims), num_popularity_buckets(self.popularity_encoding, self.max_popularity),
                 hidden_units=self.controller_units, batch_norm_momentum=self.batch_norm_momentum, name="controller",
             )
-        # Python flags read while tracing: the training mode of the current call, and whether the procedure froze
+        # A Python flag read while tracing (as the training mode, TrainingModeScheme): whether the procedure froze
         # the stream state (θ-steps of the bilevel search must not count their validation batch as traffic).
-        object.__setattr__(self, "_call_training", False)
         object.__setattr__(self, "state_frozen", False)
 
     @property
@@ -195,9 +186,9 @@ class AutoEmbEmbedding(EmbeddingScheme):
         self.tables, self.kernels, self.biases = [], [], []
         for i, dim in enumerate(self.candidate_dims):
             self.tables.append(self.add_weight(name=f"embeddings_{i}", shape=(v, dim),
-                                               initializer=_fresh_initializer(self.embeddings_initializer, i)))
+                                               initializer=fresh_initializer(self.embeddings_initializer, i)))
             self.kernels.append(self.add_weight(name=f"transform_kernel_{i}", shape=(dim, d),
-                                                initializer=_fresh_initializer(self.transform_initializer, i)))
+                                                initializer=fresh_initializer(self.transform_initializer, i)))
             self.biases.append(self.add_weight(name=f"transform_bias_{i}", shape=(d,), initializer="zeros"))
 
         self.norm.build((None, n * d))
@@ -224,14 +215,6 @@ class AutoEmbEmbedding(EmbeddingScheme):
         self.built = True
 
     # ----------------------------------------------------------------------------------------------- forward
-    def call(self, ids, training=None):
-        static = tf.get_static_value(training) if isinstance(training, (tf.Tensor, tf.Variable)) else training
-        object.__setattr__(self, "_call_training", bool(static))
-        try:
-            return super().call(ids)
-        finally:
-            object.__setattr__(self, "_call_training", False)
-
     def soft_weights(self, flat_ids, training=False):
         """The softmax weights ``α`` of int64 ids ``[n]`` from the current state: ``[n, N]`` float32."""
         n = self.num_candidates

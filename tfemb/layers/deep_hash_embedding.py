@@ -6,9 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.autoemb_embedding import _fresh_initializer
 from tfemb.layers.batch_norm import batch_norm
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes
+from tfemb.layers.embedding_scheme import TrainingModeScheme, check_positive_int, dtype_bytes, fresh_initializer
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
 
@@ -79,7 +78,7 @@ def dense_hash_encoding_np(ids, a, b, num_buckets, distribution="uniform"):
 
 
 @register
-class DeepHashEmbedding(EmbeddingScheme):
+class DeepHashEmbedding(TrainingModeScheme):
     """Deep Hash Embedding (DHE; Kang et al., KDD 2021, arXiv 2010.10784): no embedding table; each id's vector
     is computed by a network from a fixed, dense encoding of the id.
 
@@ -165,8 +164,6 @@ class DeepHashEmbedding(EmbeddingScheme):
         self._hash_a, self._hash_b = a, b
         self.norms = [keras.layers.BatchNormalization(momentum=self.batch_norm_momentum, name=f"batch_norm_{i}")
                       for i in range(len(self.hidden_units))] if self.use_batch_norm else []
-        # The training mode of the current call (read while tracing; see call()).
-        object.__setattr__(self, "_call_training", False)
 
     @property
     def widths(self):
@@ -179,21 +176,13 @@ class DeepHashEmbedding(EmbeddingScheme):
             # A fresh initializer per kernel: under Keras 2 one unseeded instance gives equal-shaped kernels the
             # same values.
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(fan_in, fan_out),
-                                                initializer=_fresh_initializer(self.kernel_initializer, i)))
+                                                initializer=fresh_initializer(self.kernel_initializer, i)))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(fan_out,), initializer="zeros"))
         for norm, units in zip(self.norms, self.hidden_units):
             norm.build((None, units))
         self.built = True
 
     # ----------------------------------------------------------------------------------------------- forward
-    def call(self, ids, training=None):
-        static = tf.get_static_value(training) if isinstance(training, (tf.Tensor, tf.Variable)) else training
-        object.__setattr__(self, "_call_training", bool(static))
-        try:
-            return super().call(ids)
-        finally:
-            object.__setattr__(self, "_call_training", False)
-
     def hash_parameters(self):
         """``(a, b)``: the ``k`` hashes' int64 NumPy parameters."""
         return self._hash_a.copy(), self._hash_b.copy()

@@ -4,10 +4,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, dtype_bytes, reshape_to_ids, sparse_gather
+from tfemb.layers.embedding_scheme import (
+    EmbeddingScheme, check_positive_int, dtype_bytes, fresh_initializer, reshape_to_ids, sparse_gather,
+)
 from tfemb.layers.hashing import universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import check_hashable_vocabulary
-from tfemb.layers.qr_embedding import fresh_initializer
 
 COMBINES = ("sum", "concat")
 

@@ -23,6 +23,19 @@ def check_positive_int(name, value, minimum=1):
     return int(value)
 
 
+def fresh_initializer(initializer, index=0):
+    """A new instance of ``initializer`` for the ``index``-th weight it starts. One instance used for several
+    weights repeats its values (Keras 2 unseeded, with a warning; Keras 3 silently), so each weight gets its own
+    copy; a seeded initializer gets ``seed + index``, reproducible and still different per index. Plain callables
+    are returned as they are."""
+    if not (hasattr(initializer, "get_config") and hasattr(type(initializer), "from_config")):
+        return initializer
+    config = initializer.get_config()
+    if index and config.get("seed") is not None:
+        config["seed"] = int(config["seed"]) + index
+    return type(initializer).from_config(config)
+
+
 def dtype_bytes(dtype):
     """Bytes per element of a dtype name or ``tf.DType``."""
     name = tf.as_dtype(dtype).name
@@ -302,6 +315,24 @@ class EmbeddingScheme(TrackedCollectionsCheckpoint, keras.layers.Layer):
             }
         )
         return config
+
+
+class TrainingModeScheme(EmbeddingScheme):
+    """A scheme whose lookup depends on the training mode (batch norm, per-id state): ``call(ids, training)``
+    keeps the mode in ``self._call_training`` (a Python bool read while tracing) for ``lookup``, which the base
+    ``call`` invokes without it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "_call_training", False)
+
+    def call(self, ids, training=None):
+        static = tf.get_static_value(training) if isinstance(training, (tf.Tensor, tf.Variable)) else training
+        object.__setattr__(self, "_call_training", bool(static))
+        try:
+            return super().call(ids)
+        finally:
+            object.__setattr__(self, "_call_training", False)
 
 
 class UniformTablesScheme(EmbeddingScheme):

@@ -6,7 +6,8 @@ import tensorflow as tf
 from tfemb._keras import keras, register
 from tfemb.layers.batch_norm import batch_norm
 from tfemb.layers.embedding_scheme import (
-    EmbeddingScheme, check_positive_int, dtype_bytes, multi_replica, reshape_to_ids, sparse_gather,
+    EmbeddingScheme, TrainingModeScheme, check_positive_int, dtype_bytes, fresh_initializer, multi_replica,
+    reshape_to_ids, sparse_gather,
 )
 from tfemb.optimizers import scatter_add, scatter_update
 
@@ -59,15 +60,6 @@ def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}. Received: {name}={value!r}")
     return value
-
-
-def _fresh_initializer(initializer, index):
-    """A new instance of ``initializer`` for the ``index``-th weight: under Keras 2 one unseeded instance called
-    twice returns the same values. A seeded initializer gets ``seed + index`` (reproducible, still different)."""
-    config = initializer.get_config()
-    if config.get("seed") is not None:
-        config["seed"] = int(config["seed"]) + index
-    return type(initializer).from_config(config)
 
 
 def _chain_cascade(stage_rows, stage_positions, gather_stage, kernels, biases, dtype):
@@ -125,7 +117,7 @@ def check_restored_candidates(layer_name, candidate_dims, saved_dims, history_le
 
 
 @register
-class ESAPNEmbedding(EmbeddingScheme):
+class ESAPNEmbedding(TrainingModeScheme):
     """Each id holds one embedding of its current size ``d_k ∈ D``; a linear chain lifts it to ``d_n``.
 
     ESAPN (Liu et al., "Automated Embedding Size Search in Deep Recommender Systems", SIGIR 2020). The candidate
@@ -234,8 +226,6 @@ class ESAPNEmbedding(EmbeddingScheme):
         if self.normalization == "batch_norm_tanh":
             self.lift_norm = keras.layers.BatchNormalization(momentum=self.batch_norm_momentum,
                                                              name="lift_batch_norm")
-        # The training flag of the current call (read while tracing, as AutoEmbEmbedding does).
-        object.__setattr__(self, "_call_training", False)
 
     @property
     def num_candidates(self):
@@ -249,12 +239,12 @@ class ESAPNEmbedding(EmbeddingScheme):
         self.tables, self.kernels, self.biases = [], [], []
         for k, d in enumerate(dims):
             table = self.add_weight(name=f"embeddings_{k}", shape=(v, d),
-                                    initializer=_fresh_initializer(self.embeddings_initializer, k))
+                                    initializer=fresh_initializer(self.embeddings_initializer, k))
             setattr(self, f"embeddings_{k}", table)  # an attribute, so tf.train.Checkpoint saves it under Keras 3
             self.tables.append(table)
         for k in range(len(dims) - 1):
             kernel = self.add_weight(name=f"transform_kernel_{k}", shape=(dims[k], dims[k + 1]),
-                                     initializer=_fresh_initializer(self.transform_initializer, k))
+                                     initializer=fresh_initializer(self.transform_initializer, k))
             bias = self.add_weight(name=f"transform_bias_{k}", shape=(dims[k + 1],), initializer="zeros")
             setattr(self, f"transform_kernel_{k}", kernel)
             setattr(self, f"transform_bias_{k}", bias)
@@ -304,14 +294,6 @@ class ESAPNEmbedding(EmbeddingScheme):
         super()._load_variables(store)
 
     # ----------------------------------------------------------------------------------------------- forward
-    def call(self, ids, training=None):
-        static = tf.get_static_value(training) if isinstance(training, (tf.Tensor, tf.Variable)) else training
-        object.__setattr__(self, "_call_training", bool(static))
-        try:
-            return super().call(ids)
-        finally:
-            object.__setattr__(self, "_call_training", False)
-
     def lift(self, flat_ids, sizes):
         """``e_n`` (before the normalisation) of int64 ids ``[m]`` at size indices ``sizes`` ``[m]``: ``[m, d_n]``."""
         dtype = self.compute_dtype

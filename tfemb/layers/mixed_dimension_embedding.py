@@ -8,9 +8,9 @@ import tensorflow as tf
 from tfemb._keras import keras, register
 from tfemb.layers import md_dims
 from tfemb.layers.embedding_scheme import (
-    EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes, multi_replica, reshape_to_ids,
+    EmbeddingScheme, check_frequencies, check_positive_int, dtype_bytes, fresh_initializer, multi_replica,
+    reshape_to_ids,
 )
-from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Bytes per entry of a stored id -> rank permutation (int32).
 PERMUTATION_BYTES = 4

@@ -6,11 +6,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, sparse_gather
+from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int, fresh_initializer, sparse_gather
 from tfemb.layers.packed_embedding import (
     MIN_SAVING, PackedEmbedding, check_min_saving, choose_layout, packed_storage_bytes, resolve_layout, to_numpy,
 )
-from tfemb.layers.qr_embedding import fresh_initializer
 
 #: Threshold granularities -> the shape of ``s`` (``V`` ids, ``d`` dims, ``F`` fields of a stacked table).
 THRESHOLD_TYPES = {

@@ -5,17 +5,9 @@ import math
 import tensorflow as tf
 
 from tfemb._keras import keras, register
-from tfemb.layers.embedding_scheme import UniformTablesScheme, check_positive_int
+from tfemb.layers.embedding_scheme import UniformTablesScheme, check_positive_int, fresh_initializer
 
 OPERATIONS = ("mult", "add", "concat")
-
-
-def fresh_initializer(initializer):
-    """A new instance of ``initializer``: under Keras 2 an unseeded instance called twice repeats its values, so
-    each table gets its own copy. Plain callables are returned as they are."""
-    if not (hasattr(initializer, "get_config") and hasattr(initializer.__class__, "from_config")):
-        return initializer
-    return initializer.__class__.from_config(initializer.get_config())
 
 
 @register

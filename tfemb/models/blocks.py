@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemb._keras import TrackedCollectionsCheckpoint, keras, register
-from tfemb.layers.autoemb_embedding import _fresh_initializer
+from tfemb.layers.embedding_scheme import fresh_initializer
 from tfemb.layers.fixed_embedding import FixedEmbedding
 
 
@@ -173,7 +173,7 @@ class MLP(TrackedCollectionsCheckpoint, keras.layers.Layer):
         self.dropout_layers = []
         for i, width in enumerate(self.units):
             self.dense_layers.append(keras.layers.Dense(
-                width, use_bias=not self.batch_norm, kernel_initializer=_fresh_initializer(self.kernel_initializer, i),
+                width, use_bias=not self.batch_norm, kernel_initializer=fresh_initializer(self.kernel_initializer, i),
                 kernel_regularizer=_l2_regularizer(self.l2), name=f"dense_{i}",
             ))
             if self.batch_norm:
@@ -348,14 +348,14 @@ class CrossNetwork(TrackedCollectionsCheckpoint, keras.layers.Layer):
         for i in range(self.num_layers):
             if self.low_rank is None:
                 self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(dim, dim),
-                                                    initializer=_fresh_initializer(self.kernel_initializer, i),
+                                                    initializer=fresh_initializer(self.kernel_initializer, i),
                                                     regularizer=reg))
             else:
                 self.projections.append(self.add_weight(name=f"kernel_v_{i}", shape=(dim, self.low_rank),
-                                                        initializer=_fresh_initializer(self.kernel_initializer, 2 * i),
+                                                        initializer=fresh_initializer(self.kernel_initializer, 2 * i),
                                                         regularizer=reg))
                 self.kernels.append(self.add_weight(name=f"kernel_u_{i}", shape=(self.low_rank, dim),
-                                                    initializer=_fresh_initializer(self.kernel_initializer, 2 * i + 1),
+                                                    initializer=fresh_initializer(self.kernel_initializer, 2 * i + 1),
                                                     regularizer=reg))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(dim,), initializer="zeros"))
         self.built = True
