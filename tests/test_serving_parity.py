@@ -320,19 +320,24 @@ def test_the_api_verb_is_case_sensitive_though_the_path_is_not(server):
     assert status == 200 and json.loads(body)["model_spec"]["version"] == "1"
 
 
+def _start_until_logged(server, caplog, text, timeout=30):
+    """Starts ``server`` in a thread (it waits for its models), lets it run until ``text`` is logged, stops it."""
+    thread = threading.Thread(target=server.start, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while text not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    server.stop()
+    thread.join(10)
+
+
 def test_the_wait_log_names_a_version_that_failed_to_load(tmp_path, caplog):
     base = tmp_path / "broken"
     (base / "1").mkdir(parents=True)
     (base / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
     server = LocalServer(ModelRegistry(str(base), poll_seconds=0.1), port=_free_port(), grpc_port=None)
-    thread = threading.Thread(target=server.start, daemon=True)
-    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
-        thread.start()
-        deadline = time.monotonic() + 30
-        while "failed to load" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
-    server.stop()
-    thread.join(10)
+    _start_until_logged(server, caplog, "failed to load")
     assert "version 1 failed to load (loading " in caplog.text
     assert "model 'broken' has no version loaded" in caplog.text and _refused(server.port)
 
@@ -383,14 +388,7 @@ def test_the_wait_log_says_why_a_model_has_no_version(tmp_path, caplog):
         'model_version_policy { specific { versions: 3 } } } }')
     registry = ModelRegistry(str(tmp_path), model_config=str(tmp_path / "models.config"), poll_seconds=0.1)
     server = LocalServer(registry, port=_free_port(), grpc_port=None)
-    thread = threading.Thread(target=server.start, daemon=True)
-    with caplog.at_level(logging.WARNING, logger="tfemb.serving"):
-        thread.start()
-        deadline = time.monotonic() + 30
-        while "servable old" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
-    server.stop()
-    thread.join(10)
+    _start_until_logged(server, caplog, "servable old")
     assert f"Could not find base path {tmp_path / 'gone'} for servable gone" in caplog.text
     assert ("No versions of servable old found under base path " in caplog.text
             and "specific { versions: [3] } names none of the versions there: [1]" in caplog.text)
