@@ -29,6 +29,7 @@ import _benchcli  # noqa: E402
 BENCHMARKS = {
     "real_data": False,
     "dhe": True,
+    "autodis": True,
     "serving_latency": True,
     "streaming": True,
     "throughput": True,

@@ -88,6 +88,8 @@ BAD_ARGUMENTS = [
     ("throughput", ["--vocab-scale", "0"], "--vocab-scale", "0"),
     ("real_data", ["--seeds", "-1"], "--seeds", "-1"),
     ("dhe", ["--seeds", "0"], "--seeds", "0"),
+    ("autodis", ["--seeds", "0"], "--seeds", "0"),
+    ("autodis", ["--buckets", "1"], "--buckets", "1"),
 ]
 
 
@@ -103,7 +105,7 @@ def test_bad_arguments_name_the_flag_and_the_value(name, argv, flag, value, caps
 
 
 @pytest.mark.parametrize("name", ["md_sweep", "md_ablation", "pep_sweep", "streaming", "serving_latency",
-                                  "throughput", "real_data", "dhe", "run_all"])
+                                  "throughput", "real_data", "dhe", "autodis", "run_all"])
 def test_out_that_cannot_be_a_folder_is_refused_before_any_work(name, tmp_path, capsys):
     module = _load(name)
     blocker = tmp_path / "a_file"
@@ -115,7 +117,8 @@ def test_out_that_cannot_be_a_folder_is_refused_before_any_work(name, tmp_path, 
     assert "--out" in err and str(blocker / "sub") in err, err
 
 
-@pytest.mark.parametrize("name", ["md_sweep", "pep_sweep", "streaming", "serving_latency", "throughput", "dhe"])
+@pytest.mark.parametrize("name", ["md_sweep", "pep_sweep", "streaming", "serving_latency", "throughput", "dhe",
+                                  "autodis"])
 def test_quick_runs_never_default_to_the_committed_results(name):
     """``python benchmarks/<script>.py --quick`` (as the README shows it) writes into outputs/bench-quick, as
     ``run_all.py --quick`` does; only a full run (or an explicit --out) writes into benchmarks/results."""
@@ -140,6 +143,7 @@ def test_streaming_quick_keeps_the_options_given():
     ("pep_sweep", ["--datasets", "ml100k", "--timing-only"], "pep_timing.json"),
     ("streaming", ["--datasets", "ml100k"], "streaming.json"),
     ("dhe", [], "dhe.json"),
+    ("autodis", [], "autodis.json"),
 ])
 def test_missing_data_leaves_the_results_folder_as_it_is(name, argv, written, tmp_path, monkeypatch, capsys):
     """With the data folder absent every dataset is skipped with the reason and nothing is written: an empty

@@ -109,10 +109,11 @@ def _max_diff(a, b):
                 if np.size(u)), default=0.0)
 
 
-@pytest.mark.parametrize("model_name,scheme,task", [
-    ("deepfm", "double_hashing", "binary"), ("dlrm", "md", "binary"), ("mf", "qr", "regression"),
+@pytest.mark.parametrize("model_name,scheme,task,numeric", [
+    ("deepfm", "double_hashing", "binary", None), ("dlrm", "md", "binary", None), ("mf", "qr", "regression", None),
+    ("deepfm", "fixed", "binary", "autodis"),  # the numeric features embedded by AutoDis
 ])
-def test_model_fit_on_two_replicas_matches_one_replica(strategy, model_name, scheme, task):
+def test_model_fit_on_two_replicas_matches_one_replica(strategy, model_name, scheme, task, numeric):
     """``strategy.scope()`` around building, ``compile_model`` and ``fit`` trains as one replica does on the same
     global batches. Keras 3 failed twice here: ``fit`` could not build the model ("Unable to automatically build
     the model": it built from the replica-averaged first batch, float ids), and the loss of the models' [batch]
@@ -127,8 +128,9 @@ def test_model_fit_on_two_replicas_matches_one_replica(strategy, model_name, sch
 
     def build():
         keras.utils.set_random_seed(0)
-        model = get_model_class(model_name)(schema, embedding_dim=8,
+        model = get_model_class(model_name)(schema, embedding_dim=8, numeric_embeddings=numeric,
                                             embeddings=scheme_factory(scheme, output_dim=8, **kwargs))
+        assert bool(model.numeric_names) == bool(numeric)
         model.build()
         compile_model(model, optimizer="sgd", learning_rate=0.1)
         return model

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tfemb._keras import IS_KERAS_3, keras
 from tfemb.data.pipeline import make_dataset
 from tfemb.data.schema import CategoricalFeature, Label, MultiHotFeature, NumericFeature, Schema
-from tfemb.layers import EmbeddingScheme, scheme_factory
+from tfemb.layers import EmbeddingScheme, numeric_factory, scheme_factory
 from tfemb.layers.mixed_dimension_embedding import md_field_factory
 from tfemb.models import CFNetwork, DeepFM, MatrixFactorization
 from tfemb.pep import retrain
@@ -87,6 +87,11 @@ CASES = {
                  dim=5),
     "dhe": _deepfm(lambda s: scheme_factory("dhe", output_dim=D, num_hashes=6, num_buckets=1000, hidden_units=(5,),
                                             distribution="gaussian", seed=4)),
+    # The numeric feature n1 embedded as a field (AutoDis, the field embedding) beside the categorical ones.
+    "autodis": _deepfm(lambda s: scheme_factory("fixed", output_dim=D),
+                       numeric_embeddings=numeric_factory("autodis", output_dim=D, num_buckets=5, temperature=0.5,
+                                                          skip_factor=0.3)),
+    "field_numeric": _deepfm(lambda s: None, numeric_embeddings={"n1": "field"}),
     "fixed_cf": _cf(lambda s: None),
     "mf_qr": _cf(lambda s: scheme_factory("qr", output_dim=D, num_buckets=4, operation="add"),
                  cls=MatrixFactorization),
@@ -269,6 +274,17 @@ def test_layer_config_round_trip(case, trained):
         # Through Keras' own serialisation too (what a model config holds).
         again = keras.layers.deserialize(keras.layers.serialize(layer))
         assert type(again) is type(layer) and again.get_config() == config
+    for name, layer in model.numeric_layers.items():  # numeric embeddings (AutoDis, field): float inputs
+        config = layer.get_config()
+        clone = type(layer).from_config(config)
+        assert clone.get_config() == config, name
+        values = tf.constant(x[name])
+        clone(values)
+        clone.set_weights(layer.get_weights())
+        np.testing.assert_allclose(np.asarray(clone(values)), np.asarray(layer(values)), rtol=0, atol=ATOL)
+        assert (clone.parameter_count(), clone.storage_bytes()) == (layer.parameter_count(), layer.storage_bytes())
+        again = keras.layers.deserialize(keras.layers.serialize(layer))
+        assert type(again) is type(layer) and again.get_config() == config
 
 
 # ------------------------------------------------------------------------------------------ what goes wrong
@@ -339,7 +355,7 @@ def test_keras_file_of_the_other_keras_fails_naming_the_version(tmp_path):
         keras.models.load_model(path)
 
 
-@pytest.mark.parametrize("case", ["fixed", "md_field", "pep_retrain", "esapn"])
+@pytest.mark.parametrize("case", ["fixed", "md_field", "pep_retrain", "esapn", "autodis"])
 def test_mixed_float16_model_reloads_under_the_default_policy(case, frame, tmp_path):
     """A model built under mixed_float16 keeps that policy through its config and a ``.keras`` file, whatever the
     global policy of the process that reloads it: before, its dense layers rebuilt float32 beside float16

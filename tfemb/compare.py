@@ -115,6 +115,17 @@ def check_spec(spec, where="compare spec"):
             get_scheme_class(cfg["embedding"].get("scheme", "fixed"))
         except ValueError as exc:
             raise DataError(f"{vwhere}: {exc}") from None
+        if "data" in variant and cfg["data"] != base["data"]:
+            # The data is prepared once, from base: a variant's own data section would be silently ignored.
+            raise DataError(f"{vwhere}: every variant trains on the base's data, which is prepared once; move the "
+                            f"data section to base (or run another spec). Received: data={variant['data']!r}")
+        numeric = cfg.get("numeric_embedding")
+        if numeric:
+            from tfemb.layers.factory import NUMERIC_SCHEMES
+
+            if numeric.get("scheme") not in NUMERIC_SCHEMES:
+                raise DataError(f"{vwhere}: numeric_embedding.scheme must be one of {sorted(NUMERIC_SCHEMES)}. "
+                                f"Received: scheme={numeric.get('scheme')!r}")
         scheme = cfg["embedding"].get("scheme", "fixed")
         for section, needs in (("pep", "pep"), ("autoemb", "autoemb")):
             if cfg.get(section) and scheme != needs:
@@ -207,7 +218,7 @@ def run_compare(spec=None, out_dir="outputs/compare", log=print, export_budget=0
     log(f"tfemb compare: preparing data ({base['data']['source']}) ...")
     prepared = experiment.prepare_data(base["data"])
     for cfg in cfgs:  # scheme and model parameters, checked on the schema before any training
-        experiment.build_model(prepared.schema, cfg["model"], cfg["embedding"], cfg["train"])
+        experiment.build_model(prepared.schema, cfg["model"], cfg["embedding"], cfg["train"], cfg.get("numeric_embedding"))
     task = prepared.schema.task
     metric_names = COLUMNS_BY_TASK[task]
     log(f"  {prepared.num_rows('train'):,} train / {prepared.num_rows('val'):,} val / "

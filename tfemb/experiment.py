@@ -12,6 +12,8 @@ A config is a dict (usually a YAML recipe in ``models/``)::
       split: {method: random, fractions: [0.8, 0.1, 0.1], seed: 0}   # random | user | temporal
     model: {name: deepfm, embedding_dim: 16, params: {}}
     embedding: {scheme: fixed, params: {}}     # see tfemb.layers.SCHEMES
+    numeric_embedding: {scheme: autodis, params: {num_buckets: 20}}   # optional: the dense features as fields
+                                               # (tfemb.layers.NUMERIC_SCHEMES: field | autodis); default raw
     train: {epochs: 5, batch_size: 1024, optimizer: adam, learning_rate: 0.001,
             embedding_optimizer: adam, early_stopping: {monitor: val_auc, patience: 2}}
     pep: {targets: [0.25], retrain: rewind, search_epochs: 8}   # optional, with scheme: pep (see run)
@@ -53,6 +55,7 @@ DEFAULTS = {
         "verbose": 1,
         "jit_compile": False,
     },
+    "numeric_embedding": None,
     "pep": None,
     "autoemb": None,
 }
@@ -75,6 +78,7 @@ SECTION_KEYS = {
     "data.split": {"method", "fractions", "seed", "time_column", "user_column", "test_fraction", "val_fraction"},
     "model": {"name", "embedding_dim", "params"},
     "embedding": {"scheme", "params"},
+    "numeric_embedding": {"scheme", "params"},
     "train": set(DEFAULTS["train"]),
     "train.early_stopping": {"monitor", "mode", "patience", "min_delta", "baseline", "start_from_epoch"},
     "pep": {"targets", "retrain", "retrain_target", "check_every", "search_epochs", "search_learning_rate"},
@@ -101,7 +105,8 @@ def check_config(cfg, where="config"):
         value = cfg.get(parent)
         if child:
             value = value.get(child) if isinstance(value, dict) else None
-        if value is None and section in ("pep", "autoemb", "data.split", "train.early_stopping"):
+        if value is None and section in ("pep", "autoemb", "numeric_embedding", "data.split",
+                                         "train.early_stopping"):
             continue
         if not isinstance(value, dict):
             raise DataError(f"{where}: {section} must be a mapping. Received: {section}={value!r}")
@@ -109,7 +114,9 @@ def check_config(cfg, where="config"):
         if bad:
             raise DataError(f"{where}: unknown key(s) {', '.join(f'{section}.{k}' for k in bad)}; known keys of "
                             f"{section}: {sorted(known)}")
-    for section in ("data", "model", "embedding"):
+    for section in ("data", "model", "embedding", "numeric_embedding"):
+        if cfg.get(section) is None:
+            continue
         params = cfg[section].get("params")
         if params is not None and not isinstance(params, dict):
             raise DataError(f"{where}: {section}.params must be a mapping. Received: {section}.params={params!r}")
@@ -250,26 +257,43 @@ def scheme_factory_for(schema, scheme, params):
     return scheme_factory(scheme, **params)
 
 
-def build_model(schema, model_cfg, embedding_cfg, train_cfg=None):
+def numeric_factory_for(numeric_cfg, dim):
+    """The ``numeric_embeddings`` argument of a recipe's ``numeric_embedding`` section (None: raw dense inputs)."""
+    if not numeric_cfg:
+        return None
+    from tfemb.layers import numeric_factory
+
+    params = dict(numeric_cfg.get("params") or {})
+    params.setdefault("output_dim", dim)
+    return numeric_factory(numeric_cfg.get("scheme"), **params)
+
+
+def build_model(schema, model_cfg, embedding_cfg, train_cfg=None, numeric_cfg=None):
     train_cfg = train_cfg or {}
     cls = get_model_class(model_cfg["name"])
     dim = int(model_cfg.get("embedding_dim", 16))
     emb_params = dict(embedding_cfg.get("params") or {})
     emb_params.setdefault("output_dim", dim)
     scheme = embedding_cfg.get("scheme", "fixed")
+    kwargs = dict(model_cfg.get("params") or {})
     try:
         factory = scheme_factory_for(schema, scheme, emb_params)
+        numeric = numeric_factory_for(numeric_cfg, dim)
+        if numeric is not None:
+            kwargs["numeric_embeddings"] = numeric
         return cls(
             schema,
             embeddings=factory,
             embedding_dim=dim,
             embedding_optimizer=train_cfg.get("embedding_optimizer"),
             embedding_learning_rate=train_cfg.get("embedding_learning_rate"),
-            **(model_cfg.get("params") or {}),
+            **kwargs,
         )
     except (TypeError, ValueError) as exc:  # name the sections a misspelt or missing parameter came from
+        numeric = "" if not numeric_cfg else (f" and numeric embedding {numeric_cfg.get('scheme')!r} (params "
+                                              f"{numeric_cfg.get('params') or {}})")
         raise DataError(f"model {model_cfg['name']!r} (params {model_cfg.get('params') or {}}) with embedding "
-                        f"scheme {scheme!r} (params {embedding_cfg.get('params') or {}}): {exc}") from exc
+                        f"scheme {scheme!r} (params {embedding_cfg.get('params') or {}}){numeric}: {exc}") from exc
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -380,7 +404,7 @@ def run(cfg, prepared=None, out_dir=None, log=None):
     tf.keras.utils.set_random_seed(int(cfg.get("seed", 0)))
     prepared = prepared or prepare_data(cfg["data"])
     train_cfg = cfg["train"]
-    model = build_model(prepared.schema, cfg["model"], cfg["embedding"], train_cfg)
+    model = build_model(prepared.schema, cfg["model"], cfg["embedding"], train_cfg, cfg.get("numeric_embedding"))
     compile_model(model, optimizer=train_cfg["optimizer"], learning_rate=train_cfg["learning_rate"],
                   jit_compile=train_cfg.get("jit_compile", False))
     batch = int(train_cfg["batch_size"])
@@ -428,6 +452,9 @@ def run(cfg, prepared=None, out_dir=None, log=None):
         "epochs": epochs_run,
         "examples_per_second": prepared.num_rows("train") * epochs_run / max(seconds, 1e-9),
         "tables": model.embedding_report(),
+        "numeric_embedding": cfg.get("numeric_embedding"),
+        "numeric_parameters": int(model.numeric_parameter_count()),
+        "numeric_tables": model.numeric_embedding_report(),
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
     }
     if pep is not None:

@@ -642,7 +642,7 @@ def movielens_schema(task="binary", with_side_features=False):
     return Schema(feats, label=label, time_column="timestamp")
 
 
-def criteo_schema(min_count=2, numeric="log", num_buckets=16):
+def criteo_schema(min_count=2, numeric="log", num_buckets=16, discretizer="log"):
     """The Schema of Criteo DAC: 13 numeric + 26 categorical features, binary ``label``.
 
     Args:
@@ -651,14 +651,19 @@ def criteo_schema(min_count=2, numeric="log", num_buckets=16):
             which test rows with unseen values use. Full-data setups use larger cut-offs (DLRM's Criteo
             Terabyte preprocessing, for example, keeps values seen at least 15 times).
         numeric: ``"log"``: I1..I13 as floats, ``sign(x)·log(1+|x|)`` then standardised, missing -> 0 before
-            the transform; ``"discretize"``: I1..I13 as ``num_buckets`` equal-width buckets on the log scale
-            (ids, missing -> id 0), for AutoDis-style or embedding-only models.
+            the transform (raw inputs of the deep part, or embedded by ``RecModel(numeric_embeddings=...)``, e.g.
+            AutoDis); ``"discretize"``: I1..I13 as ``num_buckets`` buckets (ids, missing -> id 0), embedded as
+            categorical features.
         num_buckets: buckets per numeric feature when ``numeric="discretize"``.
+        discretizer: how ``numeric="discretize"`` cuts the values, the three discretisations of the AutoDis
+            paper: ``"log"`` (equal width on the log scale, the default), ``"equal_width"`` or
+            ``"equal_frequency"`` (``NumericFeature(discretize=...)``).
     """
     if numeric == "log":
         nums = [NumericFeature(c, transform="log_standardize", fill_value=0.0) for c in CRITEO_NUMERIC]
     elif numeric == "discretize":
-        nums = [NumericFeature(c, fill_value=0.0, discretize="log", num_buckets=num_buckets) for c in CRITEO_NUMERIC]
+        nums = [NumericFeature(c, fill_value=0.0, discretize=discretizer, num_buckets=num_buckets)
+                for c in CRITEO_NUMERIC]
     else:
         raise DataError(f"numeric must be 'log' or 'discretize'. Received: numeric={numeric!r}")
     cats = [CategoricalFeature(c, min_count=min_count) for c in CRITEO_CATEGORICAL]

@@ -8,10 +8,12 @@
 
 import math
 
+from tfemb.layers.autodis_embedding import AutoDisEmbedding
 from tfemb.layers.autoemb_embedding import AutoEmbEmbedding
 from tfemb.layers.deep_hash_embedding import DeepHashEmbedding, dhe_width_for_budget
 from tfemb.layers.double_hashing_embedding import DoubleHashingEmbedding
 from tfemb.layers.esapn_embedding import ESAPNEmbedding
+from tfemb.layers.field_embedding import FieldEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing_embedding import HashingEmbedding
 from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_scheme
@@ -244,4 +246,41 @@ def scheme_factory(name, **kwargs):
 
     build.scheme_name = name
     build.scheme_class = cls
+    return build
+
+
+#: Numeric-embedding name -> layer class (``numeric_factory``; ``RecModel(numeric_embeddings=...)``).
+NUMERIC_SCHEMES = {
+    "field": FieldEmbedding,
+    "autodis": AutoDisEmbedding,
+}
+
+
+def numeric_factory(name, **kwargs):
+    """A callable ``(feature_name) -> NumericEmbedding`` for one numeric-embedding name.
+
+    Args:
+        name: ``"field"`` (``FieldEmbedding``: ``x · v``) or ``"autodis"`` (``AutoDisEmbedding``: ``num_buckets``,
+            ``temperature``, ``skip_factor``, ``aggregation``, ...).
+        **kwargs: arguments of the layer class; ``output_dim`` is required (a model's ``embedding_dim``).
+
+    The layer is named ``f"{feature_name}_numeric_embedding"``.
+
+    Example:
+        >>> make = numeric_factory("autodis", output_dim=8, num_buckets=10)
+        >>> layer = make("I1")
+        >>> layer.name, layer.parameter_count()
+        ('I1_numeric_embedding', 200)
+    """
+    if name not in NUMERIC_SCHEMES:
+        raise ValueError(f"unknown numeric embedding {name!r}; choose one of {sorted(NUMERIC_SCHEMES)}")
+    cls = NUMERIC_SCHEMES[name]
+    if "output_dim" not in kwargs:
+        raise ValueError(f"numeric_factory({name!r}) needs output_dim (the model's embedding_dim)")
+    cls(**kwargs)  # fail here, naming the argument, not on the first feature
+
+    def build(feature_name):
+        return cls(**kwargs, name=f"{feature_name}_numeric_embedding")
+
+    build.numeric_scheme = name
     return build

@@ -69,7 +69,7 @@ class CFNetwork(RecModel):
         return blocks.cf_input_features(self.schema, self.user_feature, self.item_feature, self.side_features)
 
     def interact(self, embedded, dense, training=None):
-        x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, 2 * dim (+ side)]
+        x = blocks.concat_inputs([embedded[n] for n in self.field_names], dense)  # [batch, 2 * dim (+ side)]
         if self.input_norm is not None:
             x = self.input_norm(x, training=training)
         x = self.mlp(x, training=training)  # [batch, hidden_units[-1]]

@@ -59,7 +59,7 @@ class DCNv2(RecModel):
 
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
-        x0 = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, d]
+        x0 = blocks.concat_inputs([embedded[n] for n in self.field_names], dense)  # [batch, d]
         crossed = self.cross(x0)  # [batch, d]
         if self.structure == "stacked":
             x = self.dnn(crossed, training=training)  # [batch, dnn_units[-1]] (or [batch, d])

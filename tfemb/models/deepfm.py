@@ -13,7 +13,8 @@ class DeepFM(RecModel):
 
     The linear part (``blocks.LinearTerms``: first-order tables ``f"{feature}_linear"``, dense weights, bias),
     the FM pairwise term over the sparse embeddings, and a DNN over the concatenated embeddings and dense features
-    share the embeddings of the schemes under study. With a multiclass head the linear and DNN parts have one
+    share the embeddings of the schemes under study. Numeric features embedded by ``numeric_embeddings`` (e.g.
+    ``"autodis"``, the setting of the AutoDis paper) are fields of the FM and DNN parts instead of raw DNN inputs. With a multiclass head the linear and DNN parts have one
     output per class and the (scalar) FM term is added to every class, where the softmax cancels it.
 
     Defaults are DeepCTR's ``DeepFM`` (deepctr/models/deepfm.py, v0.9): ``dnn_hidden_units=(256, 128, 64)``,
@@ -58,12 +59,12 @@ class DeepFM(RecModel):
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
         logits = []
-        if self.use_fm and self.embedding_names:
-            stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, fields, dim]
+        if self.use_fm and self.field_names:
+            stacked = blocks.stack_fields(embedded, self.field_names)  # [batch, fields, dim]
             fm = blocks.fm_second_order(stacked)  # [batch, 1]
             logits.append(tf.broadcast_to(fm, (tf.shape(fm)[0], self.output_units)))
         if self.dnn is not None:
-            x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, F*dim + n_dense]
+            x = blocks.concat_inputs([embedded[n] for n in self.field_names], dense)  # [batch, F*dim + n_dense]
             logits.append(self.dnn_output(self.dnn(x, training=training)))  # [batch, output_units]
         return tf.add_n(logits) if logits else None
 

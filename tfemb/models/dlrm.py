@@ -52,7 +52,7 @@ class DLRM(RecModel):
         self.l2_embedding = blocks.check_l2("l2_embedding", l2_embedding)
         self.self_interaction = bool(self_interaction)
         self.bottom = None
-        if self.dense_names:
+        if self.raw_dense_names:  # numeric features embedded as fields (numeric_embeddings) skip the bottom MLP
             self.bottom = blocks.MLP(self.bottom_units + (self.embedding_dim,), activation=activation, l2=self.l2_dnn,
                                      name="bottom_mlp")
         self.top = blocks.MLP(self.top_units, activation=activation, dropout=self.dropout, l2=self.l2_dnn,
@@ -61,7 +61,7 @@ class DLRM(RecModel):
 
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
-        vectors = [embedded[n] for n in self.embedding_names]  # F x [batch, dim]
+        vectors = [embedded[n] for n in self.field_names]  # F x [batch, dim]
         if self.bottom is not None:
             x = tf.cast(self.bottom(dense, training=training), vectors[0].dtype if vectors else self.compute_dtype)
             vectors = [x] + vectors

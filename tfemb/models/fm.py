@@ -11,7 +11,7 @@ class FactorizationMachine(RecModel):
 
     The pairwise term runs over the embeddings of all sparse features (the schemes under study), computed as
     ``0.5 * sum_d ((sum_i v_id)^2 - sum_i v_id^2)`` (``blocks.fm_second_order``). Dense features enter the
-    linear part only. The first-order tables are ``FixedEmbedding(vocabulary_size, 1)`` named
+    linear part, and, embedded by ``numeric_embeddings`` (e.g. ``"autodis"``), the pairwise term as fields too. The first-order tables are ``FixedEmbedding(vocabulary_size, 1)`` named
     ``f"{feature}_linear"`` (``blocks.LinearTerms``), listed by ``linear_tables()`` and in
     ``sparse_variables()``. One score per example: binary or regression tasks only.
 
@@ -38,7 +38,7 @@ class FactorizationMachine(RecModel):
 
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
-        stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, fields, dim]
+        stacked = blocks.stack_fields(embedded, self.field_names)  # [batch, fields, dim]
         return blocks.fm_second_order(stacked)  # [batch, 1]
 
     def get_config(self):

@@ -44,9 +44,9 @@ class IPNN(RecModel):
 
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
-        vectors = [embedded[n] for n in self.embedding_names]  # F x [batch, dim]
+        vectors = [embedded[n] for n in self.field_names]  # F x [batch, dim]
         if len(vectors) > 1:
-            stacked = blocks.stack_fields(embedded, self.embedding_names)  # [batch, F, dim]
+            stacked = blocks.stack_fields(embedded, self.field_names)  # [batch, F, dim]
             vectors = vectors + [blocks.pairwise_inner_products(stacked)]  # + [batch, F(F-1)/2]
         x = blocks.concat_inputs(vectors, dense)  # [batch, F*dim + pairs + n_dense]
         return self.output_layer(self.dnn(x, training=training))  # [batch, output_units]

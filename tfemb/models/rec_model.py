@@ -7,7 +7,9 @@ from tfemb import optimizers as sparse_optimizers
 from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, dataset_fit_kwargs, deserialize, keras, serialize
 from tfemb.data.schema import Schema
 from tfemb.layers.embedding_scheme import EmbeddingScheme
+from tfemb.layers.factory import NUMERIC_SCHEMES
 from tfemb.layers.fixed_embedding import FixedEmbedding
+from tfemb.layers.numeric_embedding import NumericEmbedding
 
 
 def _output_activation(task):
@@ -137,13 +139,21 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             vocabularies; single-replica only).
         embedding_learning_rate: learning rate of a named ``embedding_optimizer``.
         num_classes: classes of a multiclass head (default: the schema label's ``num_classes``).
+        numeric_embeddings: how the dense (numeric) features enter the model: None (the default: as raw values,
+            concatenated to the deep part's input and read by the first-order terms), or an embedding per feature
+            that makes each one more field beside the embedded sparse features, ``embedding_dim`` wide (the FM,
+            cross and interaction terms then see it): ``"field"`` (``FieldEmbedding``, ``x · v``), ``"autodis"``
+            (``AutoDisEmbedding``, the AutoDis paper's soft discretisation), a factory ``f(feature_name) ->
+            NumericEmbedding`` (e.g. ``tfemb.layers.numeric_factory("autodis", output_dim=16, num_buckets=40)``),
+            or a dict ``{feature: any of these}`` (features left out stay raw). First-order terms keep reading the
+            raw values of every dense feature.
     """
 
     #: False: the model uses no EmbeddingScheme (e.g. LR, first-order weights only); none is built.
     uses_embeddings = True
 
     def __init__(self, schema, embeddings=None, embedding_dim=16, embedding_optimizer=None,
-                 embedding_learning_rate=None, num_classes=None, **kwargs):
+                 embedding_learning_rate=None, num_classes=None, numeric_embeddings=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(schema, dict):
             schema = Schema.from_dict(schema)
@@ -181,6 +191,12 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
         # Keras tracks layers held in a dict attribute; keep a list too for a stable order.
         self.embedding_names = [n for n in self.sparse_names if n in self.embedding_layers]
         self.embedding_list = [self.embedding_layers[n] for n in self.embedding_names]
+        # Dense features embedded as fields (numeric_embeddings), in dense_names order, and those that stay raw.
+        self.numeric_layers = self._make_numeric_layers(numeric_embeddings, owner if self.uses_embeddings else {})
+        self.numeric_names = [n for n in self.dense_names if n in self.numeric_layers]
+        self.raw_dense_names = [n for n in self.dense_names if n not in self.numeric_layers]
+        #: Every feature the interaction block sees as a vector: the embedded sparse ones, then the numeric ones.
+        self.field_names = self.embedding_names + self.numeric_names
         self._embedding_lr = embedding_learning_rate
         self.embedding_optimizer = sparse_optimizers.get(embedding_optimizer, embedding_learning_rate)
         if self.embedding_optimizer is not None:
@@ -227,6 +243,61 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             )
         return layer
 
+    def _make_numeric_layers(self, spec, owner):
+        """``{dense feature: NumericEmbedding}`` from the ``numeric_embeddings`` argument (see the class doc)."""
+        if spec is None:
+            return {}
+        dense_names = list(self.dense_names)  # a plain list in messages (Keras 2 wraps attributes)
+        if not self.uses_embeddings:
+            raise ValueError(f"{type(self).__name__} uses no embeddings, so it cannot embed numeric features. "
+                             f"Received: numeric_embeddings={spec!r}")
+        if not dense_names:
+            raise ValueError(f"numeric_embeddings was given, but {type(self).__name__} reads no numeric (dense) "
+                             f"feature of this schema. Received: numeric_embeddings={spec!r}")
+        if isinstance(spec, NumericEmbedding) and len(dense_names) > 1:
+            raise ValueError(
+                f"one {type(spec).__name__} object was given for {len(dense_names)} numeric features "
+                f"{dense_names}: each feature needs its own layer (pass a name, a factory such as "
+                "tfemb.layers.numeric_factory(...), or a dict of one layer per feature)")
+        if isinstance(spec, dict):
+            unknown = [n for n in spec if n not in dense_names]
+            if unknown:
+                raise ValueError(f"numeric_embeddings names {unknown[0]!r}, which is not a numeric (dense) feature "
+                                 f"this model reads; those are {dense_names}")
+            per_feature = {n: spec.get(n) for n in dense_names}
+        else:
+            per_feature = {n: spec for n in dense_names}
+        layers = {}
+        for name, one in per_feature.items():
+            if one is None:
+                continue
+            if isinstance(one, str):
+                if one not in NUMERIC_SCHEMES:
+                    raise ValueError(f"numeric_embeddings[{name!r}]: unknown numeric embedding {one!r}; choose one "
+                                     f"of {sorted(NUMERIC_SCHEMES)}, a NumericEmbedding or a factory")
+                layer = NUMERIC_SCHEMES[one](self.embedding_dim, name=f"{name}_numeric_embedding")
+            elif isinstance(one, NumericEmbedding):
+                layer = one
+            elif isinstance(one, dict):  # a serialised layer (from_config)
+                layer = deserialize(one)
+            elif callable(one):
+                layer = one(name)
+            else:
+                raise TypeError(f"numeric_embeddings[{name!r}] must be a name ({sorted(NUMERIC_SCHEMES)}), a "
+                                f"NumericEmbedding, a factory or None. Received: {one!r}")
+            if not isinstance(layer, NumericEmbedding):
+                raise TypeError(f"the numeric embedding of {name!r} must be a tfemb NumericEmbedding. Received: "
+                                f"{type(layer).__name__}")
+            if layer.output_dim != self.embedding_dim:
+                raise ValueError(f"the numeric embedding of {name!r} has output_dim={layer.output_dim}; this model "
+                                 f"needs embedding_dim={self.embedding_dim}")
+            if id(layer) in owner:
+                raise ValueError(f"the same {type(layer).__name__} object ({layer.name!r}) was given for features "
+                                 f"{owner[id(layer)]!r} and {name!r}: each feature needs its own layer")
+            owner[id(layer)] = name
+            layers[name] = layer
+        return layers
+
     # ------------------------------------------------------------------------------------------- forward
     def _check_inputs(self, inputs):
         if not isinstance(inputs, dict):
@@ -236,14 +307,19 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             raise KeyError(f"missing input feature {missing[0]!r}; the model needs {self.sparse_names + self.dense_names}")
 
     def embed(self, inputs):
-        """``({feature: [batch, embedding_dim]}, dense [batch, n_dense] or None)``; ``{}`` when the model uses
-        no embedding scheme (``uses_embeddings = False``)."""
+        """``({feature: [batch, embedding_dim]}, dense [batch, n_dense] or None)``: the embedded sparse features and
+        the embedded numeric ones (``field_names``), and the numeric features that stay raw (``raw_dense_names``);
+        ``{}`` when the model uses no embedding scheme (``uses_embeddings = False``)."""
         self._check_inputs(inputs)
         embedded = {name: self.embedding_layers[name](inputs[name]) for name in self.embedding_names}
-        dense = None
-        if self.dense_names:
-            dense = tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in self.dense_names], axis=-1)
-        return embedded, dense
+        for name in self.numeric_names:
+            embedded[name] = self.numeric_layers[name](inputs[name])
+        return embedded, self._stack_dense(inputs, self.raw_dense_names)
+
+    def _stack_dense(self, inputs, names):
+        if not names:
+            return None
+        return tf.stack([tf.cast(inputs[n], self.compute_dtype) for n in names], axis=-1)  # [batch, len(names)]
 
     def interact(self, embedded, dense, training=None):
         """Subclasses: embedded features -> logits ``[batch, output_units]`` (or None when the model has only
@@ -269,7 +345,9 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
     def call(self, inputs, training=None):
         embedded, dense = self.embed(inputs)
         logits = self.interact(embedded, dense, training=training)
-        linear = self.linear_logits(inputs, dense, training=training)
+        # First-order terms read every dense feature raw, the embedded ones too.
+        linear_dense = self._stack_dense(inputs, self.dense_names) if self.numeric_names else dense
+        linear = self.linear_logits(inputs, linear_dense, training=training)
         if linear is not None:
             logits = linear if logits is None else tf.cast(logits, linear.dtype) + linear
         if logits is None:
@@ -409,6 +487,17 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             })
         return rows
 
+    def numeric_embedding_report(self):
+        """One row per embedded numeric feature: layer, parameters, bytes (``[]`` without ``numeric_embeddings``)."""
+        return [{"feature": n, "scheme": type(self.numeric_layers[n]).__name__,
+                 "output_dim": int(self.numeric_layers[n].output_dim),
+                 "parameters": int(self.numeric_layers[n].parameter_count()),
+                 "bytes": int(self.numeric_layers[n].storage_bytes())} for n in self.numeric_names]
+
+    def numeric_parameter_count(self):
+        """Parameters of the numeric embeddings (not counted in ``embedding_parameter_count``, the id tables')."""
+        return sum(self.numeric_layers[n].parameter_count() for n in self.numeric_names)
+
     def embedding_parameter_count(self):
         return sum(self.embedding_layers[n].parameter_count() for n in self.embedding_names)
 
@@ -425,6 +514,7 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
             "embedding_optimizer": None if self.embedding_optimizer is None else self.embedding_optimizer.get_config(),
             "embedding_learning_rate": self._embedding_lr,
             "num_classes": self.num_classes,
+            "numeric_embeddings": {n: serialize(self.numeric_layers[n]) for n in self.numeric_names} or None,
             # The dtype policy the model was built under (e.g. "mixed_float16"): from_config builds every sublayer
             # under it again, whatever the global policy of the process that reloads it.
             "dtype": self.dtype_policy.name,

@@ -50,7 +50,7 @@ class WideAndDeep(RecModel):
 
     def interact(self, embedded, dense, training=None):
         blocks.add_embedding_l2(self, embedded, self.l2_embedding, training)
-        x = blocks.concat_inputs([embedded[n] for n in self.embedding_names], dense)  # [batch, F*dim + n_dense]
+        x = blocks.concat_inputs([embedded[n] for n in self.field_names], dense)  # [batch, F*dim + n_dense]
         return self.dnn_output(self.dnn(x, training=training))  # [batch, output_units]
 
     def get_config(self):
