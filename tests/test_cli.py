@@ -49,6 +49,8 @@ def test_default_compare_covers_every_baseline_scheme():
     schemes = {v["embedding"]["scheme"] for v in compare.DEFAULT_COMPARE["variants"]}
     assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep", "dhe"} <= schemes
     assert {"fse", "darts", "sam", "autoemb", "esapn"} <= set(compare.DEFAULT_COMPARE["streaming"]["methods"])
+    numeric = {(v.get("numeric_embedding") or {}).get("scheme") for v in compare.DEFAULT_COMPARE["variants"]}
+    assert "autodis" in numeric
 
 
 def test_compare_streaming_table(tmp_path):

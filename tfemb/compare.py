@@ -35,6 +35,10 @@ DEFAULT_COMPARE = {
         {"name": "dhe 4x (k=256, 2 layers)",
          "embedding": {"scheme": "dhe", "params": {"compression": 4, "num_hashes": 256, "num_hidden_layers": 2,
                                                    "min_width": 16, "fallback": "hashing"}}},
+        # AutoDis (the numeric features I1, I2 as fields, softly discretised into 20 meta-embeddings each) beside
+        # the fixed tables: its parameters are not in the embedding columns, which count the id tables.
+        {"name": "fixed-16 + AutoDis numeric", "embedding": {"scheme": "fixed"},
+         "numeric_embedding": {"scheme": "autodis", "params": {"num_buckets": 20}}},
         # PEP: a search with a snapshot at 1/4 of the fixed parameters, then its lottery ticket retrained (the row
         # reports the retrained model; train s = search + retrain). Settings: benchmarks/README.md, "PEP evidence".
         {"name": "pep 4x (search+retrain)",
