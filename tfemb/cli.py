@@ -22,6 +22,9 @@ def cmd_train(args):
     print(report.console_table([{"metric": k, "value": v} for k, v in result["metrics"].items()]))
     print()
     print(report.console_table(result["tables"]))
+    if result.get("numeric_tables"):  # numeric features embedded as fields (AutoDis, field embedding)
+        print()
+        print(report.console_table(result["numeric_tables"]))
     print(f"\nembedding parameters: {result['embedding_parameters']:,}  bytes: {result['embedding_bytes']:,}  "
           f"train: {result['train_seconds']:.1f}s ({result['examples_per_second']:,.0f} examples/s)")
     print(f"wrote {out_dir}/model.keras, schema.json, result.json")
