@@ -329,6 +329,16 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
         object.__setattr__(self, "_stream_functions", {})
         self.built = True
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        # The lazy-Adam twin of θ's optimizer (``sparse_theta_updates``) is a plain attribute, so that Keras does not
+        # count it among the wrapper's layers; its slots (the controllers' popularity kernels', the DARTS logits')
+        # are checkpointed as a child, as the other optimizers' are: without them a resumed search moved θ, hence
+        # every embedding, differently from the uninterrupted one.
+        if save_type == "checkpoint" and self._theta_sparse_optimizer is not None:
+            children.setdefault("theta_sparse_optimizer", self._theta_sparse_optimizer)
+        return children
+
     @property
     def uses_validation(self):
         """Whether a step reads a validation batch: bilevel mode and a model with θ."""

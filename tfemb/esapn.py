@@ -55,7 +55,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import IS_KERAS_3, dataset_fit_kwargs, keras, register
+from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
     PREVIOUS_BATCH, _batch_metrics, cached_stream_step, per_example_loss,
     previous_batch_stream, refuse_wrapper_save, scheme_layers, stream_summary, stream_test_start,
@@ -274,7 +274,7 @@ def _frequency(layer, unique, occurrences):
 
 
 # ---------------------------------------------------------------------------------------------- the search
-class ESAPNSearch(WeightedLossMixin, keras.Model):
+class ESAPNSearch(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
     """Trains a ``RecModel`` whose user / item embeddings are ``ESAPNEmbedding`` layers, policies alternating.
 
     ``train_step`` (Keras ``fit``) and ``stream_step`` (``stream_fit``) run, per batch: the policy step on the
