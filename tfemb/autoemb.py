@@ -41,6 +41,9 @@ MODES = ("bilevel", "joint")
 #: ``validation_stream`` value: the previous training batch is the θ-step's validation batch.
 PREVIOUS_BATCH = "previous_batch"
 
+#: Weights-file keys (``AutoEmbSearch.save_own_variables``) of the lazy θ twin's variables.
+THETA_TWIN_KEY = "theta_sparse_optimizer_"
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _unwrap(model):
@@ -177,6 +180,15 @@ def refuse_wrapper_save(search, filepath):
         f"{type(search).__name__} is the search's training procedure, not a model to reload: save the searched "
         f"model instead, search.rec_model.save({str(filepath)!r}) (its selected sizes and stream state included), "
         "or export it with tfemb.export.export_saved_model(search.rec_model, ...)")
+
+
+def build_optimizers_to_load(search):
+    """Builds the optimizers of a compiled search wrapper (``AutoEmbSearch``, ``ESAPNSearch``) before its
+    ``load_weights``: Keras 3 (and Keras 2's ``.h5``) load an optimizer's saved state only into a built optimizer of
+    as many variables, and skip it with a warning otherwise, so a resumed search restarted its optimizers' moments
+    and step counts. An uncompiled wrapper loads the weights alone."""
+    if getattr(search, "optimizer", None) is not None:
+        search._build_optimizers()
 
 
 def _iter_validation(stream):
@@ -515,6 +527,38 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
         previous batch ``(x, y)``, then the W-step) when ``previous`` is given, else the W-step alone."""
         del t  # every batch after the first has its θ-step
         return self.stream_step(x, y, *previous) if previous is not None else self.stream_step(x, y)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras ``load_weights``; a compiled wrapper's optimizers are built first, so that the optimizer state of
+        the file (``.weights.h5``: Keras skips the state of an optimizer not built yet, with a warning) is loaded."""
+        build_optimizers_to_load(self)
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def save_own_variables(self, store):
+        """Keras' weights-file hook (``.weights.h5``): also writes the lazy θ twin's step count and slots, as
+        ``theta_sparse_optimizer_<i>`` (a ``tf.train.Checkpoint`` holds them as the child ``theta_sparse_optimizer``)."""
+        super().save_own_variables(store)
+        if self._theta_sparse_optimizer is not None:
+            for i, variable in enumerate(self._theta_sparse_optimizer.variables):
+                store[f"{THETA_TWIN_KEY}{i}"] = variable.numpy()
+
+    def load_own_variables(self, store):
+        twin_keys = sorted((k for k in store.keys() if k.startswith(THETA_TWIN_KEY)),
+                           key=lambda k: int(k[len(THETA_TWIN_KEY):]))
+        super().load_own_variables({k: store[k] for k in store.keys() if k not in twin_keys} if twin_keys else store)
+        if not twin_keys:
+            return
+        twin = self._theta_sparse_optimizer
+        variables = [] if twin is None else twin.variables
+        if len(variables) != len(twin_keys):
+            warnings.warn(
+                f"{self.name}: the weights file holds the state of a lazy-Adam θ optimizer ({len(twin_keys)} variables) "
+                f"that this wrapper does not have ({len(variables)} variables: sparse_theta_updates="
+                f"{self.sparse_theta_updates}, compiled with a plain Adam θ optimizer: "
+                f"{twin is not None}); it is skipped", stacklevel=2)
+            return
+        for key, variable in zip(twin_keys, variables):
+            variable.assign(store[key])
 
     def get_config(self):
         return {"name": self.name, "mode": self.mode, "sparse_theta_updates": self.sparse_theta_updates,

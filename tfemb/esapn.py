@@ -57,7 +57,7 @@ import tensorflow as tf
 
 from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, dataset_fit_kwargs, keras, register
 from tfemb.autoemb import (
-    PREVIOUS_BATCH, _batch_metrics, cached_stream_step, per_example_loss,
+    PREVIOUS_BATCH, _batch_metrics, build_optimizers_to_load, cached_stream_step, per_example_loss,
     previous_batch_stream, refuse_wrapper_save, scheme_layers, stream_summary, stream_test_start,
 )
 from tfemb.layers.autoemb_controller import POPULARITY_ENCODINGS, num_popularity_buckets, popularity_buckets
@@ -532,6 +532,12 @@ class ESAPNSearch(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
         if previous is not None and t % self.policy_update_every == 0:
             return self.stream_step(x, y, *previous)
         return self.stream_step(x, y)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras ``load_weights``; a compiled wrapper's optimizers are built first, so that the optimizer state of
+        the file (``.weights.h5``: Keras skips the state of an optimizer not built yet, with a warning) is loaded."""
+        build_optimizers_to_load(self)
+        return super().load_weights(filepath, *args, **kwargs)
 
     def get_config(self):
         policy = dict(self.policy_config)
