@@ -16,11 +16,17 @@ each over ``--seeds`` seeds (weights and shuffling; the split stays the recipe's
 ``autodis.{json,md,png}``: test AUC and logloss as mean (min–max) over the seeds, validation AUC (on which the
 defaults are chosen), parameters of the numeric embeddings, and the learned bucket assignment of one field.
 
-    python benchmarks/autodis.py              # 3 seeds, ~10 min on 2 cores -> benchmarks/results/autodis.*
+A second dataset (``--datasets synthetic``) checks the mechanism where it must show: a generated CTR table whose
+label depends on four count features through a bump (high in the middle of each feature's log range, low at
+both ends) and on three weak categorical fields, learned by a factorization machine (no deep part). There a
+representation that is linear in the value (raw values in the first-order terms, the field embedding ``x · v``)
+cannot express the bump; bucket ids and AutoDis can.
+
+    python benchmarks/autodis.py              # both datasets, 3 seeds -> benchmarks/results/autodis.*
     python benchmarks/autodis.py --quick      # 4 variants, 1 seed, 1 epoch -> outputs/bench-quick/
 
-Real data comes from ``$TFEMB_DATA_DIR`` (default ``<repo>/../shared/data``); without the Criteo sample the run
-is skipped and nothing is written.
+Real data comes from ``$TFEMB_DATA_DIR`` (default ``<repo>/../shared/data``); without the Criteo sample that
+dataset is skipped (the synthetic one still runs when asked for; with nothing to run nothing is written).
 """
 
 import argparse
@@ -42,6 +48,73 @@ RECIPE = ROOT / "models" / "deepfm_criteo10k.yaml"
 DATASET_FOLDER = "criteo"
 #: The field whose learned bucket assignment is plotted (I5: counts spread over five orders of magnitude).
 PLOT_FIELD = "I5"
+DATASETS = ("criteo", "synthetic")
+#: The synthetic dataset: rows, count features, categorical fields (values each), and its FM recipe.
+SYNTHETIC_ROWS, SYNTHETIC_NUMERIC, SYNTHETIC_FIELDS, SYNTHETIC_VALUES = 20000, 4, 3, 30
+SYNTHETIC_RECIPE = {
+    "name": "fm_synthetic_numeric",
+    "model": {"name": "fm", "embedding_dim": 8, "params": {}},
+    "embedding": {"scheme": "fixed", "params": {}},
+    "train": {"epochs": 40, "batch_size": 512, "optimizer": "adam", "learning_rate": 0.01,
+              "embedding_optimizer": None, "early_stopping": {"monitor": "val_auc", "patience": 3}},
+}
+
+
+def synthetic_frame(n=SYNTHETIC_ROWS, seed=0):
+    """Counts ``I1..I4`` (``floor(exp(N(1.5, 1.2²)))``) and fields ``C1..C3``; the logit is a sum of bumps
+    ``1.5·exp(-((log(1 + x) - c_j) / 0.5)²) - 0.5`` (``c_j``: the 30th to 75th percentile of each feature's log)
+    and small random effects of the categorical values."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    frame, logit = {}, np.full(n, -0.3)
+    for j in range(SYNTHETIC_NUMERIC):
+        x = np.floor(np.exp(rng.normal(1.5, 1.2, n)))
+        z = np.log1p(x)
+        center = np.quantile(z, 0.3 + 0.15 * j)
+        logit += 1.5 * np.exp(-(((z - center) / 0.5) ** 2)) - 0.5
+        frame[f"I{j + 1}"] = x
+    for j in range(SYNTHETIC_FIELDS):
+        values = rng.integers(0, SYNTHETIC_VALUES, n)
+        logit += rng.normal(0.0, 0.3, SYNTHETIC_VALUES)[values]
+        frame[f"C{j + 1}"] = [f"c{j + 1}_{v}" for v in values]
+    frame["label"] = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
+    frame["true_logit"] = logit  # not a feature of the schema: the oracle's score
+    return pd.DataFrame(frame)
+
+
+def auc_np(labels, scores):
+    """ROC AUC by ranks (ties share their mean rank)."""
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = np.asarray(scores)[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        ranks[order[start:start + count]] = start + (count + 1) / 2.0
+    positives = labels.sum()
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * (len(labels) - positives)))
+
+
+def prepare_synthetic(data_params):
+    """The synthetic dataset's ``PreparedData`` (random 80/10/10 split, seed 0) under ``data_params`` (those of
+    ``criteo_schema``: ``numeric``, ``discretizer``, ``num_buckets``)."""
+    from tfemb import experiment
+    from tfemb.data import random_split
+    from tfemb.data.schema import CategoricalFeature, Label, NumericFeature, Schema
+
+    df = synthetic_frame()
+    nums = [f"I{j + 1}" for j in range(SYNTHETIC_NUMERIC)]
+    if data_params.get("numeric") == "discretize":
+        numeric = [NumericFeature(c, discretize=data_params["discretizer"], num_buckets=data_params["num_buckets"])
+                   for c in nums]
+    else:
+        numeric = [NumericFeature(c, transform="log_standardize") for c in nums]
+    schema = Schema(numeric + [CategoricalFeature(f"C{j + 1}") for j in range(SYNTHETIC_FIELDS)],
+                    label=Label("label", "binary"))
+    train, val, test = random_split(df, (0.8, 0.1, 0.1), seed=0)
+    schema.fit(train)
+    return experiment.PreparedData(schema, {"train": train, "val": val, "test": test})
 
 
 def variants(buckets):
@@ -68,6 +141,8 @@ def variants(buckets):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS),
+                        help=f"comma list of {', '.join(DATASETS)} (default both)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     parser.add_argument("--buckets", type=int, default=20,
                         help="buckets of the discretisations and meta-embeddings of AutoDis (default 20, the "
@@ -81,6 +156,7 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = _benchcli.default_out(args.quick)
     _benchcli.check_min(parser, args, {"seeds": 1, "buckets": 2})
+    args.datasets = _benchcli.split_list(parser, "--datasets", args.datasets, allowed=DATASETS, what="datasets")
     _benchcli.check_out(parser, args.out)
     if args.quick:
         args.seeds = 1
@@ -88,11 +164,13 @@ def parse_args(argv=None):
 
 
 def aggregate(runs):
-    """One row per variant: mean / min / max of test AUC, mean logloss and val AUC over the seeds, parameters."""
+    """One row per dataset and variant: mean / min / max of test AUC, mean logloss and val AUC over the seeds,
+    parameters."""
     rows = []
-    for name, results in runs.items():
+    for (dataset, name), results in runs.items():
         auc = np.array([r["metrics"]["auc"] for r in results])
         rows.append({
+            "dataset": dataset,
             "variant": name,
             "numeric_parameters": int(results[0]["numeric_parameters"]),
             "embedding_parameters": int(results[0]["embedding_parameters"]),
@@ -106,20 +184,32 @@ def aggregate(runs):
     return rows
 
 
+TITLES = {
+    "criteo": "Criteo 10K sample: DeepFM of `models/deepfm_criteo10k.yaml`, I1..I13",
+    "synthetic": (f"Synthetic bumps ({SYNTHETIC_ROWS:,} rows; the label depends on {SYNTHETIC_NUMERIC} counts through "
+                  "a bump each): a factorization machine, no deep part"),
+}
+
+
 def markdown(rows, meta):
-    lines = [f"# Numeric-feature embeddings, {meta['dataset']}", "", f"`{meta['command']}`", "",
+    lines = ["# Numeric-feature embeddings", "", f"`{meta['command']}`", "",
              f"{meta['seeds']} seed(s), {meta['when']} UTC, TF {meta['tensorflow']}, {meta['keras']}; "
-             f"{meta['buckets']} buckets / meta-embeddings. DeepFM of `models/deepfm_criteo10k.yaml`. Test AUC: mean "
-             "(min–max) over the seeds; val AUC: mean (the split defaults are chosen on); numeric params: the "
-             "numeric embeddings' parameters (discretisations: their bucket tables, counted in the id tables' "
-             "column); id-table params: every categorical table's.", "",
-             "| variant | test AUC | logloss | val AUC | numeric params | id-table params | train s | epochs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} ({r['auc_min']:.4f}–{r['auc_max']:.4f}) | "
-                     f"{r['logloss_mean']:.4f} | {r['val_auc_mean']:.4f} | {r['numeric_parameters']:,} | "
-                     f"{r['embedding_parameters']:,} | {r['train_seconds_mean']:.1f} | "
-                     f"{', '.join(map(str, r['epochs']))} |")
+             f"{meta['buckets']} buckets / meta-embeddings. Test AUC: mean (min–max) over the seeds; val AUC: mean "
+             "(the split defaults are chosen on); numeric params: the numeric embeddings' parameters "
+             "(discretisations: their bucket tables, counted in the id tables' column); id-table params: every "
+             "categorical table's. Train seconds on 2 shared CPU cores."]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        lines += ["", f"## {TITLES[dataset]}", "",
+                  "| variant | test AUC | logloss | val AUC | numeric params | id-table params | train s | epochs |",
+                  "|---|---|---|---|---|---|---|---|"]
+        if dataset == "synthetic" and meta.get("synthetic_oracle_auc") is not None:
+            lines.insert(len(lines) - 2, f"The generator's own logit scores the test rows at AUC "
+                                         f"{meta['synthetic_oracle_auc']:.4f}: no model can do better.\n")
+        for r in (r for r in rows if r["dataset"] == dataset):
+            lines.append(f"| {r['variant']} | {r['auc_mean']:.4f} ({r['auc_min']:.4f}–{r['auc_max']:.4f}) | "
+                         f"{r['logloss_mean']:.4f} | {r['val_auc_mean']:.4f} | {r['numeric_parameters']:,} | "
+                         f"{r['embedding_parameters']:,} | {r['train_seconds_mean']:.1f} | "
+                         f"{', '.join(map(str, r['epochs']))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,36 +225,42 @@ def bucket_assignment(model, prepared, field):
     return grid, layer.bucket_scores(tf.constant(encoded)).numpy()
 
 
-def plot(rows, assignment, path):
+def plot(rows, assignments, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.2, 1]})
-    names = [r["variant"] for r in rows]
-    means = np.array([r["auc_mean"] for r in rows])
-    err = np.array([[r["auc_mean"] - r["auc_min"] for r in rows], [r["auc_max"] - r["auc_mean"] for r in rows]])
-    colors = ["#999999" if n.startswith("no ") else "#6baed6" if n.startswith("field") else
-              "#fd8d3c" if n.startswith("discret") else "#31a354" for n in names]
-    y = np.arange(len(rows))[::-1]
-    ax.barh(y, means - means.min() + 0.002, left=means.min() - 0.002, xerr=err, color=colors, capsize=3)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.set_xlabel("test AUC (mean, min–max over seeds)")
-    ax.set_title("DeepFM on Criteo 10K: how I1..I13 are embedded")
-    ax.grid(True, axis="x", alpha=0.3)
-    if assignment is not None:
-        grid, probs = assignment
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    panels = len(datasets) + len(assignments)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
+    axes = list(axes[0])
+    for ax, dataset in zip(axes, datasets):
+        part = [r for r in rows if r["dataset"] == dataset]
+        names = [r["variant"] for r in part]
+        means = np.array([r["auc_mean"] for r in part])
+        err = np.array([[r["auc_mean"] - r["auc_min"] for r in part], [r["auc_max"] - r["auc_mean"] for r in part]])
+        colors = ["#999999" if n.startswith("no ") else "#6baed6" if n.startswith("field") else
+                  "#fd8d3c" if n.startswith("discret") else "#31a354" for n in names]
+        y = np.arange(len(part))[::-1]
+        low = (means - err[0]).min() - 0.002
+        ax.barh(y, means - low, left=low, xerr=err, color=colors, capsize=3)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_xlabel("test AUC (mean, min–max over seeds)")
+        ax.set_title({"criteo": "DeepFM, Criteo 10K: I1..I13 embedded as",
+                      "synthetic": "FM, synthetic bumps: counts embedded as"}[dataset], fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    for bx, (field, dataset, (grid, probs)) in zip(axes[len(datasets):], assignments):
         im = bx.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis",
                        extent=[0, len(grid) - 1, -0.5, probs.shape[1] - 0.5])
         ticks = np.linspace(0, len(grid) - 1, 6).astype(int)
         bx.set_xticks(ticks, [f"{grid[t]:.3g}" for t in ticks], fontsize=8)
-        bx.set_xlabel(f"{PLOT_FIELD} raw value (training quantiles, even steps)")
+        bx.set_xlabel(f"{field} raw value (training quantiles, even steps)")
         bx.set_ylabel("meta-embedding (bucket)")
-        bx.set_title(f"AutoDis soft assignment of {PLOT_FIELD} (seed 0, τ=1)")
+        bx.set_title(f"AutoDis soft assignment of {dataset} {field} (seed 0, τ=1)", fontsize=10)
         fig.colorbar(im, ax=bx, label="p(bucket | value)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -172,10 +268,13 @@ def main(argv=None):
     args = parse_args(argv)
     from tfemb.data.readers import data_dir
 
-    folder = data_dir() / DATASET_FOLDER
-    if not folder.is_dir():
-        print(f"SKIPPED: data folder {folder} is absent (set TFEMB_DATA_DIR to the folder holding it); nothing "
-              f"written to {args.out}.")
+    datasets = list(args.datasets)
+    if "criteo" in datasets and not (data_dir() / DATASET_FOLDER).is_dir():
+        print(f"SKIPPED criteo: data folder {data_dir() / DATASET_FOLDER} is absent (set TFEMB_DATA_DIR to the "
+              "folder holding it).")
+        datasets.remove("criteo")
+    if not datasets:
+        print(f"nothing to run: nothing written to {args.out}.")
         return 0
     import tensorflow as tf
     import yaml
@@ -183,47 +282,59 @@ def main(argv=None):
     from tfemb import experiment
     from tfemb._keras import backend_name
 
-    recipe = experiment.merge(experiment.DEFAULTS, yaml.safe_load(RECIPE.read_text()))
-    recipe["train"]["verbose"] = 0
-    if args.quick:
-        recipe["train"]["epochs"] = 1
-    prepared_by_data = {}
-    runs, assignment = {}, None
-    start = time.time()
+    recipes = {"criteo": experiment.merge(experiment.DEFAULTS, yaml.safe_load(RECIPE.read_text())),
+               "synthetic": experiment.merge(experiment.DEFAULTS, SYNTHETIC_RECIPE)}
+    for recipe in recipes.values():
+        recipe["train"]["verbose"] = 0
+        if args.quick:
+            recipe["train"]["epochs"] = 1
     plan = variants(args.buckets)
     if args.quick:  # a smoke test of the script: one variant of each kind
         plan = [v for v in plan if v[0].startswith(("no embedding", "field", "discretisation LD",
                                                     "AutoDis (weighted average, τ=1)"))]
-    for seed in range(args.seeds):
-        for i, (name, data_params, numeric) in enumerate(plan, 1):
-            data_cfg = experiment.merge(recipe["data"], {"params": data_params})
-            key = json.dumps(data_cfg, sort_keys=True)
-            if key not in prepared_by_data:
-                prepared_by_data[key] = experiment.prepare_data(data_cfg)
-            cfg = experiment.merge(recipe, {"name": name, "seed": seed, "data": data_cfg,
-                                            "numeric_embedding": numeric})
-            result = experiment.run(cfg, prepared=prepared_by_data[key])
-            model = result.pop("_model", None)
-            runs.setdefault(name, []).append(result)
-            print(f"seed {seed} [{i}/{len(plan)}] {name}: test AUC {result['metrics']['auc']:.4f}, val AUC "
-                  f"{result['val_metrics']['auc']:.4f}, {result['epochs']} epochs, {result['train_seconds']:.1f} s "
-                  f"({time.time() - start:.0f} s so far)", flush=True)
-            if seed == 0 and name.startswith("AutoDis (weighted average, τ=1)"):
-                assignment = bucket_assignment(model, prepared_by_data[key], PLOT_FIELD)
+    prepared_by_data = {}
+    runs, assignments = {}, []
+    start = time.time()
+    for dataset in datasets:
+        recipe = recipes[dataset]
+        for seed in range(args.seeds):
+            for i, (name, data_params, numeric) in enumerate(plan, 1):
+                key = (dataset, json.dumps(data_params, sort_keys=True))
+                if dataset == "criteo":
+                    data_cfg = experiment.merge(recipe["data"], {"params": data_params})
+                    if key not in prepared_by_data:
+                        prepared_by_data[key] = experiment.prepare_data(data_cfg)
+                else:
+                    data_cfg = recipe["data"]
+                    if key not in prepared_by_data:
+                        prepared_by_data[key] = prepare_synthetic(data_params)
+                cfg = experiment.merge(recipe, {"name": name, "seed": seed, "data": data_cfg,
+                                                "numeric_embedding": numeric})
+                result = experiment.run(cfg, prepared=prepared_by_data[key])
+                model = result.pop("_model", None)
+                runs.setdefault((dataset, name), []).append(result)
+                print(f"{dataset} seed {seed} [{i}/{len(plan)}] {name}: test AUC {result['metrics']['auc']:.4f}, "
+                      f"val AUC {result['val_metrics']['auc']:.4f}, {result['epochs']} epochs, "
+                      f"{result['train_seconds']:.1f} s ({time.time() - start:.0f} s so far)", flush=True)
+                if seed == 0 and name.startswith("AutoDis (weighted average, τ=1)"):
+                    field = PLOT_FIELD if dataset == "criteo" else "I2"
+                    assignments.append((field, dataset, bucket_assignment(model, prepared_by_data[key], field)))
     rows = aggregate(runs)
-    meta = {"command": args.command, "seeds": args.seeds, "buckets": args.buckets,
-            "dataset": "Criteo 10K sample (DeepFM, binary)",
+    oracle = None
+    if "synthetic" in datasets:  # the generator's own logit on the test rows: the best AUC any model can reach
+        test = next(p for (d, _), p in prepared_by_data.items() if d == "synthetic").frames["test"]
+        oracle = auc_np(test["label"].to_numpy(), test["true_logit"].to_numpy())
+    meta = {"command": args.command, "seeds": args.seeds, "buckets": args.buckets, "datasets": datasets,
             "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "tensorflow": tf.__version__,
-            "keras": backend_name(), "wall_seconds": time.time() - start}
+            "keras": backend_name(), "wall_seconds": time.time() - start, "synthetic_oracle_auc": oracle}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "rows": rows}
-    if assignment is not None:
-        payload["assignment"] = {"field": PLOT_FIELD, "values": assignment[0].tolist(),
-                                 "probabilities": np.round(assignment[1], 5).tolist()}
+    payload = {"meta": meta, "rows": rows,
+               "assignments": [{"dataset": d, "field": f, "values": grid.tolist(),
+                                "probabilities": np.round(probs, 5).tolist()} for f, d, (grid, probs) in assignments]}
     (out / "autodis.json").write_text(json.dumps(payload, indent=2))
     (out / "autodis.md").write_text(markdown(rows, meta))
-    plot(rows, assignment, out / "autodis.png")
+    plot(rows, assignments, out / "autodis.png")
     print(markdown(rows, meta))
     print(f"wrote {out / 'autodis.json'}, autodis.md and autodis.png")
     return 0

@@ -90,6 +90,7 @@ BAD_ARGUMENTS = [
     ("dhe", ["--seeds", "0"], "--seeds", "0"),
     ("autodis", ["--seeds", "0"], "--seeds", "0"),
     ("autodis", ["--buckets", "1"], "--buckets", "1"),
+    ("autodis", ["--datasets", "avazu"], "--datasets", "'avazu'"),
 ]
 
 
@@ -143,7 +144,7 @@ def test_streaming_quick_keeps_the_options_given():
     ("pep_sweep", ["--datasets", "ml100k", "--timing-only"], "pep_timing.json"),
     ("streaming", ["--datasets", "ml100k"], "streaming.json"),
     ("dhe", [], "dhe.json"),
-    ("autodis", [], "autodis.json"),
+    ("autodis", ["--datasets", "criteo"], "autodis.json"),
 ])
 def test_missing_data_leaves_the_results_folder_as_it_is(name, argv, written, tmp_path, monkeypatch, capsys):
     """With the data folder absent every dataset is skipped with the reason and nothing is written: an empty
