@@ -203,3 +203,30 @@ def test_weights_file_resumes_the_stream_as_the_uninterrupted_run(case, fmt, dat
     run_stream(search, data, STEPS, STEPS + 2)
     run_stream(fresh, data, STEPS, STEPS + 2)
     assert_same_state(fresh, search, case)
+
+
+# ------------------------------------------------------------------------------------------ what goes wrong
+@pytest.mark.parametrize("fmt", ["checkpoint"] + weights_formats())
+def test_state_of_another_policy_configuration_fails_naming_it(fmt, data, tmp_path):
+    """Restoring an ESAPNSearch's state into one with wider policies: an error naming the policy and the shapes (a
+    ``.weights.h5`` file: its arguments too; Keras 3 reported "expected 4 variables, but received 0 variables")."""
+    search = make_search("esapn", data)
+    run_stream(search, data, 0, 2)
+    other = _compiled_esapn(ESAPNSearch(_esapn_model(data[0]), popularity_embedding_dim=3, policy_units=7, seed=3))
+    if fmt == "checkpoint":
+        path = tf.train.Checkpoint(search=search).save(str(tmp_path / "ckpt"))
+        with pytest.raises(ValueError, match=r"incompatible tensor with shape \(5,\) .* shape \(7,\) .*_id_policy/"):
+            tf.train.Checkpoint(search=other).restore(path)
+        return
+    path = weights_file(tmp_path, fmt)
+    search.save_weights(path)
+    with pytest.raises(ValueError) as error:
+        other.load_weights(path)
+    message = str(error.value)
+    # The policy and both shapes of a variable; Keras 2 names the first variable it cannot assign (under
+    # .weights.h5 an optimizer slot, "m/user_id_policy/popularity_kernel"), tfemb's check the policy's arguments.
+    assert "_id_policy" in message and ("(5,)" in message and "(7,)" in message
+                                        or "(3, 5)" in message and "(3, 7)" in message), message
+    if IS_KERAS_3:
+        assert "_id_policy: the saved weights do not fit this ESAPNPolicy" in message, message
+        assert "hidden_units=7" in message, message

@@ -196,6 +196,32 @@ class ESAPNPolicy(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (input_shape[0][0], len(ACTIONS))
 
+    def load_own_variables(self, store):
+        """``.weights.h5`` loading: weights of a policy of other arguments fail naming this policy, its arguments and
+        both variable shapes. (Keras 3 loads the policy once per path the wrapper holds it under and retries under
+        the next when the first fails: the retry re-raises the first error instead of Keras' "received 0
+        variables".)"""
+        previous = self.__dict__.get("_load_error")
+        if len(store.keys()) == 0 and previous is not None:
+            raise previous
+        own = (list(self._trainable_variables) + list(self._non_trainable_variables) if IS_KERAS_3
+               else list(self._trainable_weights) + list(self._non_trainable_weights))
+        saved = [tuple(int(n) for n in store[str(i)].shape) for i in range(len(store.keys()))]
+        if saved != [tuple(v.shape) for v in own]:
+            names = [getattr(v, "path", v.name).split("/")[-1].split(":")[0] for v in own]
+            error = ValueError(
+                f"{self.name}: the saved weights do not fit this ESAPNPolicy (num_sizes={self.num_sizes}, "
+                f"hidden_units={self.hidden_units}, popularity_embedding_dim={self.popularity_embedding_dim}, "
+                f"use_last_loss={self.use_last_loss}, popularity_encoding={self.popularity_encoding!r}, "
+                f"max_popularity={self.max_popularity}): saved variable shapes {saved}, this policy's "
+                f"{dict(zip(names, (tuple(v.shape) for v in own)))}. They come from an ESAPNSearch of other policy "
+                "arguments (policy_units, popularity_embedding_dim, use_last_loss, popularity_encoding, "
+                "max_popularity) or candidate sizes: build the search with the saved one's arguments")
+            object.__setattr__(self, "_load_error", error)
+            raise error
+        object.__setattr__(self, "_load_error", None)
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config.update({
@@ -345,7 +371,8 @@ class ESAPNSearch(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
         self.policies = {name: ESAPNPolicy(layer.num_candidates, name=f"{name}_policy", **self.policy_config)
                          for name, layer in layers.items()}
         for policy in self.policies.values():
-            policy.build()
+            with tf.name_scope(policy.name):  # Keras 2: its variables' names carry the policy (built outside a call)
+                policy.build()
         self.policy_updates = self.add_weight(name="policy_updates", shape=(), dtype="int64", initializer="zeros",
                                               trainable=False)
         self.policy_optimizer = None
