@@ -31,7 +31,8 @@ from tfemb.export import (
     quantize_scheme, raw_inputs, read_warmup_requests, unsupported_ops,
 )
 from tfemb.export.ops_check import read_saved_model_proto
-from tfemb.export.quantize import INT8_BLOCK, QuantizedTable, dequantized, gathered_tables, quantize_int8
+from tfemb.export.quantize import (INT8_BLOCK, QuantizedTable, dequantized, gathered_tables, quantize_int,
+                                   quantize_int8)
 from tfemb.export.saved_model import MISSING_INT, vocabulary_keys
 from tfemb.export.warmup import request_inputs
 from tfemb.layers import FixedEmbedding, scheme_factory
@@ -372,9 +373,11 @@ def test_cf_models_export(kind, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ int8 / float16
 #: Stated bounds on |export - float32 Keras model| of the test DeepFM's probabilities (weights ~ N(0, 0.3));
-#: measured over every scheme and both Keras modes: int8 <= 3.1e-3, float16 <= 1.7e-4. The per-example
-#: first-order bound of test_quantized_output_within_first_order_bound is the derived one.
-OUTPUT_BOUND = {"int8": 1e-2, "float16": 1e-3}
+#: measured over every scheme and both Keras modes: int8 <= 3.1e-3, float16 <= 1.7e-4. int16's step is 258
+#: times int8's. The per-example first-order bound of test_quantized_output_within_first_order_bound is the
+#: derived one.
+OUTPUT_BOUND = {"int8": 1e-2, "int16": 1e-4, "float16": 1e-3}
+INT_STORAGE = {"int8": 1, "int16": 2}  # bytes per stored value of the integer storages (+ 4 per scale)
 
 
 @pytest.mark.parametrize("scheme,table_dtype", [
@@ -382,6 +385,7 @@ OUTPUT_BOUND = {"int8": 1e-2, "float16": 1e-3}
     ("double_hashing_index", "int8"), ("md", "int8"),
     ("md_fast", "float16"),
     ("pep", "int8"), ("pep", "float16"), ("pep_slots", "int8"),
+    ("fixed", "int16"), ("md", "int16"), ("pep", "int16"),
 ])
 def test_quantized_tables(scheme, table_dtype, ctr, exports):
     model, path = exports(scheme, table_dtype)
@@ -397,14 +401,18 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
         values = tf.convert_to_tensor(table).numpy()
         assert np.all(np.abs(quantized.dequantized() - values) <= element_error_bound(values, table_dtype))
         assert quantized.dequantized().tolist() == dequantized(values, table_dtype).tolist()
-    # Stored bytes: int8 one byte per value + a float32 scale per row (per block of a 1-D table); float16 two.
+    # Stored bytes: int8 one byte per value, int16 two, + a float32 scale per row (per block of a 1-D table);
+    # float16 two.
     for row in loaded.report["tables"]:
         if row["kind"] != "table":
             continue
         assert row["dtype"] == table_dtype
         size = int(np.prod(row["shape"]))
-        scales = (row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)) if table_dtype == "int8" else 0
-        assert row["bytes"] == (size + 4 * scales if table_dtype == "int8" else 2 * size)
+        if table_dtype in INT_STORAGE:
+            scales = row["shape"][0] if len(row["shape"]) == 2 else -(-size // INT8_BLOCK)
+            assert row["bytes"] == INT_STORAGE[table_dtype] * size + 4 * scales
+        else:
+            assert row["bytes"] == 2 * size
     if scheme in ("pep", "pep_slots", "md", "md_fast", "double_hashing_index"):
         return
     # The schemes whose compact tables are their training tables (not PEP's packed ones, nor MD's, whose small
@@ -423,7 +431,7 @@ def test_quantized_tables(scheme, table_dtype, ctr, exports):
                 weight.assign(value)
 
 
-@pytest.mark.parametrize("table_dtype", ["int8", "float16"])
+@pytest.mark.parametrize("table_dtype", ["int8", "int16", "float16"])
 def test_quantized_output_within_first_order_bound(table_dtype, ctr, exports):
     """|export - model| <= 2 * sum_f sum_j |d out / d e_fj| * bound_fj per example (fixed tables: e_f = T_f[id])."""
     model, path = exports("fixed", table_dtype)
@@ -478,6 +486,27 @@ def test_int8_reference_by_hand():
         QuantizedTable(np.array([[1e5]], np.float32), "float16", "big")
     with pytest.raises(ValueError, match="table_dtype must be one of"):
         dequantized(table, "int4")
+
+
+def test_int16_reference_by_hand():
+    table = np.array([[0.5, -0.25, 0.125], [0.0, 0.0, 0.0], [1e-3, -2e-3, 0.0]], np.float32)
+    q, scale = quantize_int(table, "int16")
+    assert q.dtype == np.int16 and q[0].tolist() == [32767, -16384, 8192] and q[1].tolist() == [0, 0, 0]
+    assert q[2][1:].tolist() == [-32767, 0] and q[2][0] in (16383, 16384)  # 1e-3 / (2e-3 / 32767) ≈ 16383.5
+    np.testing.assert_allclose(scale, [0.5 / 32767, 0.0, 2e-3 / 32767], rtol=1e-6)
+    # 258 times finer than int8 on the same table, and within the stated bound.
+    err16 = np.abs(dequantized(table, "int16") - table).max()
+    err8 = np.abs(dequantized(table, "int8") - table).max()
+    assert err16 <= element_error_bound(table, "int16").max() and err16 < err8 / 100
+    rng = np.random.default_rng(0)
+    big = rng.normal(0, 1, (300, 16)).astype(np.float32)
+    assert np.all(np.abs(dequantized(big, "int16") - big) <= element_error_bound(big, "int16"))
+    stored = QuantizedTable(big, "int16", "t")
+    assert stored.values.dtype == tf.int16 and stored.storage_bytes() == 2 * big.size + 4 * 300
+    np.testing.assert_array_equal(stored.gather(tf.constant([3, 299], tf.int64)).numpy(),
+                                  stored.dequantized()[[3, 299]])
+    with pytest.raises(ValueError, match="integer table storage is one of .* Received: table_dtype='int4'"):
+        quantize_int(table, "int4")
 
 
 # ------------------------------------------------------------------------------------------------ fresh process

@@ -228,7 +228,8 @@ def build_parser():
                    help="the model's export directory (TF Serving's base_path): writes EXPORT_DIR/<version>/")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument("--table-dtype", choices=["float16", "int8"], help="store the tables in float16 or int8")
+    p.add_argument("--table-dtype", choices=["float16", "int8", "int16"],
+                   help="store the tables in float16, or in int8 / int16 with a per-row scale")
     p.add_argument("--optimize-for", choices=["size", "latency"], default="size",
                    help="the smallest compact forms (default) or the faster ones where a scheme has one")
     p.add_argument("--fixed-reference", default="estimate", metavar="{estimate,export,PATH}",

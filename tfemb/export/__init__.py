@@ -1,4 +1,4 @@
-"""Export for TF Serving: compact (optionally int8 / float16) tables, raw-feature signatures, warm-up, report.
+"""Export for TF Serving: compact (optionally int8 / int16 / float16) tables, raw-feature signatures, warm-up, report.
 
 >>> path = export_saved_model(model, "exports/ctr")            # doctest: +SKIP
 >>> loaded = load_export("exports/ctr")                          # doctest: +SKIP
@@ -13,6 +13,7 @@ from tfemb.export.quantize import (
     QuantizedTable,
     dequantized,
     element_error_bound,
+    quantize_int,
     quantize_int8,
     quantize_scheme,
 )
@@ -36,6 +37,6 @@ __all__ = [
     "ENCODED_SIGNATURE", "ExportError", "ExportModule", "LoadedExport", "QuantizedTable", "RAW_SIGNATURE",
     "TABLE_DTYPES", "UnsupportedOpsError", "WARMUP_PATH", "check_ops", "core_op_names", "dequantized",
     "element_error_bound", "export_saved_model", "inspect_export", "list_ops", "list_versions", "load_export",
-    "next_version", "quantize_int8", "quantize_scheme", "raw_inputs", "read_report", "read_warmup_requests",
+    "next_version", "quantize_int", "quantize_int8", "quantize_scheme", "raw_inputs", "read_report", "read_warmup_requests",
     "signature_spec", "unsupported_ops", "write_warmup_requests",
 ]

@@ -1,4 +1,4 @@
-"""Table storage at export: int8 with a per-row scale, or float16, dequantised in-graph.
+"""Table storage at export: int8 or int16 with a per-row scale, or float16, dequantised in-graph.
 
 Any embedding scheme can be stored this way because every scheme reads its tables through
 ``EmbeddingScheme.gather_rows``: ``quantize_scheme`` traces the compact layer once to find the tables it gathers
@@ -14,6 +14,10 @@ Storage and the error of one dequantised element ``x̂`` against the float32 val
   float32 rounding of the scale and the product). Storage ``rows * cols`` bytes + 4 bytes of scale per row. A
   row of zeros stays exactly zero. A 1-D table (the kept values of a packed, pruned table) has no rows: it
   gets one scale per block of ``INT8_BLOCK`` consecutive entries, with the same bound over the block.
+- ``"int16"``: the same with ``32767`` in place of ``127`` (the per-row-scaled int16 tables of Baidu's
+  SIGMOD 2021 CTR training system, here as export storage): ``|x̂ - x| <= max_j |x_rj| / 65534`` (times
+  ``1 + 1e-2``: float32 rounding of ``q * s_r`` is no longer negligible next to the quantisation step). Storage
+  ``2 · rows * cols`` bytes + 4 bytes of scale per row.
 - ``"float16"``: ``x̂ = float32(float16(x))``. ``|x̂ - x| <= 2**-11 |x| + 2**-25`` (half a float16 ulp; the
   second term covers subnormals). Storage 2 bytes per value. Tables with values beyond float16's range
   (65504) are refused.
@@ -32,18 +36,22 @@ import numpy as np
 import tensorflow as tf
 
 #: Table storage dtypes accepted by ``export_saved_model(table_dtype=...)``; None and "float32" keep the tables.
-TABLE_DTYPES = (None, "float32", "float16", "int8")
+TABLE_DTYPES = (None, "float32", "float16", "int8", "int16")
 
 INT8_MAX = 127
+#: Largest stored magnitude of each integer storage (symmetric: ``-max..max``).
+INT_MAX = {"int8": INT8_MAX, "int16": 32767}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 #: Entries per int8 scale of a 1-D table (the values of a packed table, which has no rows).
 INT8_BLOCK = 64
 #: Relative slack of the int8 bound for float32 rounding of the scale and of ``q * scale``.
 INT8_ROUNDING_SLACK = 1e-5
+#: The same per integer storage: int16's step is 258 times finer, so float32 rounding takes a larger share.
+INT_ROUNDING_SLACK = {"int8": INT8_ROUNDING_SLACK, "int16": 1e-2}
 
 
 def check_table_dtype(table_dtype):
-    """Normalises ``table_dtype`` (None, "float32", "float16", "int8") and raises ``ValueError`` otherwise."""
+    """Normalises ``table_dtype`` (None, "float32", "float16", "int8", "int16"); ``ValueError`` otherwise."""
     if table_dtype is not None and not isinstance(table_dtype, str):
         table_dtype = tf.as_dtype(table_dtype).name
     if table_dtype not in TABLE_DTYPES:
@@ -65,27 +73,37 @@ def _check_rank(values):
         raise ValueError(f"table storage needs a 1-D or 2-D table. Received: shape {values.shape}")
 
 
-def quantize_int8(values):
-    """``(q, scale)``: int8 values of ``values``' shape and float32 scales, ``values ≈ q * scale[row]``.
+def quantize_int(values, table_dtype="int8"):
+    """``(q, scale)``: ``table_dtype`` (``"int8"`` or ``"int16"``) values of ``values``' shape and float32 scales,
+    ``values ≈ q * scale[row]``, ``|q| <= INT_MAX[table_dtype]``.
 
     A 2-D table has one scale per row; a 1-D table one per block of ``INT8_BLOCK`` entries.
     """
+    if table_dtype not in INT_MAX:
+        raise ValueError(f"integer table storage is one of {tuple(INT_MAX)}. Received: table_dtype={table_dtype!r}")
+    limit = INT_MAX[table_dtype]
     values = np.asarray(values, dtype=np.float32)
     _check_rank(values)
     if not np.all(np.isfinite(values)):
-        raise ValueError("int8 storage needs finite table values. Received: a NaN or infinite value")
+        raise ValueError(f"{table_dtype} storage needs finite table values. Received: a NaN or infinite value")
     rows = _blocks(values).astype(np.float64)
     amax = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
-    scale = amax / INT8_MAX  # [rows]
+    scale = amax / limit  # [rows]
     safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(rows / safe[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.rint(rows / safe[:, None]), -limit, limit).astype(table_dtype)
     if values.ndim == 1:
         q = q.reshape(-1)[: values.shape[0]]
     return q, scale.astype(np.float32)
 
 
+def quantize_int8(values):
+    """``quantize_int(values, "int8")``."""
+    return quantize_int(values, "int8")
+
+
 def dequantize_int8(q, scale):
-    """NumPy reference of the in-graph dequantisation (float32, as the graph computes it)."""
+    """NumPy reference of the in-graph dequantisation of int8 or int16 values (float32, as the graph computes
+    it)."""
     q = np.asarray(q)
     scale = np.asarray(scale, dtype=np.float32)
     if q.ndim == 1:
@@ -114,7 +132,7 @@ def dequantized(values, table_dtype):
         return values
     if table_dtype == "float16":
         return to_float16(values).astype(np.float32)
-    return dequantize_int8(*quantize_int8(values))
+    return dequantize_int8(*quantize_int(values, table_dtype))
 
 
 def element_error_bound(values, table_dtype):
@@ -127,7 +145,8 @@ def element_error_bound(values, table_dtype):
         return np.abs(values) * 2.0**-11 + 2.0**-25
     _check_rank(values)
     rows = _blocks(values)
-    bound = np.max(np.abs(rows), axis=1, keepdims=True) / (2 * INT8_MAX) * (1 + INT8_ROUNDING_SLACK)
+    bound = np.max(np.abs(rows), axis=1, keepdims=True) / (2 * INT_MAX[table_dtype]) * \
+        (1 + INT_ROUNDING_SLACK[table_dtype])
     bound = np.broadcast_to(bound, rows.shape)
     return bound.reshape(-1)[: values.shape[0]].copy() if values.ndim == 1 else bound.copy()
 
@@ -142,12 +161,12 @@ def short_name(variable):
 
 
 class QuantizedTable(tf.Module):
-    """A table stored as int8 + float32 scales (per row, or per block of a 1-D table), or as float16;
+    """A table stored as int8 or int16 + float32 scales (per row, or per block of a 1-D table), or as float16;
     ``gather`` dequantises the gathered rows.
 
     Args:
         values: float32 NumPy array ``[rows, cols]`` (or ``[entries]``), the trained table.
-        table_dtype: ``"int8"`` or ``"float16"``.
+        table_dtype: ``"int8"``, ``"int16"`` or ``"float16"``.
         name: name of the table (used for the variables and in reports).
     """
 
@@ -155,14 +174,14 @@ class QuantizedTable(tf.Module):
         super().__init__(name=None)
         self.table_dtype = check_table_dtype(table_dtype)
         if self.table_dtype is None:
-            raise ValueError("QuantizedTable needs table_dtype 'int8' or 'float16'. Received: None")
+            raise ValueError("QuantizedTable needs table_dtype 'int8', 'int16' or 'float16'. Received: None")
         self.table_name = str(name)
         values = np.asarray(values, dtype=np.float32)
         _check_rank(values)
         self.shape = tuple(int(s) for s in values.shape)
-        if self.table_dtype == "int8":
-            q, scale = quantize_int8(values)
-            self.values = tf.Variable(q, trainable=False, name=f"{self.table_name}_int8")
+        if self.table_dtype in INT_MAX:
+            q, scale = quantize_int(values, self.table_dtype)
+            self.values = tf.Variable(q, trainable=False, name=f"{self.table_name}_{self.table_dtype}")
             self.scales = tf.Variable(scale, trainable=False, name=f"{self.table_name}_scale")
         else:
             self.values = tf.Variable(to_float16(values, self.table_name), trainable=False,
@@ -171,7 +190,7 @@ class QuantizedTable(tf.Module):
 
     def gather(self, rows, dtype=tf.float32):
         """Dequantised rows: ``[*rows.shape, cols]`` (``[*rows.shape]`` for a 1-D table) of ``dtype``."""
-        stored = tf.gather(self.values, rows)  # int8 or float16
+        stored = tf.gather(self.values, rows)  # int8, int16 or float16
         if self.scales is None:
             return tf.cast(stored, dtype)
         if len(self.shape) == 1:
@@ -186,6 +205,8 @@ class QuantizedTable(tf.Module):
     def storage_bytes(self):
         if self.table_dtype == "int8":
             return self.parameter_count() + 4 * int(self.scales.shape[0])
+        if self.table_dtype == "int16":
+            return 2 * self.parameter_count() + 4 * int(self.scales.shape[0])
         return self.parameter_count() * 2
 
     def dequantized(self):

@@ -5,7 +5,7 @@
 ```
 export_dir/<version>/
   saved_model.pb                 graph, signatures "serving_default" (raw values) and "encoded" (ids)
-  variables/                     the compact tables (float32, float16 or int8 + scales) and the other layers
+  variables/                     the compact tables (float32, float16, or int8 / int16 + scales) and the other layers
   assets/tfemb_schema.json       the fitted Schema (vocabularies, numeric statistics): clients send raw values
   assets.extra/tf_serving_warmup_requests   PredictionLog records TF Serving replays at load (optional)
   assets.extra/tfemb_export.json / .md      the export report (sizes per table, vs fixed embeddings)
@@ -16,7 +16,7 @@ into place, so a watcher never sees half a version (TF Serving ignores names tha
 existing version is replaced only with ``overwrite=True``, by an atomic exchange where the OS has one.
 
 In the graph, every embedding scheme is replaced by its ``compact()`` inference layer, optionally with its
-tables stored as int8 or float16 (``tfemb.export.quantize``), and the raw feature values of the Schema are
+tables stored as int8, int16 or float16 (``tfemb.export.quantize``), and the raw feature values of the Schema are
 encoded with stock ops (hash-table lookups, string splits, bucketisation): see ``raw_input_spec`` and
 docs/export.md for the signatures.
 """
@@ -396,7 +396,7 @@ class ExportModule(tf.Module):
 
     Args:
         model: a built ``RecModel``.
-        table_dtype: None, ``"float16"`` or ``"int8"``: storage of the schemes' tables.
+        table_dtype: None, ``"float16"``, ``"int8"`` or ``"int16"``: storage of the schemes' tables.
         schema_path: optional path of the Schema JSON to save as an asset.
         optimize_for: ``"size"`` (default) or ``"latency"``: the compact forms (``OPTIMIZE_FOR``).
     """
@@ -762,7 +762,7 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
     """Writes ``model`` as ``export_dir/<version>/``, a SavedModel stock TF Serving loads.
 
     Every embedding scheme is replaced by its ``compact()`` layer (physically smaller tables, stock ops); with
-    ``table_dtype`` its tables are stored as float16 or int8 (per-row scale) and dequantised in-graph. Two
+    ``table_dtype`` its tables are stored as float16, or int8 / int16 (per-row scale), and dequantised in-graph. Two
     signatures: ``"serving_default"`` takes raw feature values and ``"encoded"`` takes ids (docs/export.md); the
     outputs are ``probability`` (binary), ``probabilities`` + ``class_id`` (multiclass) or ``score``
     (regression). Only core TensorFlow ops are used (checked before the version appears).
@@ -773,7 +773,7 @@ def export_saved_model(model, export_dir, version=None, overwrite=False, table_d
         version: int version; default the largest existing version + 1 (1 for a new directory).
         overwrite: replace an existing ``version`` (atomically where the OS can exchange two directories). Only
             a version given explicitly: with ``version=None`` the export always takes a free number.
-        table_dtype: None (float32), ``"float16"`` or ``"int8"``.
+        table_dtype: None (float32), ``"float16"``, ``"int8"`` or ``"int16"`` (int: per-row scale).
         warmup_rows: optional raw rows (a pandas DataFrame or a dict of raw values, as ``raw_inputs`` takes)
             written as ``assets.extra/tf_serving_warmup_requests`` (one request with up to 256 rows, one with one
             row); each request is run once before it is written.
