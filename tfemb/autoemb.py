@@ -281,7 +281,10 @@ class AutoEmbSearch(WeightedLossMixin, keras.Model):
 
     Metrics and losses are the compiled ones; the wrapped model's row-sparse ``embedding_optimizer`` (when set)
     updates the candidate tables as it updates any scheme's. Save and export the wrapped model
-    (``search.rec_model``): the wrapper only carries the procedure.
+    (``search.rec_model``): the wrapper only carries the procedure. To pause and resume a search, checkpoint the
+    wrapper (``tf.train.Checkpoint(search=...)``, ``save_weights`` / ``load_weights``) and restore it into a compiled
+    wrapper of the same arguments: it holds the model, its stream state and every optimizer's state
+    (docs/methods.md, "Checkpointing and resuming a search").
 
     Args:
         model: a tfemb ``RecModel``.

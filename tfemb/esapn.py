@@ -308,7 +308,10 @@ class ESAPNSearch(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
     baseline) only the plain model step runs, so baselines share ``stream_fit``.
 
     Save and export the wrapped model (``search.rec_model``): it holds the embeddings and the per-id state; the
-    wrapper holds the policies (one per ESAPN feature, ``search.policies``), their optimizer and the step count.
+    wrapper holds the policies (one per ESAPN feature, ``search.policies``), their optimizer and the step count. To
+    pause and resume a search, checkpoint the wrapper (``tf.train.Checkpoint(search=...)``, ``save_weights`` /
+    ``load_weights``) and restore it into a compiled wrapper of the same arguments (docs/methods.md, "Checkpointing
+    and resuming a search").
 
     Sample weights (``(x, y, w)`` batches) weight the model step's loss and the metrics, as in Keras. The policy
     step and the per-id state are unweighted: every row counts as one interaction of its ids and leaves its own
