@@ -12,6 +12,7 @@ from tfemb.data.schema import CategoricalFeature, Label, NumericFeature, Schema
 from tfemb.errors import DataError
 from tfemb.export import export_saved_model, load_export
 from tfemb.export.ops_check import check_ops, unsupported_ops
+from tfemb.export.report import console_report
 from tfemb.layers import AutoDisEmbedding, FieldEmbedding, numeric_factory
 from tfemb.models import DLRM, CFNetwork, DeepFM, FactorizationMachine, LogisticRegression
 from tfemb.tasks import compile_model
@@ -325,6 +326,13 @@ def test_export_parity_and_stock_ops(aggregation, ctr, tmp_path):
     assert np.max(np.abs(got - expected)) <= 1e-5
     assert not unsupported_ops(path)
     assert {"Softmax", "LeakyRelu"} <= set(check_ops(path))
+    # The report lists the numeric embeddings (inside "other": float32 weights as trained).
+    numeric = loaded.report["numeric"]
+    assert [(r["feature"], r["layer"]) for r in numeric] == [("price", "AutoDisEmbedding"), ("count", "FieldEmbedding")]
+    assert numeric[0]["parameters"] == model.numeric_layers["price"].parameter_count() == 7 + 49 + 7 * D + 14
+    assert sum(r["bytes"] for r in numeric) <= loaded.report["other"]["bytes"]
+    assert "of which numeric-feature embeddings (AutoDisEmbedding, FieldEmbedding): 2 features" in \
+        console_report(loaded.report)
 
 
 def test_recipe_numeric_embedding_section():

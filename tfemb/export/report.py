@@ -155,6 +155,12 @@ def summary_lines(report):
         f"{_mb(report['embedding']['bytes'])}",
         f"other layers: {report['other']['parameters']:,} parameters, {_mb(report['other']['bytes'])}",
     ]
+    numeric = report.get("numeric") or []
+    if numeric:
+        kinds = ", ".join(sorted({row["layer"] for row in numeric}))
+        lines.append(f"  of which numeric-feature embeddings ({kinds}): {len(numeric)} features, "
+                     f"{sum(r['parameters'] for r in numeric):,} parameters, "
+                     f"{_mb(sum(r['bytes'] for r in numeric))}")
     if fixed.get("source", "none") != "none":
         what = {"estimate": "estimated", "export": "measured", "path": "measured"}[fixed["source"]]
         lines.append(

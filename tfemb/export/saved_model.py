@@ -571,7 +571,13 @@ class ExportModule(tf.Module):
             "features": features,
             "tables": tables,
             "other": {"parameters": int(other_parameters), "bytes": int(other_bytes),
-                      "description": "dense layers, first-order (linear / bias) tables, batch-norm statistics"},
+                      "description": "dense layers, first-order (linear / bias) tables, batch-norm statistics, "
+                                     "numeric-feature embeddings (also listed under 'numeric')"},
+            # Numeric features embedded as fields (AutoDis, field embedding): float32 as trained, part of "other".
+            "numeric": [{"feature": n, "layer": type(model.numeric_layers[n]).__name__,
+                         "parameters": int(model.numeric_layers[n].parameter_count()),
+                         "bytes": int(model.numeric_layers[n].storage_bytes())}
+                        for n in getattr(model, "numeric_names", [])],
         }
 
 
