@@ -1,4 +1,5 @@
-"""Embedding schemes: every method is a Keras layer following the EmbeddingScheme contract."""
+"""Embedding schemes: every method is a Keras layer following the EmbeddingScheme contract; numeric features'
+embeddings (AutoDis, the field embedding) follow the NumericEmbedding contract."""
 
 from tfemb.layers.autodis_embedding import AGGREGATIONS as AUTODIS_AGGREGATIONS
 from tfemb.layers.autodis_embedding import AutoDisEmbedding
@@ -24,8 +25,8 @@ from tfemb.layers.md_dims import (
     stacked_md_blocks,
 )
 from tfemb.layers.mixed_dimension_embedding import HeadTailEmbedding, MixedDimensionEmbedding, md_field_factory
-from tfemb.layers.numeric_embedding import NumericEmbedding
 from tfemb.layers.multi_dim_embedding import MultiDimEmbedding
+from tfemb.layers.numeric_embedding import NumericEmbedding
 from tfemb.layers.packed_embedding import PackedEmbedding
 from tfemb.layers.pep_embedding import PEPEmbedding, pep_preset
 from tfemb.layers.qr_embedding import QREmbedding
