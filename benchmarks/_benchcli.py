@@ -8,6 +8,8 @@
 - ``split_list`` / ``check_min`` / ``check_file``: argument checks that end in ``parser.error`` naming the flag
   and the value (exit status 2, no traceback).
 - ``command_line(script, argv)``: the shell command that reproduces a run, for the Markdown reports.
+- ``parse_seeded(parser, argv, script, minimums)``: ``--quick`` / ``--out`` / ``--seeds`` handling of the scripts
+  that repeat a spec over seeds (``dhe.py``, ``autodis.py``).
 """
 
 import argparse
@@ -94,3 +96,22 @@ def argv_text(argv=None):
 def command_line(script, argv=None):
     """``python benchmarks/<script> <args>`` quoted for a shell; ``argv`` defaults to ``sys.argv[1:]``."""
     return f"python benchmarks/{script} {argv_text(argv)}".strip()
+
+
+def parse_seeded(parser, argv, script, minimums):
+    """Adds ``--quick`` (its help: the parser's default ``quick_help``, ``parser.set_defaults(quick_help=...)``) and
+    ``--out``, parses ``argv``,
+    records the command line, fills the default ``--out``, checks ``minimums`` and ``--out``; ``--quick`` runs one
+    seed. Returns the arguments."""
+    parser.add_argument("--quick", action="store_true", help=parser.get_default("quick_help"))
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results; --quick: "
+                        "outputs/bench-quick)")
+    args = parser.parse_args(argv)
+    args.command = command_line(script, argv)
+    if args.out is None:
+        args.out = default_out(args.quick)
+    check_min(parser, args, minimums)
+    check_out(parser, args.out)
+    if args.quick:
+        args.seeds = 1
+    return args

@@ -147,19 +147,9 @@ def parse_args(argv=None):
     parser.add_argument("--buckets", type=int, default=20,
                         help="buckets of the discretisations and meta-embeddings of AutoDis (default 20, the "
                              "authors' release)")
-    parser.add_argument("--quick", action="store_true", help="4 variants (one of each kind), 1 seed, 1 epoch (a "
-                        "smoke test)")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results; --quick: "
-                        "outputs/bench-quick)")
-    args = parser.parse_args(argv)
-    args.command = _benchcli.command_line("autodis.py", argv)
-    if args.out is None:
-        args.out = _benchcli.default_out(args.quick)
-    _benchcli.check_min(parser, args, {"seeds": 1, "buckets": 2})
+    parser.set_defaults(quick_help="4 variants (one of each kind), 1 seed, 1 epoch (a smoke test)")
+    args = _benchcli.parse_seeded(parser, argv, "autodis.py", {"seeds": 1, "buckets": 2})
     args.datasets = _benchcli.split_list(parser, "--datasets", args.datasets, allowed=DATASETS, what="datasets")
-    _benchcli.check_out(parser, args.out)
-    if args.quick:
-        args.seeds = 1
     return args
 
 

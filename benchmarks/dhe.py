@@ -34,18 +34,8 @@ DATASET_FOLDER = "movielens-latest-small"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch per variant (a smoke test)")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results; --quick: "
-                        "outputs/bench-quick)")
-    args = parser.parse_args(argv)
-    args.command = _benchcli.command_line("dhe.py", argv)
-    if args.out is None:
-        args.out = _benchcli.default_out(args.quick)
-    _benchcli.check_min(parser, args, {"seeds": 1})
-    _benchcli.check_out(parser, args.out)
-    if args.quick:
-        args.seeds = 1
-    return args
+    parser.set_defaults(quick_help="1 seed, 1 epoch per variant (a smoke test)")
+    return _benchcli.parse_seeded(parser, argv, "dhe.py", {"seeds": 1})
 
 
 def aggregate(runs_by_seed):
