@@ -110,8 +110,8 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("model_name,scheme,task,numeric", [
-    ("deepfm", "double_hashing", "binary", None), ("dlrm", "md", "binary", None), ("mf", "qr", "regression", None),
-    ("deepfm", "fixed", "binary", "autodis"),  # the numeric features embedded by AutoDis
+    # DeepFM's numeric features embedded by AutoDis; DLRM's raw, through its bottom MLP.
+    ("deepfm", "double_hashing", "binary", "autodis"), ("dlrm", "md", "binary", None), ("mf", "qr", "regression", None),
 ])
 def test_model_fit_on_two_replicas_matches_one_replica(strategy, model_name, scheme, task, numeric):
     """``strategy.scope()`` around building, ``compile_model`` and ``fit`` trains as one replica does on the same

@@ -36,6 +36,7 @@ def test_readme_training_and_export_examples_run(tmp_path):
     proc = run_python("\n".join(OTHERS), tmp_path)
     assert proc.returncode == 0, f"README example failed:\n{proc.stderr[-4000:]}"
     assert "'scheme': 'DoubleHashingEmbedding'" in proc.stdout  # the embedding report was printed
+    assert "'C8', 'I1', 'I2']" in proc.stdout  # the numeric features as fields (AutoDis)
     assert (tmp_path / "exports" / "deepfm" / "1" / "saved_model.pb").is_file()  # the path the comment names
 
 
