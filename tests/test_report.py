@@ -66,3 +66,18 @@ def test_scatter_plot_names_points_it_cannot_place(tmp_path):
     assert [p[0] for p in placed.call_args[0][2]] == ["a"]
     report.scatter_plot(path, [("a", 1e3, float("nan")), ("b", 1e4, float("nan"))], "bytes", "auc", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_label_at_the_right_edge_goes_left_of_its_point():
+    # The main job's plot: the rightmost points (fixed-16 and a variant of the same bytes) are labelled inside the
+    # axes, not cut off at the figure's edge.
+    points = [("md α=0.3 4x", 2.3e5, 0.7457), ("fixed-16", 9.3e5, 0.7470),
+              ("fixed-16 + AutoDis numeric", 9.3e5, 0.7516)]
+    fig, _, boxes = _labelled(points)
+    try:
+        right = fig.axes[0].get_window_extent(fig.canvas.get_renderer()).x1
+        assert all(box.x1 <= right for box, _ in boxes.values()), {k: b.x1 for k, (b, _) in boxes.items()}
+        assert boxes["md α=0.3 4x"][1].get_ha() == "left"  # room on the right: labels stay right of their point
+        assert boxes["fixed-16 + AutoDis numeric"][1].get_ha() == "right"
+    finally:
+        plt.close(fig)

@@ -47,8 +47,9 @@ def write_json(path, payload):
 
 
 def _annotate_apart(ax, fig, points, colors=None, step=10, tries=12):
-    """Labels every point, in its marker's colour; a label that would overlap one already placed (in display
-    space) moves down by ``step`` points until it does not (at most ``tries`` times; the last place is kept, so
+    """Labels every point, in its marker's colour, right of it (left of it where the label would run past the
+    axes' right edge); a label that would overlap one already placed (in display space) moves down by ``step``
+    points until it does not (at most ``tries`` times; the last place is kept, so
     no label is lost), and then gets a thin line to its point, so near-identical variants stay readable and each
     label still says which point it names."""
     from matplotlib.text import Text
@@ -56,14 +57,23 @@ def _annotate_apart(ax, fig, points, colors=None, step=10, tries=12):
     placed = []
     fig.canvas.draw()  # axis limits and scales are final: display coordinates are meaningful
     renderer = fig.canvas.get_renderer()
+    right_edge = ax.get_window_extent(renderer).x1
     for i, (label, x, y) in enumerate(points):
         color = None if colors is None else colors[i]
-        dx, dy = 5, 4
+        dy = 4
+        # Right of the point, unless the label would run past the axes (and out of the saved figure): then left.
+        side = 1
+        probe = ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=8)
+        probe.update_positions(renderer)
+        if Text.get_window_extent(probe, renderer).x1 > right_edge:
+            side = -1
+        probe.remove()
         for attempt in range(tries):
             moved = attempt > 0
-            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx + 8 * moved, dy), fontsize=8,
-                               color=color, arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6,
-                                                        "shrinkA": 0, "shrinkB": 3} if moved else None)
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(side * (5 + 8 * moved), dy),
+                               fontsize=8, color=color, ha="left" if side > 0 else "right",
+                               arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6,
+                                           "shrinkA": 0, "shrinkB": 3} if moved else None)
             text.update_positions(renderer)
             box = Text.get_window_extent(text, renderer)  # the text alone: an annotation's own extent adds its line
             if attempt == tries - 1 or not any(box.overlaps(other) for other in placed):
