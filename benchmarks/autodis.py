@@ -205,12 +205,13 @@ def markdown(rows, meta):
 
 def bucket_assignment(model, prepared, field):
     """``(raw values, [n, H] bucket probabilities)`` of an AutoDis model's ``field`` over its training range."""
+    import pandas as pd
     import tensorflow as tf
 
     feature = prepared.schema.feature(field)
     raw = prepared.frames["train"][feature.column].dropna().to_numpy(dtype=np.float64)
     grid = np.unique(np.quantile(raw, np.linspace(0.0, 1.0, 200)))
-    encoded = feature._transformed(grid).astype(np.float32)
+    encoded = feature.encode(pd.Series(grid))  # the Schema's transform, as at training
     layer = model.numeric_layers[field]
     return grid, layer.bucket_scores(tf.constant(encoded)).numpy()
 

@@ -7,7 +7,7 @@ from tfemb import optimizers as sparse_optimizers
 from tfemb._keras import IS_KERAS_3, TrackedCollectionsCheckpoint, dataset_fit_kwargs, deserialize, keras, serialize
 from tfemb.data.schema import Schema
 from tfemb.layers.embedding_scheme import EmbeddingScheme
-from tfemb.layers.factory import NUMERIC_SCHEMES
+from tfemb.layers.factory import NUMERIC_SCHEMES, numeric_factory
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.numeric_embedding import NumericEmbedding
 
@@ -275,7 +275,7 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
                 if one not in NUMERIC_SCHEMES:
                     raise ValueError(f"numeric_embeddings[{name!r}]: unknown numeric embedding {one!r}; choose one "
                                      f"of {sorted(NUMERIC_SCHEMES)}, a NumericEmbedding or a factory")
-                layer = NUMERIC_SCHEMES[one](self.embedding_dim, name=f"{name}_numeric_embedding")
+                layer = numeric_factory(one, output_dim=self.embedding_dim)(name)  # named as the factory names
             elif isinstance(one, NumericEmbedding):
                 layer = one
             elif isinstance(one, dict):  # a serialised layer (from_config)
