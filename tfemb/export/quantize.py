@@ -188,6 +188,32 @@ class QuantizedTable(tf.Module):
                                       name=f"{self.table_name}_float16")
             self.scales = None
 
+    @classmethod
+    def from_codes(cls, codes, scales, table_dtype, name):
+        """A table stored as given integer ``codes`` ``[rows, cols]`` and per-row ``scales`` ``[rows]``, with no
+        further rounding (a low-precision-trained table, ``LowPrecisionEmbedding``: its values are exactly
+        ``codes * scales``)."""
+        table_dtype = check_table_dtype(table_dtype)
+        if table_dtype not in INT_MAX:
+            raise ValueError(f"from_codes stores int8 or int16 codes. Received: table_dtype={table_dtype!r}")
+        codes = np.asarray(codes)
+        info = np.iinfo(table_dtype)
+        if codes.ndim != 2 or codes.min(initial=0) < info.min or codes.max(initial=0) > info.max:
+            raise ValueError(f"{name}: codes must be a 2-D array within {table_dtype}'s range. Received: shape "
+                             f"{codes.shape}, range [{codes.min(initial=0)}, {codes.max(initial=0)}]")
+        scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+        if scales.shape[0] != codes.shape[0]:
+            raise ValueError(f"{name}: one scale per row of the codes. Received: {scales.shape[0]} scales for "
+                             f"{codes.shape[0]} rows")
+        table = cls.__new__(cls)
+        tf.Module.__init__(table, name=None)
+        table.table_dtype = table_dtype
+        table.table_name = str(name)
+        table.shape = tuple(int(s) for s in codes.shape)
+        table.values = tf.Variable(codes.astype(table_dtype), trainable=False, name=f"{table.table_name}_{table_dtype}")
+        table.scales = tf.Variable(scales, trainable=False, name=f"{table.table_name}_scale")
+        return table
+
     def gather(self, rows, dtype=tf.float32):
         """Dequantised rows: ``[*rows.shape, cols]`` (``[*rows.shape]`` for a 1-D table) of ``dtype``."""
         stored = tf.gather(self.values, rows)  # int8, int16 or float16
@@ -278,6 +304,27 @@ def quantize_scheme(layer, table_dtype, tables=None):
     object.__setattr__(layer, "gather_rows", gather_rows)
     object.__setattr__(layer, "_tfemb_quantized", storage)
     object.__setattr__(layer, "_tfemb_quantized_dtype", table_dtype)
+    return list(storage.values())
+
+
+def store_codes(layer, table, codes, scales, table_dtype):
+    """Stores ``table`` (a variable ``layer`` gathers through ``gather_rows``) as the given integer ``codes`` and
+    per-row ``scales`` (``QuantizedTable.from_codes``: exact, no re-rounding), as ``quantize_scheme`` would; the
+    compact layer of a low-precision-trained table (``LowPrecisionEmbedding.compact``). The exporter keeps this
+    storage whatever its ``table_dtype``. Returns ``[(table, QuantizedTable)]``."""
+    stored = QuantizedTable.from_codes(codes, scales, table_dtype, f"{layer.name}_{short_name(table)}")
+    storage = {id(table): (table, stored)}
+    base_gather = type(layer).gather_rows
+
+    def gather_rows(t, rows):
+        entry = storage.get(id(t))
+        if entry is None:
+            return base_gather(layer, t, rows)
+        return entry[1].gather(rows, dtype=tf.as_dtype(t.dtype))
+
+    object.__setattr__(layer, "gather_rows", gather_rows)
+    object.__setattr__(layer, "_tfemb_quantized", storage)
+    object.__setattr__(layer, "_tfemb_quantized_dtype", stored.table_dtype)
     return list(storage.values())
 
 

@@ -430,8 +430,10 @@ class ExportModule(tf.Module):
                     f"so table_dtype={self.table_dtype!r} cannot apply to it; its lookup must gather its tables with "
                     "self.gather_rows(table, rows) (export it with table_dtype=None meanwhile)"
                 )
-            quantized[name] = quantize.quantize_scheme(layer, self.table_dtype if gathered[name] else None,
-                                                       gathered[name])
+            # A compact layer that already stores its tables (a low-precision-trained table's own codes) keeps
+            # that storage: re-rounding it to table_dtype could only lose precision.
+            quantized[name] = quantize.quantized_tables(layer) or quantize.quantize_scheme(
+                layer, self.table_dtype if gathered[name] else None, gathered[name])
             compact[name] = layer
         if self.table_dtype and not any(gathered.values()):
             schemes = sorted({type(model.embedding_layers[n]).__name__ for n in model.embedding_names})

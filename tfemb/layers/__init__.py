@@ -14,6 +14,7 @@ from tfemb.layers.field_embedding import FieldEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing import universal_hash_np, universal_hash_params, universal_hash_tf
 from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.low_precision_embedding import LowPrecisionEmbedding
 from tfemb.layers.md_dims import (
     alpha_power_dims,
     block_probabilities,

@@ -16,6 +16,7 @@ from tfemb.layers.esapn_embedding import ESAPNEmbedding
 from tfemb.layers.field_embedding import FieldEmbedding
 from tfemb.layers.fixed_embedding import FixedEmbedding
 from tfemb.layers.hashing_embedding import HashingEmbedding
+from tfemb.layers.low_precision_embedding import LowPrecisionEmbedding
 from tfemb.layers.mixed_dimension_embedding import MixedDimensionEmbedding, md_scheme
 from tfemb.layers.pep_embedding import PEPEmbedding
 from tfemb.layers.qr_embedding import QREmbedding
@@ -31,6 +32,7 @@ SCHEMES = {
     "autoemb": AutoEmbEmbedding,
     "esapn": ESAPNEmbedding,
     "dhe": DeepHashEmbedding,
+    "low_precision": LowPrecisionEmbedding,
 }
 
 #: Schemes that take a ``compression`` ratio in place of ``num_buckets`` (and ``num_hot``).
@@ -136,7 +138,9 @@ def scheme_factory(name, **kwargs):
             trained with ``tfemb.autoemb``; gets the feature's counts only with ``popularity="frequencies"``), or
             ``"esapn"`` (``ESAPNEmbedding``: ``candidate_dims``, ``history_length``, ...; ``output_dim`` must be
             ``max(candidate_dims)``; sized by its policies, trained with ``tfemb.esapn``), or ``"dhe"``
-            (``DeepHashEmbedding``: ``num_hashes``, ``hidden_units``, ``distribution``, ...; no table).
+            (``DeepHashEmbedding``: ``num_hashes``, ``hidden_units``, ``distribution``, ...; no table), or
+            ``"low_precision"`` (``LowPrecisionEmbedding``: ``bits``, ``step_size`` (``"adaptive"``, ALPT, or
+            ``"fixed"``, LPT), ``rounding``, ...; a full table of ``bits``-bit codes).
         **kwargs: arguments of the layer class (e.g. ``output_dim``, ``combiner``, ``operation``). For
             ``"hashing"``, ``"qr"`` and ``"double_hashing"``, ``compression`` (a float ratio, e.g. 4.0) may
             replace ``num_buckets`` (and ``num_hot``): the sizes are then derived per feature so that the layer

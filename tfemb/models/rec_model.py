@@ -438,17 +438,68 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
         return super().evaluate(x, y, **kwargs)
 
     def train_step(self, data):
+        adaptive = self.low_precision_layers(adaptive=True)
         if self.embedding_optimizer is None:
-            return super().train_step(data)
-        sparse_optimizers.check_single_replica(self.embedding_optimizer)
+            logs = super().train_step(data)
+        else:
+            sparse_optimizers.check_single_replica(self.embedding_optimizer)
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            variables = self.trainable_variables
+            self.apply_split_gradients(zip(tape.gradient(loss, variables), variables))
+            self.track_loss(loss, x)
+            logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        if adaptive:
+            self.step_size_step(data, adaptive)
+        return logs
+
+    def low_precision_layers(self, adaptive=None):
+        """The ``LowPrecisionEmbedding`` layers (only the ALPT ones with ``adaptive=True``, the LPT ones with
+        False)."""
+        from tfemb.layers.low_precision_embedding import LowPrecisionEmbedding
+
+        return [layer for layer in self.embedding_list if isinstance(layer, LowPrecisionEmbedding)
+                and (adaptive is None or layer.adaptive == adaptive)]
+
+    def step_size_step(self, data, layers=None):
+        """Steps 3 and 4 of ALPT (``tfemb.layers.LowPrecisionEmbedding``) after a training step has updated the
+        tables: the loss of the model with each ALPT table read as ``Δ·round(clip(w̃/Δ))`` gives the step sizes
+        a (straight-through) gradient step, then each table is rounded back to its grid with the new step sizes.
+        ``train_step`` calls it; a custom training loop calls it after each update."""
+        layers = self.low_precision_layers(adaptive=True) if layers is None else layers
+        if not layers:
+            return tf.no_op()
+        replicas = sparse_optimizers.replicas_in_sync()
+        if replicas > 1:
+            raise ValueError(
+                f"{layers[0].name}: LowPrecisionEmbedding(step_size='adaptive') (ALPT) trains its step sizes on one "
+                f"replica only. Received a tf.distribute strategy with {replicas} replicas in sync: use "
+                "step_size='fixed' (LPT) under a multi-replica strategy, or train on one replica")
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        variables = self.trainable_variables
-        self.apply_split_gradients(zip(tape.gradient(loss, variables), variables))
-        self.track_loss(loss, x)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        # The tf.Variable the lookup gathers from (sparse_gather reads a Keras 3 variable's ``.value``).
+        variables = [layer.step_sizes.value if IS_KERAS_3 else layer.step_sizes for layer in layers]
+        restore = _untracked_loss(self)
+        for layer in layers:
+            object.__setattr__(layer, "_step_size_pass", True)
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch(variables)
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        finally:
+            for layer in layers:
+                object.__setattr__(layer, "_step_size_pass", False)
+            restore()
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        ops = []
+        for layer, gradient in zip(layers, tape.gradient(loss, variables)):
+            if gradient is None:
+                continue
+            with tf.control_dependencies([layer.apply_step_size_gradient(gradient, batch)]):
+                ops.append(layer.requantize())
+        return tf.group(ops)
 
     def apply_split_gradients(self, grads_and_vars, optimizer=None):
         """Applies ``(gradient, variable)`` pairs: those of ``sparse_variables()`` through the row-sparse
@@ -564,3 +615,24 @@ class RecModel(WeightedLossMixin, TrackedCollectionsCheckpoint, keras.Model):
         for name, (shape, dtype) in self.schema.input_spec().items():
             out[name] = tf.zeros((batch_size,) + tuple(shape), dtype=dtype)
         return out
+
+
+class _NoUpdate:
+    def update_state(self, *args, **kwargs):
+        return None
+
+
+def _untracked_loss(model):
+    """Keras 2's ``compute_loss`` adds its value to the ``loss`` that ``fit`` reports; ALPT's step-size pass
+    computes a second loss that must not be counted. Swaps the tracker for a no-op (while tracing) and returns
+    the function that puts it back. Keras 3 tracks the loss in ``train_step`` (``track_loss``): nothing to do."""
+    container = getattr(model, "compiled_loss", None)
+    if IS_KERAS_3 or container is None or not hasattr(container, "_total_loss_mean"):
+        return lambda: None
+    saved = container._total_loss_mean
+    container._total_loss_mean = _NoUpdate()
+
+    def restore():
+        container._total_loss_mean = saved
+
+    return restore
