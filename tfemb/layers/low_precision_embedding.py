@@ -45,6 +45,7 @@ Args:
     embeddings_initializer: initializer of the full-precision start (quantised at build). Default
         ``"uniform"`` (U(-0.05, 0.05), as ``FixedEmbedding``).
     seed: int, seed of the stochastic rounding. Default 0.
+    embeddings_regularizer: optional regularizer of the table (its values ``Δ·q``), as ``FixedEmbedding``'s.
     **kwargs: ``combiner``, ``frequencies``, ``validate_ids`` and base Layer arguments.
 
 Example:
@@ -138,7 +139,7 @@ class LowPrecisionEmbedding(EmbeddingScheme):
 
     def __init__(self, vocabulary_size, output_dim, bits=8, step_size="adaptive", rounding="stochastic",
                  initial_step_size=None, step_size_learning_rate=1e-5, embeddings_initializer="uniform", seed=0,
-                 **kwargs):
+                 embeddings_regularizer=None, **kwargs):
         super().__init__(vocabulary_size, output_dim, **kwargs)
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}]. Received: bits={bits!r}")
@@ -162,6 +163,7 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         self.step_size_learning_rate = float(step_size_learning_rate)
         self.seed = check_positive_int("seed", seed, minimum=0)
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.code_min, self.code_max = -code_range(self.bits)[0], code_range(self.bits)[1]
         # Read while tracing RecModel's step-size pass (ALPT step 3): the lookup then returns ŵ = Δ·round(clip(w̃/Δ)).
         object.__setattr__(self, "_step_size_pass", False)
@@ -176,7 +178,7 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         # step sizes' fills Δ0 (Keras may defer both to the first use of the variables, in this order).
         self.embeddings = self.add_weight(
             name="embeddings", shape=(self.vocabulary_size, self.output_dim),
-            initializer=_QuantizedStart(self), trainable=True,
+            initializer=_QuantizedStart(self), regularizer=self.embeddings_regularizer, trainable=True,
             constraint=None if self.adaptive else _Requantize(self),
         )
         self.step_sizes = self.add_weight(name="step_sizes", shape=(self.vocabulary_size, 1),
@@ -311,5 +313,7 @@ class LowPrecisionEmbedding(EmbeddingScheme):
             "step_size_learning_rate": self.step_size_learning_rate,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "seed": self.seed,
+            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer)
+            if self.embeddings_regularizer is not None else None,
         })
         return config
