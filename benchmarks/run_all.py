@@ -1,15 +1,16 @@
 """Runs every benchmark of this folder in turn (``make bench``), each in its own process.
 
 Each script writes its JSON + Markdown (and plots) into ``--out``. A full run uses the scripts' defaults
-(their documented full runs: about 2-2.7 hours on 2 CPU cores, most of it ``md_sweep.py``, ``pep_sweep.py`` and
-``autodis.py``)
+(their documented full runs: about 2.5-3.3 hours on 2 CPU cores, most of it ``md_sweep.py``, ``pep_sweep.py``,
+``autodis.py`` and ``low_precision.py``)
 and writes into ``benchmarks/results``, replacing the committed results. ``--quick`` passes ``--quick`` to the
 scripts that have it (the others are left out) and writes into ``outputs/bench-quick``, so a check of the
 scripts never overwrites the committed figures. Datasets missing from ``$TFEMB_DATA_DIR`` (default
 ``../shared/data``) are skipped by each script with a message.
 
-    python benchmarks/run_all.py --quick                 # every script's small run, ~11 min (7.3 on 2 cores
-                                                         # before autodis.py's ~3 min joined)
+    python benchmarks/run_all.py --quick                 # every script's small run, ~12.5 min (7.3 on 2 cores
+                                                         # before autodis.py's ~3 and low_precision.py's
+                                                         # ~1.5 min joined)
     python benchmarks/run_all.py --only streaming,md_ablation
     python benchmarks/run_all.py --dry-run               # print the commands only
 """
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "real_data": False,
     "dhe": True,
     "autodis": True,
+    "low_precision": True,
     "serving_latency": True,
     "streaming": True,
     "throughput": True,

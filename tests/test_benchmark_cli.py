@@ -102,6 +102,9 @@ BAD_ARGUMENTS = [
     ("autodis", ["--seeds", "0"], "--seeds", "0"),
     ("autodis", ["--buckets", "1"], "--buckets", "1"),
     ("autodis", ["--datasets", "avazu"], "--datasets", "'avazu'"),
+    ("low_precision", ["--seeds", "0"], "--seeds", "0"),
+    ("low_precision", ["--bits", "1"], "--bits", "'1'"),
+    ("low_precision", ["--alpt-learning-rates", "0"], "--alpt-learning-rates", "'0'"),
 ]
 
 
@@ -117,7 +120,7 @@ def test_bad_arguments_name_the_flag_and_the_value(name, argv, flag, value, caps
 
 
 @pytest.mark.parametrize("name", ["md_sweep", "md_ablation", "pep_sweep", "streaming", "serving_latency",
-                                  "throughput", "real_data", "dhe", "autodis", "run_all"])
+                                  "throughput", "real_data", "dhe", "autodis", "low_precision", "run_all"])
 def test_out_that_cannot_be_a_folder_is_refused_before_any_work(name, tmp_path, capsys):
     module = _load(name)
     blocker = tmp_path / "a_file"
@@ -130,7 +133,7 @@ def test_out_that_cannot_be_a_folder_is_refused_before_any_work(name, tmp_path, 
 
 
 @pytest.mark.parametrize("name", ["md_sweep", "pep_sweep", "streaming", "serving_latency", "throughput", "dhe",
-                                  "autodis"])
+                                  "autodis", "low_precision"])
 def test_quick_runs_never_default_to_the_committed_results(name):
     """``python benchmarks/<script>.py --quick`` (as the README shows it) writes into outputs/bench-quick, as
     ``run_all.py --quick`` does; only a full run (or an explicit --out) writes into benchmarks/results."""
@@ -156,6 +159,7 @@ def test_streaming_quick_keeps_the_options_given():
     ("streaming", ["--datasets", "ml100k"], "streaming.json"),
     ("dhe", [], "dhe.json"),
     ("autodis", ["--datasets", "criteo"], "autodis.json"),
+    ("low_precision", [], "low_precision.json"),
 ])
 def test_missing_data_leaves_the_results_folder_as_it_is(name, argv, written, tmp_path, monkeypatch, capsys):
     """With the data folder absent every dataset is skipped with the reason and nothing is written: an empty
