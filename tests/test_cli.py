@@ -47,7 +47,7 @@ def test_compare_writes_table_plot_and_json(tmp_path):
 
 def test_default_compare_covers_every_baseline_scheme():
     schemes = {v["embedding"]["scheme"] for v in compare.DEFAULT_COMPARE["variants"]}
-    assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep", "dhe"} <= schemes
+    assert {"fixed", "hashing", "qr", "double_hashing", "md", "pep", "dhe", "low_precision"} <= schemes
     assert {"fse", "darts", "sam", "autoemb", "esapn"} <= set(compare.DEFAULT_COMPARE["streaming"]["methods"])
     numeric = {(v.get("numeric_embedding") or {}).get("scheme") for v in compare.DEFAULT_COMPARE["variants"]}
     assert "autodis" in numeric

@@ -39,6 +39,9 @@ DEFAULT_COMPARE = {
         # the fixed tables: its parameters are not in the embedding columns, which count the id tables.
         {"name": "fixed-16 + AutoDis numeric", "embedding": {"scheme": "fixed"},
          "numeric_embedding": {"scheme": "autodis", "params": {"num_buckets": 20}}},
+        # ALPT: the fixed-16 tables trained as 8-bit codes with learned per-row step sizes (LowPrecisionEmbedding);
+        # as many parameters as fixed-16, about a third of its bytes (1 byte a code + a float32 step per row).
+        {"name": "alpt 8-bit", "embedding": {"scheme": "low_precision", "params": {"bits": 8}}},
         # PEP: a search with a snapshot at 1/4 of the fixed parameters, then its lottery ticket retrained (the row
         # reports the retrained model; train s = search + retrain). Settings: benchmarks/README.md, "PEP evidence".
         {"name": "pep 4x (search+retrain)",
