@@ -159,7 +159,7 @@ def test_streaming_quick_keeps_the_options_given():
     ("streaming", ["--datasets", "ml100k"], "streaming.json"),
     ("dhe", [], "dhe.json"),
     ("autodis", ["--datasets", "criteo"], "autodis.json"),
-    ("low_precision", [], "low_precision.json"),
+    ("low_precision", ["--datasets", "criteo"], "low_precision.json"),
 ])
 def test_missing_data_leaves_the_results_folder_as_it_is(name, argv, written, tmp_path, monkeypatch, capsys):
     """With the data folder absent every dataset is skipped with the reason and nothing is written: an empty
