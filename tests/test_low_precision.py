@@ -149,6 +149,29 @@ def test_fixed_step_size_keeps_every_table_on_its_grid(data):
         assert np.any(layer.embeddings.numpy() != before[layer.name][0])  # and it did train
 
 
+@pytest.mark.parametrize("step_size", ["fixed", "adaptive"])
+def test_lazy_embedding_optimizer_updates_and_rounds_only_the_looked_up_rows(step_size, data):
+    """With a row-sparse ``embedding_optimizer`` (the paper's setting) only the rows a batch looked up change, and
+    they are rounded back to the grid (the table's row constraint; ALPT: after the step-size pass)."""
+    keras.utils.set_random_seed(0)
+    model = DeepFM(data.schema, embedding_dim=4, dnn_units=(8,), embedding_optimizer="adam",
+                   embeddings=scheme_factory("low_precision", output_dim=4, bits=4, step_size=step_size,
+                                             step_size_learning_rate=1e-3))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+    model.build()
+    assert all(layer.sparse_tables() == [layer.embeddings] for layer in model.embedding_list)
+    x, y = data.arrays["train"]
+    x, y = {k: v[:300] for k, v in x.items()}, y[:300]
+    before = {l.name: l.embeddings.numpy().copy() for l in model.embedding_list}
+    model.fit(x, y, batch_size=100, epochs=1, verbose=0)
+    for layer, feature in zip(model.embedding_list, model.embedding_names):
+        assert _on_grid(layer)[0] < 1e-4
+        w = layer.embeddings.numpy()
+        unseen = np.setdiff1d(np.arange(layer.vocabulary_size), np.unique(x[feature]))
+        np.testing.assert_array_equal(w[unseen], before[layer.name][unseen])
+        assert np.any(w != before[layer.name])
+
+
 def test_round_to_nearest_loses_small_updates_stochastic_rounding_keeps_them(data):
     """The paper's point for stochastic rounding: with updates under half a step, round-to-nearest never moves
     a table; stochastic rounding moves it by the update in expectation."""

@@ -75,6 +75,21 @@ def check_single_replica(optimizer, replicas=None):
         )
 
 
+#: The attribute of a table variable that holds its row constraint: ``fn(indices)`` re-constrains the rows
+#: ``indices`` (or the whole table when ``indices`` is None) after an update, as a Keras ``constraint`` would the
+#: whole variable (``LowPrecisionEmbedding``'s rounding back to the grid). Keras constraints see the whole table;
+#: a row-sparse update re-constrains only the rows it wrote.
+ROW_CONSTRAINT = "tfemb_row_constraint"
+
+
+def _row_constraint(var, update, indices):
+    constrain = getattr(var, ROW_CONSTRAINT, None)
+    if constrain is None:
+        return update
+    with tf.control_dependencies([update]):
+        return constrain(indices)
+
+
 class SparseOptimizer(tf.__internal__.tracking.AutoTrackable):
     """Base class: ``apply(grads_and_vars)`` with row-sparse or dense gradients.
 
@@ -144,9 +159,11 @@ class SparseOptimizer(tf.__internal__.tracking.AutoTrackable):
         for grad, var in grads_and_vars:
             if isinstance(grad, tf.IndexedSlices):
                 indices, values = _dedupe(grad)
-                ops.append(self._sparse_update(var, indices, tf.cast(values, var.dtype), step))
+                update = self._sparse_update(var, indices, tf.cast(values, var.dtype), step)
             else:
-                ops.append(self._dense_update(var, tf.cast(grad, var.dtype), step))
+                indices = None
+                update = self._dense_update(var, tf.cast(grad, var.dtype), step)
+            ops.append(_row_constraint(var, update, indices))
         return tf.group(ops)
 
     def _sparse_update(self, var, indices, values, step):

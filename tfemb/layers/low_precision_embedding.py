@@ -23,9 +23,11 @@ Where this differs from the paper (also in ``docs/methods.md``):
 - The codes live in a float32 variable during training (each entry exactly ``Δ_i·q``); the paper (and the
   authors' GPU kernels) hold int8 codes. The numerics are the paper's; the training-memory saving is not
   realised here: only the export is physically smaller.
-- Step 4 runs after every optimizer update of the table: as a Keras ``constraint`` of the table for the fixed
-  step size (so any Keras training loop gets it), and in ``RecModel.train_step`` after step 3 for ALPT, which
-  needs ``RecModel.fit`` (or ``RecModel.train_step``) to train its step sizes.
+- Step 4 runs after every optimizer update of the table: for the fixed step size as a Keras ``constraint`` of
+  the table (so any Keras training loop gets it), or, with a row-sparse ``embedding_optimizer`` (lazy Adam, the
+  authors' setting), on the rows the batch looked up only (``tfemb.optimizers.ROW_CONSTRAINT``); for ALPT in
+  ``RecModel.train_step`` after step 3, which needs ``RecModel.fit`` (or ``RecModel.train_step``) to train its
+  step sizes.
 - The stochastic rounding draws stateless uniforms seeded by the layer's ``seed`` and the bits of the sum of
   the updated table, so replicas of a ``tf.distribute`` strategy (which hold the same table after each
   all-reduced update) round alike without a shared random state.
@@ -61,6 +63,7 @@ import tensorflow as tf
 
 from tfemb._keras import keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int
+from tfemb.optimizers import ROW_CONSTRAINT
 
 STEP_SIZES = ("adaptive", "fixed")
 ROUNDINGS = ("stochastic", "deterministic")
@@ -183,6 +186,8 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         )
         self.step_sizes = self.add_weight(name="step_sizes", shape=(self.vocabulary_size, 1),
                                           initializer=_StartStepSize(self), trainable=False)
+        if not self.adaptive:  # a row-sparse embedding_optimizer rounds the rows it updates (tfemb.optimizers)
+            setattr(self.embeddings, ROW_CONSTRAINT, self.requantize_rows)
         self.built = True
 
     def initial_delta(self, start):
@@ -208,6 +213,24 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         else:
             q = tf.round(v)
         return q * delta
+
+    def requantize_rows(self, indices=None):
+        """Rounds the rows ``indices`` (int, unique; all rows when None) back to their grid in place: step 4 after
+        a row-sparse update (``embedding_optimizer``), which writes only the rows a batch looked up."""
+        if indices is None:
+            return self.requantize()
+        variable = self.embeddings.value if hasattr(self.embeddings, "value") and not isinstance(
+            self.embeddings, tf.Variable) else self.embeddings
+        rows = tf.gather(variable, indices)
+        delta = tf.gather(tf.convert_to_tensor(self.step_sizes), indices)
+        v = tf.clip_by_value(rows / delta, float(self.code_min), float(self.code_max))
+        if self.rounding == "stochastic":
+            total = tf.bitcast(tf.reduce_sum(tf.cast(rows, tf.float32)), tf.int32)
+            q = stochastic_round(v, tf.stack([tf.constant(self.seed, tf.int32), total]))
+            q = tf.clip_by_value(q, float(self.code_min), float(self.code_max))
+        else:
+            q = tf.round(v)
+        return variable.scatter_update(tf.IndexedSlices(q * delta, indices))
 
     def requantize(self):
         """Rounds the table back to its grid in place (step 4); ``RecModel.train_step`` calls it for ALPT."""
@@ -299,9 +322,10 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         return layer
 
     def sparse_tables(self):
-        # The compiled optimizer updates the table (its constraint rounds it back); the lazy ones do not apply
-        # constraints, so the table is not handed to an ``embedding_optimizer``.
-        return []
+        # With an ``embedding_optimizer`` (lazy Adam, ...) the rows a batch looked up are updated and rounded back
+        # (the table's row constraint; the paper's setting, where only those rows change); otherwise the compiled
+        # optimizer updates the whole table and its Keras constraint rounds it back.
+        return [self.embeddings]
 
     def get_config(self):
         config = super().get_config()
