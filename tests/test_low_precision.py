@@ -230,6 +230,9 @@ def test_export_stores_the_codes_exactly(bits, dtype, data, tmp_path):
     assert float(np.max(np.abs(got - expected))) <= 1e-6
     rows = [r for r in loaded.report["tables"] if r["kind"] == "table"]
     assert {r["dtype"] for r in rows} == {dtype}
+    from tfemb.export.report import summary_lines
+
+    assert f"tables stored as float16 ({dtype} where trained so)" in summary_lines(loaded.report)[0]
     for layer, feature in zip(model.embedding_list, model.embedding_names):
         row = next(r for r in rows if r["feature"] == feature)
         assert row["bytes"] == layer.storage_bytes() and row["parameters"] == layer.parameter_count()

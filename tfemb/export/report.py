@@ -146,8 +146,11 @@ def summary_lines(report):
     stored_note = ""
     if report.get("features") and stored != report["embedding"]["parameters"]:
         stored_note = f" ({stored:,} values stored in the tables below, zeros of the compact forms included)"
+    # A low-precision-trained table keeps its own codes whatever table_dtype was asked for: name what is stored.
+    own = sorted({t["dtype"] for t in report.get("tables", []) if t.get("kind") == "table"} - {report["table_dtype"]})
+    stored_as = report["table_dtype"] + (f" ({', '.join(own)} where trained so)" if own else "")
     lines = [
-        f"model: {report['model']} ({report['task']}), tables stored as {report['table_dtype']}"
+        f"model: {report['model']} ({report['task']}), tables stored as {stored_as}"
         + (f", compact forms for {report['optimize_for']}" if report.get("optimize_for") else ""),
         f"bytes on disk: {_mb(usage['total'])} (saved_model.pb {_mb(usage['saved_model_pb'])}, variables "
         f"{_mb(usage['variables'])}, assets {_mb(usage['assets'])}, assets.extra {_mb(usage['assets_extra'])})",
