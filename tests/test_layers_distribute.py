@@ -152,6 +152,40 @@ def test_model_fit_on_two_replicas_matches_one_replica(strategy, model_name, sch
         np.testing.assert_allclose(evaluated_two[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_low_precision_tables_on_two_replicas(strategy):
+    """LPT (``LowPrecisionEmbedding(step_size="fixed")``) under two replicas: the stochastic rounding after each
+    all-reduced update is seeded by the table itself, so both replicas' copies stay equal and on the grid. ALPT
+    trains its step sizes on one replica only: refused, naming the layer and the replicas."""
+    from tfemb.layers import scheme_factory
+    from tfemb.models import DeepFM
+    from tfemb.tasks import compile_model
+
+    schema, x, y = _ctr_data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    for step_size in ("fixed", "adaptive"):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = DeepFM(schema, embedding_dim=4, dnn_units=(8,),
+                           embeddings=scheme_factory("low_precision", output_dim=4, bits=4, step_size=step_size))
+            model.build()
+            compile_model(model, optimizer="adam", learning_rate=0.01)
+        if step_size == "adaptive":
+            with pytest.raises(ValueError, match=r"_embedding: LowPrecisionEmbedding\(step_size='adaptive'\) \(ALPT\) "
+                                                 r"trains its step sizes on one replica only. Received a "
+                                                 r"tf.distribute strategy with 2 replicas"):
+                model.fit(data, epochs=1, verbose=0)
+            continue
+        before = [layer.embeddings.numpy().copy() for layer in model.embedding_list]
+        model.fit(data, epochs=2, verbose=0)
+        for layer, start in zip(model.embedding_list, before):
+            variable = layer.embeddings.value if hasattr(layer.embeddings, "path") else layer.embeddings
+            copies = [np.asarray(v.numpy()) for v in variable.values]
+            assert len(copies) == 2
+            np.testing.assert_array_equal(copies[0], copies[1])
+            codes = copies[0].astype(np.float64) / layer.step_sizes.numpy().astype(np.float64)
+            assert np.max(np.abs(codes - np.rint(codes))) < 1e-4 and not np.array_equal(copies[0], start)
+
+
 def test_sample_weights_weight_each_example_of_a_rank_1_output():
     """Keras 3 averaged [batch] outputs to one scalar before weighting, so a [batch] sample weight only scaled
     the batch mean (weights (1, 0) gave half the unweighted loss, not the first example's loss / 2)."""

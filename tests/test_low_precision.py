@@ -268,24 +268,3 @@ def test_config_round_trip_and_keras_file(data, tmp_path):
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LowPrecisionEmbedding(vocabulary_size=5, output_dim=2, **kwargs)
-
-
-def test_two_replicas_lpt_agrees_alpt_refused(data):
-    cpus = tf.config.list_logical_devices("CPU")
-    if len(cpus) < 2:
-        pytest.skip("needs two logical CPUs (tests/conftest.py configures them before TensorFlow starts)")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in cpus[:2]])
-    x, y = data.arrays["train"]
-    with strategy.scope():
-        model = _deepfm(data, bits=4, step_size="fixed")
-    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
-    for layer in model.embedding_list:
-        values = layer.embeddings.values if hasattr(layer.embeddings, "values") else \
-            layer.embeddings.value.values
-        np.testing.assert_array_equal(values[0].numpy(), values[1].numpy())  # the replicas round alike
-        assert _on_grid(layer)[0] < 1e-4
-    with strategy.scope():
-        adaptive = _deepfm(data, bits=4, step_size="adaptive")
-    with pytest.raises(ValueError, match=r"\(ALPT\) trains its step sizes on one replica only. Received a "
-                                         r"tf.distribute strategy with 2 replicas"):
-        adaptive.fit(x, y, batch_size=128, epochs=1, verbose=0)
