@@ -115,3 +115,34 @@ def parse_seeded(parser, argv, script, minimums):
     if args.quick:
         args.seeds = 1
     return args
+
+
+def runnable_datasets(datasets, folders):
+    """``datasets`` without those whose data folder (``folders[name]``, below ``$TFEMB_DATA_DIR``) is absent, each
+    skipped with the path and the reason printed."""
+    from tfemb.data.readers import data_dir
+
+    kept = []
+    for name in datasets:
+        folder = folders.get(name)
+        if folder is not None and not (data_dir() / folder).is_dir():
+            print(f"SKIPPED {name}: data folder {data_dir() / folder} is absent (set TFEMB_DATA_DIR to the folder "
+                  "holding it).")
+            continue
+        kept.append(name)
+    return kept
+
+
+def write_results(out, name, payload, markdown_text, plot):
+    """Writes ``<out>/<name>.json`` (``payload``), ``<name>.md`` and, through ``plot(path)``, ``<name>.png``; prints
+    the Markdown and what was written."""
+    import json
+    import pathlib
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text(markdown_text)
+    plot(out / f"{name}.png")
+    print(markdown_text)
+    print(f"wrote {out / (name + '.json')}, {name}.md and {name}.png")

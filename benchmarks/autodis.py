@@ -257,13 +257,7 @@ def plot(rows, assignments, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    from tfemb.data.readers import data_dir
-
-    datasets = list(args.datasets)
-    if "criteo" in datasets and not (data_dir() / DATASET_FOLDER).is_dir():
-        print(f"SKIPPED criteo: data folder {data_dir() / DATASET_FOLDER} is absent (set TFEMB_DATA_DIR to the "
-              "folder holding it).")
-        datasets.remove("criteo")
+    datasets = _benchcli.runnable_datasets(args.datasets, {"criteo": DATASET_FOLDER})
     if not datasets:
         print(f"nothing to run: nothing written to {args.out}.")
         return 0

@@ -13,7 +13,6 @@ run is skipped and nothing is written.
 """
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
@@ -132,13 +131,8 @@ def main(argv=None):
     meta = {"command": args.command, "seeds": args.seeds, "dataset": "MovieLens latest-small, binary",
             "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "tensorflow": tf.__version__,
             "keras": backend_name(), "wall_seconds": time.time() - start}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dhe.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "dhe.md").write_text(markdown(rows, meta))
-    plot(rows, out / "dhe.png")
-    print(markdown(rows, meta))
-    print(f"wrote {out / 'dhe.json'}, dhe.md and dhe.png")
+    _benchcli.write_results(args.out, "dhe", {"meta": meta, "rows": rows}, markdown(rows, meta),
+                            lambda path: plot(rows, path))
     return 0
 
 

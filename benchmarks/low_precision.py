@@ -30,7 +30,6 @@ dataset is skipped (with nothing left to run nothing is written).
 """
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -224,13 +223,7 @@ def recipes():
 
 def main(argv=None):
     args = parse_args(argv)
-    from tfemb.data.readers import data_dir
-
-    datasets = list(args.datasets)
-    if "criteo" in datasets and not (data_dir() / DATASET_FOLDER).is_dir():
-        print(f"SKIPPED criteo: data folder {data_dir() / DATASET_FOLDER} is absent (set TFEMB_DATA_DIR to the "
-              "folder holding it).")
-        datasets.remove("criteo")
+    datasets = _benchcli.runnable_datasets(args.datasets, {"criteo": DATASET_FOLDER})
     if not datasets:
         print(f"nothing to run: nothing written to {args.out}.")
         return 0
@@ -289,13 +282,8 @@ def main(argv=None):
     meta = {"command": args.command, "seeds": args.seeds, "datasets": datasets, "bits": bits,
             "alpt_learning_rates": rates, "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "tensorflow": tf.__version__, "keras": backend_name(), "wall_seconds": time.time() - start}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "low_precision.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "low_precision.md").write_text(markdown(rows, meta))
-    plot(rows, out / "low_precision.png")
-    print(markdown(rows, meta))
-    print(f"wrote {out / 'low_precision.json'}, low_precision.md and low_precision.png")
+    _benchcli.write_results(args.out, "low_precision", {"meta": meta, "rows": rows}, markdown(rows, meta),
+                            lambda path: plot(rows, path))
     return 0
 
 

@@ -292,6 +292,12 @@ def quantize_scheme(layer, table_dtype, tables=None):
     storage = {}
     for table in gathered_tables(layer) if tables is None else tables:
         storage[id(table)] = (table, QuantizedTable(_numpy(table), table_dtype, f"{layer.name}_{short_name(table)}"))
+    return _install(layer, storage, table_dtype)
+
+
+def _install(layer, storage, table_dtype):
+    """Makes ``layer`` read the tables of ``storage`` (``id(table) -> (table, QuantizedTable)``) through its
+    ``gather_rows`` hook; returns ``[(table, QuantizedTable)]``."""
     base_gather = type(layer).gather_rows
 
     def gather_rows(table, rows):
@@ -313,19 +319,7 @@ def store_codes(layer, table, codes, scales, table_dtype):
     compact layer of a low-precision-trained table (``LowPrecisionEmbedding.compact``). The exporter keeps this
     storage whatever its ``table_dtype``. Returns ``[(table, QuantizedTable)]``."""
     stored = QuantizedTable.from_codes(codes, scales, table_dtype, f"{layer.name}_{short_name(table)}")
-    storage = {id(table): (table, stored)}
-    base_gather = type(layer).gather_rows
-
-    def gather_rows(t, rows):
-        entry = storage.get(id(t))
-        if entry is None:
-            return base_gather(layer, t, rows)
-        return entry[1].gather(rows, dtype=tf.as_dtype(t.dtype))
-
-    object.__setattr__(layer, "gather_rows", gather_rows)
-    object.__setattr__(layer, "_tfemb_quantized", storage)
-    object.__setattr__(layer, "_tfemb_quantized_dtype", stored.table_dtype)
-    return list(storage.values())
+    return _install(layer, {id(table): (table, stored)}, stored.table_dtype)
 
 
 def quantized_tables(layer):
