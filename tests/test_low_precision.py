@@ -268,3 +268,12 @@ def test_config_round_trip_and_keras_file(data, tmp_path):
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LowPrecisionEmbedding(vocabulary_size=5, output_dim=2, **kwargs)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import tfemb.layers.low_precision_embedding as module
+
+    result = doctest.testmod(module, extraglobs={"np": np, "tf": tf}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
