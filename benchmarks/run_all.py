@@ -1,7 +1,7 @@
 """Runs every benchmark of this folder in turn (``make bench``), each in its own process.
 
 Each script writes its JSON + Markdown (and plots) into ``--out``. A full run uses the scripts' defaults
-(their documented full runs: about 2.5-3.3 hours on 2 CPU cores, most of it ``md_sweep.py``, ``pep_sweep.py``,
+(their documented full runs: about 3-3.6 hours on 2 CPU cores, most of it ``md_sweep.py``, ``pep_sweep.py``,
 ``autodis.py`` and ``low_precision.py``)
 and writes into ``benchmarks/results``, replacing the committed results. ``--quick`` passes ``--quick`` to the
 scripts that have it (the others are left out) and writes into ``outputs/bench-quick``, so a check of the
