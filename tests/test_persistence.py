@@ -92,6 +92,11 @@ CASES = {
                        numeric_embeddings=numeric_factory("autodis", output_dim=D, num_buckets=5, temperature=0.5,
                                                           skip_factor=0.3)),
     "field_numeric": _deepfm(lambda s: None, numeric_embeddings={"n1": "field"}),
+    # Low-precision tables: LPT (fixed steps, rounded back by the lazy optimizer's row constraint) and ALPT.
+    "lpt": _deepfm(lambda s: scheme_factory("low_precision", output_dim=D, bits=4, step_size="fixed",
+                                            initial_step_size=0.02, seed=5), embedding_optimizer="adam"),
+    "alpt": _deepfm(lambda s: scheme_factory("low_precision", output_dim=D, bits=3, rounding="deterministic",
+                                             step_size_learning_rate=1e-3, seed=6)),
     "fixed_cf": _cf(lambda s: None),
     "mf_qr": _cf(lambda s: scheme_factory("qr", output_dim=D, num_buckets=4, operation="add"),
                  cls=MatrixFactorization),
@@ -355,7 +360,7 @@ def test_keras_file_of_the_other_keras_fails_naming_the_version(tmp_path):
         keras.models.load_model(path)
 
 
-@pytest.mark.parametrize("case", ["fixed", "md_field", "pep_retrain", "esapn", "autodis"])
+@pytest.mark.parametrize("case", ["fixed", "md_field", "pep_retrain", "esapn", "autodis", "alpt"])
 def test_mixed_float16_model_reloads_under_the_default_policy(case, frame, tmp_path):
     """A model built under mixed_float16 keeps that policy through its config and a ``.keras`` file, whatever the
     global policy of the process that reloads it: before, its dense layers rebuilt float32 beside float16
@@ -380,7 +385,8 @@ def test_mixed_float16_model_reloads_under_the_default_policy(case, frame, tmp_p
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-@pytest.mark.parametrize("case", ["pep_retrain", "md_popularity", "double_hashing", "autoemb", "esapn", "dhe"])
+@pytest.mark.parametrize("case", ["pep_retrain", "md_popularity", "double_hashing", "autoemb", "esapn", "dhe",
+                                  "lpt"])
 def test_model_of_compact_layers_round_trips(case, trained, tmp_path):
     """A model built from the schemes' ``compact()`` layers (PackedEmbedding, MD's frozen form, IndexedRowsEmbedding,
     MultiDimEmbedding, ESAPNCompactEmbedding, DHE's folded network) saves, reloads and checkpoints as it predicts."""
