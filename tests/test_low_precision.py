@@ -254,6 +254,24 @@ def test_config_round_trip_and_keras_file(data, tmp_path):
         np.testing.assert_array_equal(a.step_sizes.numpy(), b.step_sizes.numpy())
 
 
+def test_checkpoint_holds_the_step_size_optimizer_state(data, tmp_path):
+    """ALPT's step-size Adam (iterations, moments) is a checkpoint dependency of the layer: a restored model goes
+    on where the saved one stopped."""
+    model = _deepfm(data, bits=4, step_size_learning_rate=1e-3)
+    x, y = data.arrays["train"]
+    model.fit(x, y, batch_size=200, epochs=1, verbose=0)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    fresh = _deepfm(data, bits=4, step_size_learning_rate=1e-3)
+    tf.train.Checkpoint(model=fresh).restore(path).assert_existing_objects_matched()
+    for restored, saved in zip(fresh.embedding_list, model.embedding_list):
+        restored.step_size_optimizer().build([restored.step_sizes])  # slots made now get the restored values
+        ours, theirs = restored.step_size_optimizer().variables, saved.step_size_optimizer().variables
+        assert len(ours) == len(theirs) == 3 and int(np.asarray(theirs[0])) > 0
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(restored.step_sizes.numpy(), saved.step_sizes.numpy())
+
+
 # ----------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,message", [
     ({"bits": 1}, r"bits must be an int in \[2, 16\]. Received: bits=1"),

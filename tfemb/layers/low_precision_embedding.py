@@ -32,7 +32,8 @@ Where this differs from the paper (also in ``docs/methods.md``):
   the updated table, so replicas of a ``tf.distribute`` strategy (which hold the same table after each
   all-reduced update) round alike without a shared random state.
 - The step sizes take Adam on the rows a batch looked up (``tfemb.optimizers.SparseAdam``,
-  ``step_size_learning_rate``); the authors' code uses the main optimizer's type. ALPT trains on one replica.
+  ``step_size_learning_rate``); the authors' code uses the main optimizer's type. Its state is in a
+  ``tf.train.Checkpoint`` of the model, not in ``.keras`` / ``.weights.h5`` files. ALPT trains on one replica.
 - The initial step size is LSQ's ``2·mean|w0| / sqrt(Qp)`` over the initial table, for every row, unless
   ``initial_step_size`` is given. Codes of fewer than 8 bits are stored one per int8 at export (no bit packing).
 
@@ -188,6 +189,8 @@ class LowPrecisionEmbedding(EmbeddingScheme):
                                           initializer=_StartStepSize(self), trainable=False)
         if not self.adaptive:  # a row-sparse embedding_optimizer rounds the rows it updates (tfemb.optimizers)
             setattr(self.embeddings, ROW_CONSTRAINT, self.requantize_rows)
+        else:
+            self.step_size_optimizer()  # made with the layer, so a tf.train.Checkpoint of the model holds its state
         self.built = True
 
     def initial_delta(self, start):
@@ -272,9 +275,13 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         if self._step_size_optimizer is None:
             from tfemb.optimizers import SparseAdam
 
-            object.__setattr__(self, "_step_size_optimizer",
-                               SparseAdam(learning_rate=self.step_size_learning_rate,
-                                          name=f"{self.name}_step_size_adam"))
+            optimizer = SparseAdam(learning_rate=self.step_size_learning_rate, name=f"{self.name}_step_size_adam")
+            object.__setattr__(self, "_step_size_optimizer", optimizer)
+            if self.built or hasattr(self, "step_sizes"):
+                optimizer.track([self.step_sizes])
+                # A checkpoint dependency of the layer (tf.train.Checkpoint, Keras 2's TF-format weights); its slots
+                # are made on the first step, and a restore before that is applied then.
+                self.step_size_adam = optimizer
         return self._step_size_optimizer
 
     def apply_step_size_gradient(self, gradient, looked_up):
