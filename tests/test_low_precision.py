@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tfemb import experiment
 from tfemb._keras import IS_KERAS_3, keras
-from tfemb.export import export_saved_model, load_export
+from tfemb.export import export_saved_model, load_export, unsupported_ops
 from tfemb.layers import LowPrecisionEmbedding, scheme_factory
 from tfemb.layers.low_precision_embedding import code_range, stochastic_round
 from tfemb.models import DeepFM
@@ -223,6 +223,7 @@ def test_export_stores_the_codes_exactly(bits, dtype, data, tmp_path):
     model.fit(x, y, batch_size=256, epochs=1, verbose=0)
     # table_dtype does not re-round a low-precision table (float16 would only lose precision).
     path = export_saved_model(model, tmp_path / "lp", table_dtype="float16")
+    assert not unsupported_ops(path)  # stock ops only: an int gather, a cast, a multiply
     loaded = load_export(path)
     xt, _ = data.arrays["test"]
     expected = model(xt, training=False).numpy()
