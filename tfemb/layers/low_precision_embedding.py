@@ -62,7 +62,7 @@ True
 import numpy as np
 import tensorflow as tf
 
-from tfemb._keras import keras, register
+from tfemb._keras import IS_KERAS_3, keras, register
 from tfemb.layers.embedding_scheme import EmbeddingScheme, check_positive_int
 from tfemb.optimizers import ROW_CONSTRAINT
 
@@ -202,14 +202,15 @@ class LowPrecisionEmbedding(EmbeddingScheme):
 
     # ------------------------------------------------------------------------------------------ quantisation
     def quantized(self, values, stochastic=None, delta=None):
-        """``Δ·R(clip(values/Δ, -Qn, Qp))`` of a whole ``[vocabulary_size, output_dim]`` table: step 4 (rounding
-        back to the grid); ``stochastic`` defaults to ``rounding == "stochastic"``, ``delta`` to the step sizes."""
+        """``Δ·R(clip(values/Δ, -Qn, Qp))``: step 4 (rounding back to the grid) of the whole table, or of some of its
+        rows with their step sizes ``delta`` (``[rows, 1]``; default the step sizes of every row); ``stochastic``
+        defaults to ``rounding == "stochastic"``."""
         stochastic = self.rounding == "stochastic" if stochastic is None else stochastic
         values = tf.convert_to_tensor(values)
         delta = tf.cast(tf.convert_to_tensor(self.step_sizes if delta is None else delta), values.dtype)
         v = tf.clip_by_value(values / delta, float(self.code_min), float(self.code_max))
         if stochastic:
-            # The bits of the table's sum: replicas holding the same updated table draw the same noise.
+            # The bits of the values' sum: replicas holding the same updated table draw the same noise.
             total = tf.bitcast(tf.reduce_sum(tf.cast(values, tf.float32)), tf.int32)
             q = stochastic_round(v, tf.stack([tf.constant(self.seed, tf.int32), total]))
             q = tf.clip_by_value(q, float(self.code_min), float(self.code_max))
@@ -222,18 +223,10 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         a row-sparse update (``embedding_optimizer``), which writes only the rows a batch looked up."""
         if indices is None:
             return self.requantize()
-        variable = self.embeddings.value if hasattr(self.embeddings, "value") and not isinstance(
-            self.embeddings, tf.Variable) else self.embeddings
+        variable = self.embeddings.value if IS_KERAS_3 else self.embeddings  # the tf.Variable (scatter_update)
         rows = tf.gather(variable, indices)
         delta = tf.gather(tf.convert_to_tensor(self.step_sizes), indices)
-        v = tf.clip_by_value(rows / delta, float(self.code_min), float(self.code_max))
-        if self.rounding == "stochastic":
-            total = tf.bitcast(tf.reduce_sum(tf.cast(rows, tf.float32)), tf.int32)
-            q = stochastic_round(v, tf.stack([tf.constant(self.seed, tf.int32), total]))
-            q = tf.clip_by_value(q, float(self.code_min), float(self.code_max))
-        else:
-            q = tf.round(v)
-        return variable.scatter_update(tf.IndexedSlices(q * delta, indices))
+        return variable.scatter_update(tf.IndexedSlices(self.quantized(rows, delta=delta), indices))
 
     def requantize(self):
         """Rounds the table back to its grid in place (step 4); ``RecModel.train_step`` calls it for ALPT."""
