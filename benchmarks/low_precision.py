@@ -83,22 +83,13 @@ def ptq_tables(model, bits):
     return saved
 
 
-def evaluate(model, prepared, split, batch_size):
-    from tfemb import experiment
-
-    return experiment.evaluate(model, prepared, split, batch_size)
-
-
 def table_bytes(model, bits=None):
-    """Bytes of the categorical tables as exported: float32, or ``bits``-bit codes (1 byte up to 8 bits) plus a
-    float32 scale per row."""
-    total = 0
-    for layer in model.embedding_list:
-        if bits is None:
-            total += layer.storage_bytes()
-        else:
-            total += layer.vocabulary_size * (layer.output_dim * (1 if bits <= 8 else 2) + 4)
-    return int(total)
+    """Bytes of the categorical tables as exported: as the model stores them, or as ``bits``-bit codes plus a
+    float32 scale per row (PTQ)."""
+    from tfemb.layers.low_precision_embedding import code_storage_bytes
+
+    return int(sum(layer.storage_bytes() if bits is None else
+                   code_storage_bytes(layer.vocabulary_size, layer.output_dim, bits) for layer in model.embedding_list))
 
 
 def parse_args(argv=None):
@@ -271,7 +262,8 @@ def main(argv=None):
                 if embedding is None:  # post-training quantisation of this float32 model, every bit width
                     for pb in bits:
                         saved = ptq_tables(model, pb)
-                        test, val = evaluate(model, prepared, "test", batch), evaluate(model, prepared, "val", batch)
+                        test = experiment.evaluate(model, prepared, "test", batch)
+                        val = experiment.evaluate(model, prepared, "val", batch)
                         for layer, w in zip(model.embedding_list, saved):
                             layer.embeddings.assign(w)
                         runs.setdefault((dataset, f"PTQ {pb}-bit"), []).append({

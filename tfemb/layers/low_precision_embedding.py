@@ -81,6 +81,12 @@ def storage_dtype(bits):
     return "int8" if bits <= 8 else "int16"
 
 
+def code_storage_bytes(rows, cols, bits):
+    """Bytes of a ``rows x cols`` table stored as ``bits``-bit codes (one byte each up to 8 bits, two above) plus one
+    float32 scale per row."""
+    return rows * (cols * (1 if bits <= 8 else 2) + 4)
+
+
 def stochastic_round(values, seed):
     """``floor(values + u)``, ``u ~ U[0, 1)`` stateless with ``seed`` (int32 ``[2]``): rounds up with probability
     equal to the fractional part, so ``E[result] = values``."""
@@ -171,7 +177,6 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         self.code_min, self.code_max = -code_range(self.bits)[0], code_range(self.bits)[1]
         # Read while tracing RecModel's step-size pass (ALPT step 3): the lookup then returns ŵ = Δ·round(clip(w̃/Δ)).
         object.__setattr__(self, "_step_size_pass", False)
-        object.__setattr__(self, "_step_size_optimizer", None)
 
     @property
     def adaptive(self):
@@ -190,7 +195,13 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         if not self.adaptive:  # a row-sparse embedding_optimizer rounds the rows it updates (tfemb.optimizers)
             setattr(self.embeddings, ROW_CONSTRAINT, self.requantize_rows)
         else:
-            self.step_size_optimizer()  # made with the layer, so a tf.train.Checkpoint of the model holds its state
+            from tfemb.optimizers import SparseAdam
+
+            # A checkpoint dependency of the layer (a tf.train.Checkpoint of the model holds its state); its slots
+            # are made on the first step, and a restore before that is applied then.
+            self.step_size_adam = SparseAdam(learning_rate=self.step_size_learning_rate,
+                                             name=f"{self.name}_step_size_adam")
+            self.step_size_adam.track([self.step_sizes])
         self.built = True
 
     def initial_delta(self, start):
@@ -264,18 +275,10 @@ class LowPrecisionEmbedding(EmbeddingScheme):
         return tf.math.rsqrt(n * float(self.output_dim) * float(self.code_max))
 
     def step_size_optimizer(self):
-        """The lazy Adam (``tfemb.optimizers.SparseAdam``) of the step sizes, made on first use."""
-        if self._step_size_optimizer is None:
-            from tfemb.optimizers import SparseAdam
-
-            optimizer = SparseAdam(learning_rate=self.step_size_learning_rate, name=f"{self.name}_step_size_adam")
-            object.__setattr__(self, "_step_size_optimizer", optimizer)
-            if self.built or hasattr(self, "step_sizes"):
-                optimizer.track([self.step_sizes])
-                # A checkpoint dependency of the layer (tf.train.Checkpoint, Keras 2's TF-format weights); its slots
-                # are made on the first step, and a restore before that is applied then.
-                self.step_size_adam = optimizer
-        return self._step_size_optimizer
+        """The lazy Adam (``tfemb.optimizers.SparseAdam``) of the step sizes (ALPT), made with the layer."""
+        if not self.built:
+            self.build()
+        return self.step_size_adam
 
     def apply_step_size_gradient(self, gradient, looked_up):
         """Step 3's update: Adam on the scaled gradient of the rows looked up; step sizes stay >= 1e-8."""
@@ -294,8 +297,7 @@ class LowPrecisionEmbedding(EmbeddingScheme):
 
     def storage_bytes(self):
         """Codes at their export dtype (1 byte up to 8 bits, 2 above) plus one float32 step size per row."""
-        per_code = 1 if self.bits <= 8 else 2
-        return self.vocabulary_size * (self.output_dim * per_code + 4)
+        return code_storage_bytes(self.vocabulary_size, self.output_dim, self.bits)
 
     def dims_per_id(self):
         return np.full(self.vocabulary_size, self.output_dim, dtype=np.int64)
